@@ -1,0 +1,211 @@
+"""The ``auditor`` command line: thin commands over keyword-only core functions.
+
+Errors a user can cause end as ``error: <one line>`` on stderr and the exit
+code documented in the README (:mod:`auditor.errors`); never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from auditor import __version__
+from auditor.errors import EXIT_INTERNAL, EXIT_NOT_FOUND, EXIT_OK, AuditorError, PluginError
+from auditor.findings import Verdict
+
+app = typer.Typer(
+    name="auditor",
+    help="Forensic auditing of watermarked deep-learning models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"auditor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Forensic auditing of watermarked deep-learning models."""
+
+
+def _emit_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def inspect_model(*, path: Path) -> dict[str, Any]:
+    """Load ``path`` safely and describe it: format, file hashes, layers, edges, totals."""
+    from auditor.hashing import sha256_file
+    from auditor.loading import load_model
+
+    graph = load_model(path)
+    files = [{"path": str(f), "size": f.stat().st_size, "sha256": sha256_file(f)} for f in graph.files]
+    description = graph.describe()
+    description["files"] = files
+    description["sha256"] = files[0]["sha256"] if path.is_file() and files else None
+    return description
+
+
+@app.command()
+def inspect(
+    model: Annotated[Path, typer.Argument(help="Model file or folder (PyTorch, TorchScript, ONNX, safetensors).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Load a model without running anything in it and show its layers."""
+    info = inspect_model(path=model)
+    if as_json:
+        _emit_json(info)
+        return
+    out.print(f"[bold]{info['path']}[/bold]  format: {info['format']}")
+    for f in info["files"]:
+        out.print(f"  {f['sha256']}  {f['size']:>12,d} B  {f['path']}")
+    table = Table("#", "layer", "kind", "shape", "dtype", "parameters", box=None, pad_edge=False)
+    for i, layer in enumerate(info["layers"]):
+        w = layer["params"].get("weight") or next(iter(layer["params"].values()), None)
+        shape = "x".join(map(str, w["shape"])) if w else "-"
+        dtype = w["dtype"] + (" (quantized)" if w and w["quantized"] else "") if w else "-"
+        table.add_row(str(i), layer["name"], layer["kind"], shape, dtype, f"{layer['parameters']:,d}")
+    out.print(table)
+    out.print(f"edges ({info['edge_source']}):")
+    for e in info["edges"]:
+        via = " -> ".join(e["via"]) if e["via"] else "direct"
+        out.print(f"  {e['src']} -> {e['dst']}  via {via}" + (f"  offset {e['offset']}" if e["offset"] else ""))
+    for note in info["notes"]:
+        out.print(f"note: {note}")
+    t = info["totals"]
+    out.print(f"totals: {t['layers']} layers, {t['parameters']:,d} parameters, {t['bytes']:,d} bytes, {t['edges']} edges")
+
+
+def list_plugins() -> list[dict[str, Any]]:
+    """Every loaded plugin: name, origin, hooks it implements, components it registered."""
+    from auditor.plugin_manager import KINDS, get_plugin_manager, plugin_origin, registered
+
+    pm = get_plugin_manager()
+    supplied: dict[str, dict[str, list[str]]] = {}
+    for kind in KINDS:
+        for cid, reg in registered(kind).items():
+            supplied.setdefault(reg.plugin, {}).setdefault(kind, []).append(cid)
+    rows = []
+    for name, plugin in sorted(pm.list_name_plugin(), key=lambda np: np[0]):
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        rows.append({"name": name, "origin": plugin_origin(name), "hooks": hooks, "registers": supplied.get(name, {})})
+    return rows
+
+
+@app.command()
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """List the loaded plugins, their hooks and where they came from."""
+    rows = list_plugins()
+    if as_json:
+        _emit_json(rows)
+        return
+    for row in rows:
+        out.print(f"[bold]{row['name']}[/bold]  ({row['origin']})")
+        out.print(f"  hooks: {', '.join(row['hooks']) or '-'}")
+        for kind, ids in row["registers"].items():
+            out.print(f"  {kind}: {', '.join(ids)}")
+
+
+def audit_model(*, suspect: Path) -> dict[str, Any]:
+    """Load ``suspect`` safely and run every applicable detector on it."""
+    from auditor.detection import run_detectors
+    from auditor.hashing import sha256_file
+    from auditor.loading import load_model
+
+    graph = load_model(suspect)
+    findings = run_detectors(graph)
+    return {
+        "suspect": {"path": str(suspect), "format": graph.format, "files": [
+            {"path": str(f), "sha256": sha256_file(f)} for f in graph.files
+        ]},
+        "findings": [f.to_dict() for f in findings],
+    }
+
+
+@app.command()
+def audit(
+    suspect: Annotated[Path, typer.Argument(help="Suspect model file or folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Run every applicable detector on a suspect model and print the findings."""
+    result = audit_model(suspect=suspect)
+    if as_json:
+        _emit_json(result)
+    else:
+        for f in result["findings"]:
+            out.print(f"{f['detector']}: {f['verdict']}: {f['summary']}")
+    verdicts = {f["verdict"] for f in result["findings"]}
+    raise typer.Exit(EXIT_OK if Verdict.DETECTED.value in verdicts else EXIT_NOT_FOUND)
+
+
+def _command_names(typer_app: typer.Typer) -> list[str]:
+    names = [
+        c.name or (c.callback.__name__.replace("_", "-") if c.callback else "") for c in typer_app.registered_commands
+    ]
+    names += [g.name or "" for g in typer_app.registered_groups]
+    return names
+
+
+def _add_plugin_commands() -> None:
+    from auditor.plugin_manager import get_plugin_manager
+
+    pm = get_plugin_manager()
+    for impl in sorted(pm.hook.register_commands.get_hookimpls(), key=lambda i: i.plugin_name):
+        before = len(_command_names(app))
+        impl.function(app=app)
+        names = _command_names(app)
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                del app.registered_commands[before:]
+                raise PluginError(f"plugin {impl.plugin_name!r} adds command {name!r}, which already exists")
+            seen.add(name)
+
+
+_plugins_added = False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``auditor`` script: run the CLI, turning errors into exit codes."""
+    global _plugins_added
+    debug = os.environ.get("AUDITOR_DEBUG") == "1"
+    try:
+        if not _plugins_added:
+            _plugins_added = True
+            _add_plugin_commands()
+        app(args=argv, prog_name="auditor", standalone_mode=True)
+    except AuditorError as exc:
+        if debug:
+            raise
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        sys.exit(130)
+    except Exception as exc:  # a bug: one line, and the way to see more
+        if debug:
+            raise
+        err.print(
+            f"internal error: {type(exc).__name__}: {exc} (a bug in auditor; set AUDITOR_DEBUG=1 for the traceback)",
+            markup=False,
+        )
+        sys.exit(EXIT_INTERNAL)

@@ -1,0 +1,76 @@
+"""Run detectors in isolation: one that fails becomes an error finding, not a lost audit."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from auditor.bases import Detector
+from auditor.findings import Finding, Verdict, sort_findings
+from auditor.graph import LayerGraph
+from auditor.plugin_manager import components
+
+__all__ = ["bundle_scheme", "run_detectors"]
+
+
+def bundle_scheme(bundle: Any) -> str:
+    """The scheme an owner bundle declares (its ``scheme`` attribute or key)."""
+    if isinstance(bundle, Mapping):
+        return str(bundle.get("scheme", ""))
+    return str(getattr(bundle, "scheme", ""))
+
+
+def _run_one(detector: Detector, suspect: LayerGraph, bundle: Any, context: Mapping[str, Any]) -> list[Finding]:
+    try:
+        findings = detector.detect(suspect, bundle=bundle, context=context)
+        if not isinstance(findings, list) or not all(isinstance(f, Finding) for f in findings):
+            raise TypeError(f"detect() returned {type(findings).__name__}, not a list of Finding")
+        return findings
+    except Exception as exc:  # isolation is the point: record it and go on
+        return [
+            Finding(
+                detector=detector.id,
+                scheme=detector.scheme,
+                subject=bundle_scheme(bundle) if bundle is not None else "",
+                verdict=Verdict.ERROR,
+                summary=f"The {detector.id} detector failed and gave no result: {type(exc).__name__}: {exc}",
+                metrics={"error_type": type(exc).__name__},
+            )
+        ]
+
+
+def run_detectors(
+    suspect: LayerGraph,
+    *,
+    bundles: Sequence[Any] = (),
+    context: Mapping[str, Any] | None = None,
+    detectors: Sequence[Detector] | None = None,
+) -> list[Finding]:
+    """Every applicable detector's findings on ``suspect``, in a stable order.
+
+    A detector with an empty ``scheme`` runs once with ``bundle=None``; one with
+    a scheme runs once per bundle of that scheme. A bundle no detector reads
+    gives an inconclusive finding saying so.
+    """
+    context = dict(context or {})
+    chosen = sorted(detectors if detectors is not None else components("detectors", Detector), key=lambda d: d.id)
+    findings: list[Finding] = []
+    for detector in chosen:
+        if not detector.scheme:
+            findings.extend(_run_one(detector, suspect, None, context))
+    for bundle in bundles:
+        scheme = bundle_scheme(bundle)
+        readers = [d for d in chosen if d.scheme and d.scheme == scheme]
+        if not readers:
+            findings.append(
+                Finding(
+                    detector="core",
+                    scheme=scheme,
+                    subject=scheme,
+                    verdict=Verdict.INCONCLUSIVE,
+                    summary=f"No installed detector reads owner bundles of scheme {scheme!r}.",
+                )
+            )
+        for detector in readers:
+            findings.extend(_run_one(detector, suspect, bundle, context))
+    return sort_findings(findings)

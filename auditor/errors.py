@@ -1,0 +1,67 @@
+"""Domain errors and the exit codes the CLI maps them to.
+
+Every error a user can provoke with a file, an option or a plugin is one of
+these; the CLI prints ``error: <message>`` on one line and exits with the
+class's ``exit_code``. Anything else reaching the CLI is a bug in auditor and
+exits with :data:`EXIT_INTERNAL`, still without a traceback (``AUDITOR_DEBUG=1``
+shows it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1
+EXIT_USAGE = 2
+EXIT_INCONCLUSIVE = 3
+EXIT_INPUT = 4
+EXIT_UNSAFE = 5
+EXIT_PLUGIN = 6
+EXIT_INTERNAL = 70
+
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "success (for an audit: the watermark was found)",
+    EXIT_NOT_FOUND: "audit completed: no watermark found",
+    EXIT_USAGE: "bad command line (unknown option, missing argument)",
+    EXIT_INCONCLUSIVE: "audit completed: inconclusive",
+    EXIT_INPUT: "input error: a file is missing, unreadable, truncated, malformed or of an unknown format",
+    EXIT_UNSAFE: "input refused as unsafe: it holds code or objects to run, or points outside its folder",
+    EXIT_PLUGIN: "plugin error: a plugin failed to load or registered something invalid",
+    EXIT_INTERNAL: "internal error in auditor (a bug: please report it)",
+}
+
+
+class AuditorError(Exception):
+    """Base class of every error auditor reports to a user."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class InputError(AuditorError):
+    """A file handed to auditor is missing, broken, truncated or not understood."""
+
+    exit_code = EXIT_INPUT
+
+    def __init__(self, path: str | Path | None, problem: str) -> None:
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class UnsafeInputError(InputError):
+    """A file would run code, rebuild arbitrary objects, or read outside its folder."""
+
+    exit_code = EXIT_UNSAFE
+
+
+class PluginError(AuditorError):
+    """A plugin failed to load or registered something invalid."""
+
+    exit_code = EXIT_PLUGIN
+
+
+class UsageError(AuditorError):
+    """Options that contradict each other or name something that does not exist."""
+
+    exit_code = EXIT_USAGE

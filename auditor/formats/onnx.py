@@ -1,0 +1,1 @@
+"""onnx loader (being written)."""

@@ -1,0 +1,1 @@
+"""pytorch loader (being written)."""

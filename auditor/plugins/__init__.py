@@ -1,0 +1,1 @@
+"""Built-in detectors, restorers, embedders and attacks: one module each."""
