@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from auditor import __version__
@@ -46,6 +47,14 @@ def _root(
     """Forensic auditing of watermarked deep-learning models."""
 
 
+def shown(text: object) -> str:
+    """``text`` made safe for the terminal: control characters escaped (a hostile
+    file's names must not move the cursor or recolour the screen) and rich
+    markup neutralised."""
+    s = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+    return escape(s)
+
+
 def _emit_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=False))
 
@@ -73,24 +82,27 @@ def inspect(
     if as_json:
         _emit_json(info)
         return
-    out.print(f"[bold]{info['path']}[/bold]  format: {info['format']}")
+    out.print(f"[bold]{shown(info['path'])}[/bold]  format: {shown(info['format'])}")
     for f in info["files"]:
-        out.print(f"  {f['sha256']}  {f['size']:>12,d} B  {f['path']}")
+        out.print(f"  {f['sha256']}  {f['size']:>12,d} B  {shown(f['path'])}")
     table = Table("#", "layer", "kind", "shape", "dtype", "parameters", box=None, pad_edge=False)
     for i, layer in enumerate(info["layers"]):
         w = layer["params"].get("weight") or next(iter(layer["params"].values()), None)
         shape = "x".join(map(str, w["shape"])) if w else "-"
         dtype = w["dtype"] + (" (quantized)" if w and w["quantized"] else "") if w else "-"
-        table.add_row(str(i), layer["name"], layer["kind"], shape, dtype, f"{layer['parameters']:,d}")
+        table.add_row(str(i), shown(layer["name"]), layer["kind"], shape, shown(dtype), f"{layer['parameters']:,d}")
     out.print(table)
     out.print(f"edges ({info['edge_source']}):")
     for e in info["edges"]:
         via = " -> ".join(e["via"]) if e["via"] else "direct"
-        out.print(f"  {e['src']} -> {e['dst']}  via {via}" + (f"  offset {e['offset']}" if e["offset"] else ""))
+        offset = f"  offset {e['offset']}" if e["offset"] else ""
+        out.print(shown(f"  {e['src']} -> {e['dst']}  via {via}{offset}"))
     for note in info["notes"]:
-        out.print(f"note: {note}")
+        out.print(shown(f"note: {note}"))
     t = info["totals"]
-    out.print(f"totals: {t['layers']} layers, {t['parameters']:,d} parameters, {t['bytes']:,d} bytes, {t['edges']} edges")
+    out.print(
+        f"totals: {t['layers']} layers, {t['parameters']:,d} parameters, {t['bytes']:,d} bytes, {t['edges']} edges"
+    )
 
 
 def list_plugins() -> list[dict[str, Any]]:
@@ -105,7 +117,9 @@ def list_plugins() -> list[dict[str, Any]]:
     rows = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda np: np[0]):
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
-        rows.append({"name": name, "origin": plugin_origin(name), "hooks": hooks, "registers": supplied.get(name, {})})
+        rows.append(
+            {"name": name, "origin": plugin_origin(name), "hooks": hooks, "registers": supplied.get(name, {})}
+        )
     return rows
 
 
@@ -119,10 +133,10 @@ def plugins(
         _emit_json(rows)
         return
     for row in rows:
-        out.print(f"[bold]{row['name']}[/bold]  ({row['origin']})")
+        out.print(f"[bold]{shown(row['name'])}[/bold]  ({shown(row['origin'])})")
         out.print(f"  hooks: {', '.join(row['hooks']) or '-'}")
         for kind, ids in row["registers"].items():
-            out.print(f"  {kind}: {', '.join(ids)}")
+            out.print(shown(f"  {kind}: {', '.join(ids)}"))
 
 
 def audit_model(*, suspect: Path) -> dict[str, Any]:
@@ -152,7 +166,7 @@ def audit(
         _emit_json(result)
     else:
         for f in result["findings"]:
-            out.print(f"{f['detector']}: {f['verdict']}: {f['summary']}")
+            out.print(shown(f"{f['detector']}: {f['verdict']}: {f['summary']}"))
     verdicts = {f["verdict"] for f in result["findings"]}
     raise typer.Exit(EXIT_OK if Verdict.DETECTED.value in verdicts else EXIT_NOT_FOUND)
 
@@ -196,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     except AuditorError as exc:
         if debug:
             raise
-        err.print(f"error: {exc}", markup=False)
+        err.print(f"error: {shown(exc)}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)
@@ -205,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         err.print(
-            f"internal error: {type(exc).__name__}: {exc} (a bug in auditor; set AUDITOR_DEBUG=1 for the traceback)",
-            markup=False,
+            f"internal error: {type(exc).__name__}: {shown(exc)} "
+            "(a bug in auditor; set AUDITOR_DEBUG=1 for the traceback)"
         )
         sys.exit(EXIT_INTERNAL)

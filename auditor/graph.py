@@ -270,7 +270,12 @@ class Layer:
             "source": self.source,
             "parameters": self.parameter_count,
             "params": {
-                role: {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "quantized": t.quantization is not None}
+                role: {
+                    "name": t.name,
+                    "shape": list(t.shape),
+                    "dtype": t.dtype,
+                    "quantized": t.quantization is not None,
+                }
                 for role, t in self.params.items()
             },
             "attrs": {k: _jsonable(v) for k, v in sorted(self.attrs.items())},

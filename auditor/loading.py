@@ -43,10 +43,11 @@ def detect_format(path: str | os.PathLike[str]) -> Format:
     head = _head(p)
     for fmt in _formats():
         try:
-            if fmt.sniff(p, head):
-                return fmt
+            matched = fmt.sniff(p, head)
         except Exception:  # a sniff must never sink the load; treat it as "not mine"
-            continue
+            matched = False
+        if matched:
+            return fmt
     names = ", ".join(f.id for f in _formats())
     if p.is_dir():
         raise InputError(p, f"the folder holds no model auditor recognises (formats: {names})")

@@ -53,7 +53,6 @@ C = TypeVar("C", bound=PluginComponent)
 
 _lock = threading.Lock()
 _pm: pluggy.PluginManager | None = None
-_registries: dict[tuple[str, tuple[str, ...]], dict[str, Registered]] = {}
 
 
 @dataclass(frozen=True)
@@ -108,11 +107,10 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
 
 def reset_plugin_manager() -> None:
-    """Forget the plugin manager and registries (tests; after changing AUDITOR_LOAD_PLUGINS)."""
+    """Forget the plugin manager (tests; after changing AUDITOR_LOAD_PLUGINS)."""
     global _pm
     with _lock:
         _pm = None
-        _registries.clear()
         _PLUGIN_ORIGINS.clear()
 
 
@@ -157,17 +155,9 @@ def registered(kind: str) -> Mapping[str, Registered]:
     """Components of one kind (``formats``, ``detectors``...) by id, in id order."""
     if kind not in KINDS:
         raise ValueError(f"unknown plugin kind {kind!r}; one of {', '.join(KINDS)}")
-    pm = get_plugin_manager()
-    # Keyed on the plugin set so that a plugin registered at run time (tests,
-    # embedding applications) is seen without a reset.
-    key = (kind, tuple(sorted(name for name, _ in pm.list_name_plugin())))
-    with _lock:
-        cached = _registries.get(key)
-    if cached is None:
-        cached = _collect(kind)
-        with _lock:
-            _registries[key] = cached
-    return cached
+    # Not cached: registration is cheap by contract, and collecting afresh means a
+    # plugin registered or unregistered at run time is always seen as it is now.
+    return _collect(kind)
 
 
 def components(kind: str, base: type[C]) -> list[C]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -44,7 +45,9 @@ def inside_folder(base: Path, relative: str, *, what: str, origin: Path) -> Path
         raise InputError(origin, f"{what} has an empty or invalid file name")
     rel = Path(relative)
     if rel.is_absolute() or relative.startswith(("/", "\\")) or (len(relative) > 1 and relative[1] == ":"):
-        raise UnsafeInputError(origin, f"{what} points to the absolute path {relative!r}; only files inside the model's folder are read")
+        raise UnsafeInputError(
+            origin, f"{what} points to the absolute path {relative!r}; only files inside the model's folder are read"
+        )
     if ".." in rel.parts or ".." in relative.replace("\\", "/").split("/"):
         raise UnsafeInputError(origin, f"{what} points outside the model's folder ({relative!r})")
     root = base.resolve()
@@ -71,7 +74,8 @@ def mmap_tensor(
     if offset < 0 or offset + nbytes > size:
         raise InputError(
             origin or path,
-            f"tensor {name!r} needs bytes {offset}..{offset + nbytes} but {path.name} holds only {size} bytes (truncated?)",
+            f"tensor {name!r} needs bytes {offset}..{offset + nbytes} "
+            f"but {path.name} holds only {size} bytes (truncated?)",
         )
     if numel == 0:
         return torch.empty(shape, dtype=torch_dtype(dtype))
@@ -82,7 +86,7 @@ def mmap_tensor(
     return tensor.reshape(shape)
 
 
-def read_exact(fh, n: int, *, path: Path, what: str):  # type: ignore[no-untyped-def]
+def read_exact(fh: BinaryIO, n: int, *, path: Path, what: str) -> bytes:
     """Exactly ``n`` bytes from ``fh`` or an InputError naming ``what`` as truncated."""
     data = fh.read(n)
     if len(data) != n:

@@ -11,6 +11,7 @@ inferred.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -121,7 +122,7 @@ def graph_from_tensors(
         layers.append(Layer(name=module, kind=kind, params=params, attrs=attrs, source=module))
     edges: list[Edge] = []
     main = [layer for layer in layers if layer.kind is not LayerKind.OTHER]
-    for a, b in zip(main, main[1:]):
+    for a, b in itertools.pairwise(main):
         edge = _chain_edge(a, b)
         if edge is not None:
             edges.append(edge)

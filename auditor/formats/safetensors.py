@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import reprlib
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ __all__ = ["MAX_HEADER", "SafetensorsFormat", "load", "read_header", "sniff"]
 MAX_HEADER = 100_000_000
 #: Largest index file accepted.
 MAX_INDEX = 50_000_000
+#: Most dimensions a tensor may have (a longer shape list is a hostile header, not a model).
+MAX_DIMS = 64
 
 _DTYPES = {
     "F64": "float64",
@@ -46,10 +50,39 @@ _ORDER_NOTE = (
     "layers are in natural order of their names"
 )
 
+# Hostile headers hold megabyte-long names and deeply nested values: messages show a bounded excerpt.
+_short = reprlib.Repr()
+_short.maxstring = 80
+_short.maxother = 80
+_short.maxlist = 8
+_short.maxdict = 4
+_short.maxlevel = 3
 
-def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key that orders ``layer2`` before ``layer10`` and ``0.weight`` before ``1.weight``."""
-    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name) if part)
+
+def _show(value: Any) -> str:
+    return _short.repr(value)
+
+
+def natural_key(name: str) -> tuple[tuple[int, int, str], ...]:
+    """Sort key that orders ``layer2`` before ``layer10`` and ``0.weight`` before ``1.weight``.
+
+    Digit runs compare by value (length without leading zeros, then digits), so
+    a name with thousands of digits or non-ASCII digits sorts without error.
+    """
+    key = []
+    for part in re.split(r"(\d+)", name):
+        if not part:
+            continue
+        if part.isdecimal():
+            digits = part.lstrip("0") or "0"
+            key.append((0, len(digits), digits))
+        else:
+            key.append((1, 0, part))
+    return tuple(key)
+
+
+def _sort_key(item: tuple[str, TensorRef]) -> tuple[tuple[tuple[int, int, str], ...], str]:
+    return natural_key(item[0]), item[0]
 
 
 def _index_file(folder: Path) -> Path | None:
@@ -71,6 +104,30 @@ def sniff(path: Path, head: bytes) -> bool:
     return 2 <= n <= MAX_HEADER and head[8:9] == b"{"
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json keeps the last of repeated keys; a header that names a tensor twice
+    # could show one reader the first and auditor the second.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _parse_json(raw: bytes, *, path: Path, what: str) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise InputError(path, f"{what} names the key {_show(exc.args[0])} twice") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, over-long integers
+        raise InputError(path, f"{what} is not valid JSON ({type(exc).__name__})") from None
+
+
 def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
     """``(tensors, metadata, data_start)`` of one safetensors file, checked against its size."""
     size = path.stat().st_size
@@ -81,75 +138,122 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
         if 8 + n > size:
             raise InputError(path, f"truncated: header claims {n} bytes but the file holds {size - 8} after its length")
         raw = read_exact(fh, n, path=path, what="the header")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise InputError(path, f"the header is not valid JSON ({type(exc).__name__})") from None
+    header = _parse_json(raw, path=path, what="the header")
     if not isinstance(header, dict):
         raise InputError(path, "the header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InputError(path, "__metadata__ must map strings to strings")
     return header, metadata, 8 + n
 
 
-def _tensor_refs(path: Path, origin: Path, notes: list[str]) -> tuple[list[tuple[str, TensorRef]], dict[str, str]]:
+def _check_entry(path: Path, name: str, info: Any, data_len: int) -> tuple[list[int], list[int]]:
+    """The entry's ``(shape, data_offsets)`` once both are well-formed and inside the data."""
+    if not isinstance(info, dict):
+        raise InputError(path, f"tensor {_show(name)}: entry is not an object")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        raise InputError(path, f"tensor {_show(name)}: shape {_show(shape)} is not a list of non-negative integers")
+    if len(shape) > MAX_DIMS:
+        raise InputError(path, f"tensor {_show(name)}: shape has {len(shape)} dimensions, more than {MAX_DIMS}")
+    # Only an empty tensor can pass the size check with huge dimensions; torch cannot hold them.
+    if math.prod(max(s, 1) for s in shape) >= 2**62:
+        raise InputError(path, f"tensor {_show(name)}: shape {_show(shape)} is too large to address")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise InputError(path, f"tensor {_show(name)}: data_offsets {_show(offsets)} are not [begin, end]")
+    if offsets[1] > data_len:
+        raise InputError(
+            path,
+            f"truncated: tensor {_show(name)} ends at data offset {offsets[1]}, the file holds {data_len} data bytes",
+        )
+    return shape, offsets
+
+
+def _coverage_notes(path: Path, spans: list[tuple[int, int, str]], data_len: int) -> list[str]:
+    """Notes on data bytes no tensor claims and on tensors sharing bytes (the format allows neither)."""
+    notes: list[str] = []
+    pos, last, hidden, overlaps = 0, "", 0, 0
+    first_overlap = ""
+    for begin, end, name in sorted(spans):
+        if begin == end:
+            continue
+        if begin > pos:
+            hidden += begin - pos
+        elif begin < pos:
+            overlaps += 1
+            first_overlap = first_overlap or f"{_show(last)} and {_show(name)}"
+        if end > pos:
+            pos, last = end, name
+    hidden += data_len - pos
+    if hidden:
+        notes.append(f"{path.name}: {hidden} data bytes belong to no tensor (a valid file has none)")
+    if overlaps:
+        notes.append(f"{path.name}: {overlaps} tensors share bytes with another tensor (first: {first_overlap})")
+    return notes
+
+
+def _tensor_refs(
+    path: Path, origin: Path, notes: list[str]
+) -> tuple[list[tuple[str, TensorRef]], dict[str, str], set[str]]:
+    """The file's readable tensors in header order, its metadata and the names skipped for their dtype."""
     header, metadata, start = read_header(path)
     data_len = path.stat().st_size - start
     refs: list[tuple[str, TensorRef]] = []
+    skipped: set[str] = set()
+    spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
-        if not isinstance(info, dict):
-            raise InputError(path, f"tensor {name!r}: entry is not an object")
-        dtype_code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-            raise InputError(path, f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]
-        ):
-            raise InputError(path, f"tensor {name!r}: data_offsets {offsets!r} are not [begin, end]")
-        if dtype_code not in _DTYPES:
-            notes.append(f"{path.name}: tensor {name!r} has dtype {dtype_code!r}, which auditor does not read; skipped")
+        shape, offsets = _check_entry(path, name, info, data_len)
+        spans.append((offsets[0], offsets[1], name))
+        dtype_code = info.get("dtype")
+        if not isinstance(dtype_code, str) or dtype_code not in _DTYPES:
+            notes.append(
+                f"{path.name}: tensor {_show(name)} has dtype {_show(dtype_code)}, which auditor does not read; skipped"
+            )
+            skipped.add(name)
             continue
-        dtype = _DTYPES[str(dtype_code)]
+        dtype = _DTYPES[dtype_code]
         nbytes = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize
         if offsets[1] - offsets[0] != nbytes:
             raise InputError(
-                path, f"tensor {name!r}: shape {shape} of {dtype_code} needs {nbytes} bytes, offsets span {offsets[1] - offsets[0]}"
-            )
-        if offsets[1] > data_len:
-            raise InputError(
-                path, f"truncated: tensor {name!r} ends at data offset {offsets[1]}, the file holds {data_len} data bytes"
+                path,
+                f"tensor {_show(name)}: shape {shape} of {dtype_code} needs {nbytes} bytes, "
+                f"offsets span {offsets[1] - offsets[0]}",
             )
         shape_t = tuple(shape)
 
-        def reader(p: Path = path, off: int = start + offsets[0], s: tuple[int, ...] = shape_t,
-                   d: str = dtype, n: str = name) -> Any:
+        def reader(
+            p: Path = path, off: int = start + offsets[0], s: tuple[int, ...] = shape_t, d: str = dtype, n: str = name
+        ) -> Any:
             return mmap_tensor(p, off, s, d, name=n, origin=origin)
 
         refs.append((name, TensorRef(name, shape_t, dtype, reader)))
-    return refs, metadata
+    notes.extend(_coverage_notes(path, spans, data_len))
+    return refs, metadata, skipped
 
 
 def _load_sharded(folder: Path, index: Path) -> LayerGraph:
+    index = inside_folder(folder, index.name, what=f"index {index.name!r}", origin=folder)
     if index.stat().st_size > MAX_INDEX:
         raise InputError(index, f"index file larger than {MAX_INDEX} bytes")
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise InputError(index, f"not valid JSON ({type(exc).__name__})") from None
+    data = _parse_json(index.read_bytes(), path=index, what="the index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InputError(index, "has no weight_map of tensor names to shard files")
     notes: list[str] = []
     shards: dict[str, dict[str, TensorRef]] = {}
+    skipped: dict[str, set[str]] = {}
     files = [index]
     metadata: dict[str, Any] = {"shards": []}
     for shard_name in dict.fromkeys(weight_map.values()):
-        shard = inside_folder(folder, shard_name, what=f"shard {shard_name!r}", origin=index)
-        refs, meta = _tensor_refs(shard, shard, notes)
+        shard = inside_folder(folder, shard_name, what=f"shard {_show(shard_name)}", origin=index)
+        refs, meta, skipped[shard_name] = _tensor_refs(shard, shard, notes)
         shards[shard_name] = dict(refs)
         files.append(shard)
         metadata["shards"].append(shard_name)
@@ -158,9 +262,18 @@ def _load_sharded(folder: Path, index: Path) -> LayerGraph:
     for name, shard_name in weight_map.items():
         ref = shards[shard_name].get(name)
         if ref is None:
-            raise InputError(index, f"tensor {name!r} is mapped to {shard_name!r}, which does not hold it")
+            if name in skipped[shard_name]:
+                continue
+            raise InputError(index, f"tensor {_show(name)} is mapped to {_show(shard_name)}, which does not hold it")
         ordered.append((name, ref))
-    ordered.sort(key=lambda item: natural_key(item[0]))
+    for shard_name, held in shards.items():
+        unlisted = sorted(name for name in held if weight_map.get(name) != shard_name)
+        if unlisted:
+            notes.append(
+                f"{shard_name}: holds {len(unlisted)} tensors the index does not map to it, not loaded "
+                f"(first: {_show(unlisted[0])})"
+            )
+    ordered.sort(key=_sort_key)
     notes.append(_ORDER_NOTE)
     return graph_from_tensors("safetensors", folder, ordered, files=files, metadata=metadata, notes=notes)
 
@@ -173,8 +286,8 @@ def load(path: Path) -> LayerGraph:
             return _load_sharded(path, index)
         path = inside_folder(path, "model.safetensors", what="model.safetensors", origin=path)
     notes: list[str] = []
-    refs, metadata = _tensor_refs(path, path, notes)
-    refs.sort(key=lambda item: natural_key(item[0]))
+    refs, metadata, _ = _tensor_refs(path, path, notes)
+    refs.sort(key=_sort_key)
     notes.append(_ORDER_NOTE)
     return graph_from_tensors("safetensors", path, refs, files=[path], metadata=dict(metadata), notes=notes)
 
@@ -194,6 +307,6 @@ class SafetensorsFormat(Format):
 
 
 @hookimpl
-def register_formats(register) -> None:  # type: ignore[no-untyped-def]
+def register_formats(register: Callable[[Format], None]) -> None:
     """Register the safetensors format."""
     register(SafetensorsFormat())
