@@ -59,13 +59,31 @@ def _emit_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
+def hash_files(paths: list[Path]) -> list[dict[str, Any]]:
+    """Path, size and SHA-256 of each file, with a progress bar on a terminal for large ones."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from auditor.hashing import sha256_file
+
+    sizes = [p.stat().st_size for p in paths]
+    show = err.is_terminal and sum(sizes) > 256 << 20
+    with Progress(
+        TextColumn("hashing"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+        console=err, transient=True, disable=not show,
+    ) as progress:
+        task = progress.add_task("hashing", total=sum(sizes))
+        return [
+            {"path": str(p), "size": size, "sha256": sha256_file(p, progress=lambda n: progress.advance(task, n))}
+            for p, size in zip(paths, sizes, strict=True)
+        ]
+
+
 def inspect_model(*, path: Path) -> dict[str, Any]:
     """Load ``path`` safely and describe it: format, file hashes, layers, edges, totals."""
-    from auditor.hashing import sha256_file
     from auditor.loading import load_model
 
     graph = load_model(path)
-    files = [{"path": str(f), "size": f.stat().st_size, "sha256": sha256_file(f)} for f in graph.files]
+    files = hash_files(graph.files)
     description = graph.describe()
     description["files"] = files
     description["sha256"] = files[0]["sha256"] if path.is_file() and files else None
@@ -142,15 +160,12 @@ def plugins(
 def audit_model(*, suspect: Path) -> dict[str, Any]:
     """Load ``suspect`` safely and run every applicable detector on it."""
     from auditor.detection import run_detectors
-    from auditor.hashing import sha256_file
     from auditor.loading import load_model
 
     graph = load_model(suspect)
     findings = run_detectors(graph)
     return {
-        "suspect": {"path": str(suspect), "format": graph.format, "files": [
-            {"path": str(f), "sha256": sha256_file(f)} for f in graph.files
-        ]},
+        "suspect": {"path": str(suspect), "format": graph.format, "files": hash_files(graph.files)},
         "findings": [f.to_dict() for f in findings],
     }
 

@@ -31,12 +31,17 @@ from auditor.errors import AuditorError, InputError, UnsafeInputError
 __all__ = [
     "MAX_DEPTH",
     "MAX_NODES",
+    "MAX_OPCODES",
+    "STORAGE_ITEMSIZE",
+    "STORAGE_TYPES",
+    "Malformed",
     "SafeUnpickler",
     "ScriptRecord",
     "StorageRef",
     "StorageType",
     "TensorRecord",
     "prescan",
+    "short_error",
     "survey",
     "unpickle",
 ]
@@ -45,30 +50,34 @@ __all__ = [
 MAX_DEPTH = 1000
 #: Most distinct objects one checkpoint may unpickle to.
 MAX_NODES = 10_000_000
+#: Most opcodes one pickle may hold: each can make an object, so this bounds memory before unpickling.
+MAX_OPCODES = 20_000_000
 #: Most distinct TorchScript classes one pickle may name (each becomes a small type).
 MAX_SCRIPT_CLASSES = 100_000
 
-#: torch storage class name -> auditor dtype name (``None``: a dtype auditor does not read).
-STORAGE_DTYPES: dict[str, str | None] = {
-    "DoubleStorage": "float64",
-    "FloatStorage": "float32",
-    "HalfStorage": "float16",
-    "BFloat16Storage": "bfloat16",
-    "LongStorage": "int64",
-    "IntStorage": "int32",
-    "ShortStorage": "int16",
-    "CharStorage": "int8",
-    "ByteStorage": "uint8",
-    "BoolStorage": "bool",
-    "UntypedStorage": "uint8",
-    "ComplexFloatStorage": None,
-    "ComplexDoubleStorage": None,
-    "QInt8Storage": None,
-    "QUInt8Storage": None,
-    "QInt32Storage": None,
-    "QUInt4x2Storage": None,
-    "QUInt2x4Storage": None,
+#: torch storage class name -> (auditor dtype name or ``None`` for one auditor does not read, element size).
+STORAGE_TYPES: dict[str, tuple[str | None, int]] = {
+    "DoubleStorage": ("float64", 8),
+    "FloatStorage": ("float32", 4),
+    "HalfStorage": ("float16", 2),
+    "BFloat16Storage": ("bfloat16", 2),
+    "LongStorage": ("int64", 8),
+    "IntStorage": ("int32", 4),
+    "ShortStorage": ("int16", 2),
+    "CharStorage": ("int8", 1),
+    "ByteStorage": ("uint8", 1),
+    "BoolStorage": ("bool", 1),
+    "UntypedStorage": ("uint8", 1),
+    "ComplexFloatStorage": (None, 8),
+    "ComplexDoubleStorage": (None, 16),
+    "QInt8Storage": (None, 1),
+    "QUInt8Storage": (None, 1),
+    "QInt32Storage": (None, 4),
+    "QUInt4x2Storage": (None, 1),
+    "QUInt2x4Storage": (None, 1),
 }
+#: Element size of each storage type (legacy files lay storages out by it).
+STORAGE_ITEMSIZE = {name: size for name, (_, size) in STORAGE_TYPES.items()}
 #: torch dtype objects a checkpoint may hold as plain values (``torch.float16``).
 _TORCH_DTYPE_NAMES = frozenset(
     "float64 double float32 float float16 half bfloat16 int64 long int32 int int16 short int8 uint8 bool "
@@ -82,8 +91,18 @@ class Malformed(ValueError):
     """A value in the pickle has the wrong type or range for what it claims to be."""
 
 
+class _Sealed:
+    """Refuses BUILD: a pickle must not change a record after it was checked, nor
+    set attributes on auditor's own functions (that would outlive the load)."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise Malformed(f"a {type(self).__name__} cannot take state from the pickle")
+
+
 @dataclass(frozen=True)
-class StorageType:
+class StorageType(_Sealed):
     """What ``torch.FloatStorage`` (and friends) unpickle to: a name and a dtype."""
 
     name: str
@@ -91,14 +110,14 @@ class StorageType:
 
 
 @dataclass(frozen=True)
-class TorchDtype:
+class TorchDtype(_Sealed):
     """What ``torch.float16`` unpickles to, when a checkpoint stores a dtype as a value."""
 
     name: str
 
 
 @dataclass(frozen=True)
-class StorageRef:
+class StorageRef(_Sealed):
     """A storage named by a persistent id: the key of its bytes, its dtype and size.
 
     ``view_offset`` is the element offset of a legacy storage view into the
@@ -113,7 +132,7 @@ class StorageRef:
 
 
 @dataclass(frozen=True)
-class TensorRecord:
+class TensorRecord(_Sealed):
     """A tensor as the pickle describes it; the bytes stay in the file."""
 
     storage: StorageRef
@@ -126,7 +145,7 @@ class TensorRecord:
         """Elements of the storage the view reaches (``offset`` + the farthest element + 1), 0 if empty."""
         if any(s == 0 for s in self.size):
             return 0
-        return self.offset + sum((n - 1) * st for n, st in zip(self.size, self.stride)) + 1
+        return self.offset + sum((n - 1) * st for n, st in zip(self.size, self.stride, strict=True)) + 1
 
 
 class ScriptRecord:
@@ -137,10 +156,12 @@ class ScriptRecord:
     """
 
     qualified_name = ""
+    # Class-level defaults: NEWOBJ makes instances with __new__ alone, skipping __init__.
+    args: tuple[Any, ...] = ()
+    state: Any = None
 
     def __init__(self, *args: Any) -> None:
         self.args = args
-        self.state: Any = None
 
     def __setstate__(self, state: Any) -> None:
         self.state = state
@@ -200,22 +221,38 @@ def _codecs_encode(text: Any, encoding: Any = "utf-8", *_: Any) -> bytes:
     return text.encode("latin1")
 
 
+class _SafeCall(_Sealed):
+    """One of auditor's constructors as the pickle sees it: callable, and sealed against BUILD."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+
 _SAFE: dict[tuple[str, str], Any] = {
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch", "Size"): _torch_size,
+    ("torch._utils", "_rebuild_tensor"): _SafeCall(_rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor_v2"): _SafeCall(_rebuild_tensor),
+    ("torch._utils", "_rebuild_parameter"): _SafeCall(_rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): _SafeCall(_rebuild_parameter),
+    ("torch", "Size"): _SafeCall(_torch_size),
+    ("_codecs", "encode"): _SafeCall(_codecs_encode),
+    # Built-in C types: BUILD on them fails, so they need no wrapper.
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("__builtin__", "set"): set,
     ("__builtin__", "frozenset"): frozenset,
-    ("_codecs", "encode"): _codecs_encode,
-    **{("torch.jit._pickle", f): _passthrough for f in (
-        "build_intlist", "build_tensorlist", "build_doublelist", "build_boollist",
-        "build_tensor_from_id", "restore_type_tag",
-    )},
+    **{
+        ("torch.jit._pickle", f): _SafeCall(_passthrough)
+        for f in (
+            "build_intlist", "build_tensorlist", "build_doublelist", "build_boollist",
+            "build_tensor_from_id", "restore_type_tag",
+        )
+    },
 }
 
 
@@ -248,11 +285,11 @@ class SafeUnpickler(pickle.Unpickler):
             raise UnsafeInputError(self._path, "refused: the pickle names a global that is not a string")
         if (module, name) in _SAFE:
             return _SAFE[(module, name)]
-        if module in ("torch", "torch.storage") and name in STORAGE_DTYPES:
-            return StorageType(name, STORAGE_DTYPES[name])
+        if module in ("torch", "torch.storage") and name in STORAGE_TYPES:
+            return StorageType(name, STORAGE_TYPES[name][0])
         if module == "torch" and name in _TORCH_DTYPE_NAMES:
             return TorchDtype(name)
-        if module.split(".")[0] == "__torch__" and all(_IDENT.match(p) for p in [*module.split("."), name]):
+        if module.partition(".")[0] == "__torch__" and all(_IDENT.match(p) for p in [*module.split("."), name]):
             return self._script_class(f"{module}.{name}")
         raise UnsafeInputError(self._path, _refusal(module[:200], name[:200]))
 
@@ -277,9 +314,10 @@ _REFUSED_OPS = {"EXT1", "EXT2", "EXT4"}
 _MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
 
 
-def prescan(stream: io.BufferedIOBase | io.BytesIO, *, path: Path, what: str) -> int:
+def prescan(stream: Any, *, path: Path, what: str) -> int:
     """Walk one pickle's opcodes from ``stream``'s position to its STOP without running them.
 
+    ``stream`` is anything with ``read``, ``readline`` and ``tell``.
     Returns the number of bytes the pickle spans. Refuses the EXT opcodes
     (they resolve globals through the process's copyreg registry; no torch
     writer emits them) and memo indices beyond the number of opcodes read so
@@ -290,8 +328,12 @@ def prescan(stream: io.BufferedIOBase | io.BytesIO, *, path: Path, what: str) ->
     try:
         for opcode, arg, _pos in pickletools.genops(stream):
             count += 1
+            if count > MAX_OPCODES:
+                raise InputError(path, f"{what} holds more than {MAX_OPCODES} opcodes")
             if opcode.name in _REFUSED_OPS:
-                raise UnsafeInputError(path, f"refused: {what} uses the {opcode.name} opcode (globals from the extension registry)")
+                raise UnsafeInputError(
+                    path, f"refused: {what} uses the {opcode.name} opcode (globals from the extension registry)"
+                )
             if opcode.name in _MEMO_OPS and (not isinstance(arg, int) or arg > count):
                 raise InputError(path, f"{what} is malformed: memo index {arg} at opcode {count}")
             if opcode.name == "PROTO" and not (isinstance(arg, int) and arg <= pickle.HIGHEST_PROTOCOL):
@@ -299,11 +341,12 @@ def prescan(stream: io.BufferedIOBase | io.BytesIO, *, path: Path, what: str) ->
     except AuditorError:
         raise
     except (ValueError, EOFError, UnicodeDecodeError, OverflowError, MemoryError) as exc:
-        raise InputError(path, f"{what} is truncated or malformed ({_short(exc)})") from None
+        raise InputError(path, f"{what} is truncated or malformed ({short_error(exc)})") from None
     return stream.tell() - start
 
 
-def _short(exc: BaseException) -> str:
+def short_error(exc: BaseException) -> str:
+    """``TypeName: first line of the message`` of an exception, for one-line errors."""
     text = str(exc).splitlines()[0] if str(exc) else ""
     return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
 
@@ -321,7 +364,7 @@ def unpickle(data: bytes, *, path: Path, what: str, storage: Callable[[tuple[Any
     except Malformed as exc:
         raise InputError(path, f"{what} is malformed: {exc}") from None
     except Exception as exc:  # hostile bytes can raise almost anything inside pickle; all mean "broken"
-        raise InputError(path, f"{what} is malformed ({_short(exc)})") from None
+        raise InputError(path, f"{what} is malformed ({short_error(exc)})") from None
 
 
 def _children(obj: Any) -> Iterator[Any]:
