@@ -1,46 +1,72 @@
-"""Data-flow tracing over an ONNX node list: which layer's output reaches which layer's input.
+"""Graph structure of an ONNX model: weight paths into nodes and data flow between layers.
 
-The restore stage carries a channel permutation from a layer to every layer
-that consumes its output (shared/specs/restore.md), so it needs to know, for
-each parameterised layer, which earlier layers feed it through parameter-free
-operations (activations, pooling, residual adds, concatenations, flattens).
-This module computes exactly that, iteratively (a hostile file may chain
-100,000 nodes) and without trusting the file's node order: nodes are put in
-topological order here, and nodes on a cycle or reading undefined values are
-left out with a note instead of hanging or crashing.
+Two walks over the node graph live here, both iterative and both safe on
+hostile input:
+
+* weight paths (:func:`resolve`, :func:`make_ref`): from a node's weight input
+  back to the stored tensor, through Identity, Cast, Transpose, Reshape and
+  DequantizeLinear, ending in a lazy :class:`~auditor.graph.TensorRef` whose
+  transform reaches the canonical layout (and whose quantization follows it);
+* data flow (:func:`trace_edges`): which layer's output reaches which layer's
+  input. The restore stage carries a channel permutation from a layer to
+  every layer that consumes its output (shared/specs/restore.md), through
+  activations, pooling, residual adds, concatenations and flattens. A hostile
+  file may chain 100,000 nodes, so nothing recurses; nodes are put in
+  topological order here, and a cycle or a value nothing defines becomes a
+  note instead of a hang or a crash.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from auditor.graph import Edge, EdgeSource
+import numpy as np
+import torch
 
-__all__ = ["LayerSite", "NodeInfo", "trace_edges", "PASS_THROUGH", "ELEMENTWISE"]
+from auditor.graph import Edge, EdgeSource, Quantization, TensorRef
+
+__all__ = [
+    "ELEMENTWISE",
+    "PASS_THROUGH",
+    "LayerSite",
+    "NodeInfo",
+    "Param",
+    "Scope",
+    "StoredTensor",
+    "Unusable",
+    "attr_value",
+    "make_ref",
+    "plan_steps",
+    "resolve",
+    "trace_edges",
+]
+
+# Attribute types (AttributeProto.AttributeType).
+A_FLOAT, A_INT, A_STRING, A_TENSOR, A_GRAPH, A_FLOATS, A_INTS, A_STRINGS, A_GRAPHS = 1, 2, 3, 4, 5, 6, 7, 8, 10
 
 #: Single-data-input operations that keep each channel where it is (only the
 #: first input carries data; the others are shapes, slopes or bounds).
 _KEEP_CHANNELS = frozenset(
-    {
-        "Relu", "Sigmoid", "Tanh", "Gelu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Softplus", "Softsign",
-        "HardSigmoid", "HardSwish", "Mish", "Swish", "Clip", "Erf", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal",
-        "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool", "Dropout",
-        "Identity", "Pad", "Resize", "Upsample", "Cast", "CastLike", "Softmax", "LogSoftmax", "LRN",
-        "DepthToSpace", "SpaceToDepth",
-    }
+    "Relu Sigmoid Tanh Gelu LeakyRelu PRelu Elu Selu Celu Softplus Softsign HardSigmoid HardSwish Mish Swish Clip "
+    "Erf Abs Neg Exp Log Sqrt Reciprocal MaxPool AveragePool GlobalAveragePool GlobalMaxPool LpPool GlobalLpPool "
+    "Dropout Identity Pad Resize Upsample Cast CastLike Softmax LogSoftmax LRN DepthToSpace SpaceToDepth".split()
 )
 #: Single-data-input operations that move data around: the channel count is
 #: known afterwards only from the file's shape information.
 _RESHAPING = frozenset(
-    {"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Expand", "Tile", "ReduceMean", "ReduceMax",
-     "ReduceSum", "ReduceMin", "GatherElements"}
+    "Flatten Reshape Transpose Squeeze Unsqueeze Gather Expand Tile ReduceMean ReduceMax ReduceSum ReduceMin "
+    "GatherElements".split()
 )
 #: Operations after which the position of a channel is unknown (offset None).
 _LOSE_OFFSET = frozenset({"Slice", "Split"})
 #: Elementwise operations of several activations (residual add): every input's producers flow on.
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Where", "Pow"})
+#: Operations that read only an activation's shape or positions: the flow ends there quietly.
+_NO_DATA = frozenset({"Shape", "Size", "ConstantOfShape", "EyeLike", "NonZero", "ArgMax", "ArgMin", "TopK"})
 #: Every operation the tracer looks through.
 PASS_THROUGH = _KEEP_CHANNELS | _RESHAPING | _LOSE_OFFSET | ELEMENTWISE | {"Concat"}
 
@@ -106,7 +132,9 @@ def _topological(nodes: Sequence[NodeInfo], known: set[str], notes: list[str]) -
     undefined = {n for node in nodes for n in node.inputs if n and n not in known and n not in producer}
     if undefined:
         shown = ", ".join(repr(u) for u in sorted(undefined)[:3])
-        notes.append(f"the graph reads {len(undefined)} value(s) that nothing defines ({shown}); they carry no layer output")
+        notes.append(
+            f"the graph reads {len(undefined)} value(s) that nothing defines ({shown}); they carry no layer output"
+        )
     defined = set(known) | undefined
     in_order = True
     for node in nodes:
@@ -196,12 +224,12 @@ def trace_edges(
             continue
         merged = _flow(node, flows, channels, ranks)
         if merged is None:
-            if any(flows.get(n) for n in node.inputs if n):
+            if node.op_type not in _NO_DATA and any(flows.get(n) for n in node.inputs if n):
                 stopped[node.op_type] = stopped.get(node.op_type, 0) + 1
             continue
         pairs += len(merged) * max(1, len(node.outputs))
         if pairs > MAX_PAIRS:
-            notes.append(f"the graph is too large to trace fully (over {MAX_PAIRS:,d} value-layer pairs); later edges are missing")
+            notes.append(f"the graph is too large to trace fully (over {MAX_PAIRS:,d} value-layer pairs)")
             break
         for out in node.outputs:
             if out:
@@ -272,3 +300,264 @@ def _propagate_shape(node: NodeInfo, channels: dict[str, int | None], ranks: dic
         if out:
             channels.setdefault(out, width)
             ranks.setdefault(out, rank)
+
+
+# ---------------------------------------------------------------- weight paths
+
+
+@dataclass
+class StoredTensor:
+    """One stored tensor: initializer or Constant value, in its stored layout."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
+    origin: str
+
+
+@dataclass
+class Scope:
+    """One graph (main or subgraph): its nodes, own tensors and the scope it sees."""
+
+    proto: Any
+    origin: str
+    parent: Scope | None
+    tensors: dict[str, StoredTensor] = field(default_factory=dict)
+    producers: dict[str, Any] = field(default_factory=dict)
+    consumers: dict[str, int] = field(default_factory=dict)
+    outputs: set[str] = field(default_factory=set)
+
+    def tensor(self, name: str) -> StoredTensor | None:
+        scope: Scope | None = self
+        while scope is not None:
+            if name in scope.tensors:
+                return scope.tensors[name]
+            if name in scope.producers:
+                return None  # shadowed by a computed value
+            scope = scope.parent
+        return None
+
+    def producer(self, name: str) -> Any:
+        scope: Scope | None = self
+        while scope is not None:
+            if name in scope.producers:
+                return scope.producers[name]
+            scope = scope.parent
+        return None
+
+
+def attr_value(a: Any) -> Any:
+    """A plain Python value of an attribute (graphs and tensors are handled elsewhere)."""
+    kinds: dict[int, Callable[[Any], Any]] = {
+        A_FLOAT: lambda a: float(a.f),
+        A_INT: lambda a: int(a.i),
+        A_STRING: lambda a: a.s.decode("utf-8", "replace"),
+        A_FLOATS: lambda a: [float(v) for v in a.floats],
+        A_INTS: lambda a: [int(v) for v in a.ints],
+        A_STRINGS: lambda a: [v.decode("utf-8", "replace") for v in a.strings],
+    }
+    read = kinds.get(a.type)
+    return None if read is None else read(a)
+
+
+class Unusable(Exception):
+    """A weight reaches its node in a way auditor cannot express as a lazy reference."""
+
+
+# A step maps a tensor towards the canonical layout: ("perm", dims), ("reshape", shape),
+# ("select", index on axis 0), ("rows", start, stop on axis 0), ("blocks", gate order on axis 0), ("scale", factor).
+Step = tuple[Any, ...]
+
+
+@dataclass
+class Param:
+    """A stored tensor, the steps to its node's input and the quantization met on the way."""
+
+    base: StoredTensor
+    seen_as: str
+    steps: list[Step] = field(default_factory=list)
+    quant: Quantization | None = None
+
+
+def _small(t: StoredTensor, what: str, limit: int = 1 << 20) -> np.ndarray:
+    if math.prod(t.shape) > limit:
+        raise Unusable(f"{what} {t.name!r} has {math.prod(t.shape)} elements")
+    tensor = t.read()
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.to(torch.float32)
+    return tensor.numpy()
+
+
+def _dequantize_linear(g: Scope, node: Any, base: StoredTensor) -> Quantization:
+    attrs = {a.name: attr_value(a) for a in node.attribute}
+    if attrs.get("block_size"):
+        raise Unusable("blocked DequantizeLinear")
+    scale_t = g.tensor(node.input[1]) if len(node.input) > 1 else None
+    if scale_t is None:
+        raise Unusable("DequantizeLinear scale is not a constant")
+    scale = _small(scale_t, "scale").astype(np.float32)
+    zero_t = g.tensor(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    zero = _small(zero_t, "zero point") if zero_t is not None else np.zeros(scale.shape, dtype=np.int64)
+    if scale.size == 1 and scale.ndim <= 1:
+        return Quantization(scale.reshape(()), zero.reshape(()), None)
+    axis = int(attrs.get("axis", 1))
+    axis = axis + len(base.shape) if axis < 0 else axis
+    if (
+        scale.ndim != 1
+        or not 0 <= axis < len(base.shape)
+        or scale.shape[0] != base.shape[axis]
+        or zero.shape != scale.shape
+    ):
+        raise Unusable(f"DequantizeLinear scale of shape {list(scale.shape)} does not fit {list(base.shape)}")
+    return Quantization(scale, zero, axis)
+
+
+def resolve(g: Scope, name: str) -> Param | None:
+    """The stored tensor behind value ``name``, looking through Identity, Cast, Transpose, Reshape, DequantizeLinear."""
+    if not name:
+        return None
+    steps: list[Step] = []  # outermost first while walking back
+    dq: Any = None
+    current = name
+    for _ in range(64):
+        t = g.tensor(current)
+        if t is not None:
+            steps.reverse()
+            quant = None
+            if dq is not None:
+                quant = _dequantize_linear(g, dq, t)
+            return Param(t, name, steps, quant)
+        node = g.producer(current)
+        if node is None or not node.input:
+            return None
+        op = node.op_type
+        if op == "Transpose":
+            perm = next((attr_value(a) for a in node.attribute if a.name == "perm"), None)
+            steps.append(("perm", tuple(perm) if perm is not None else None))
+        elif op == "Reshape":
+            shape_t = g.tensor(node.input[1]) if len(node.input) > 1 else None
+            if shape_t is None:
+                return None
+            steps.append(("reshape", tuple(int(v) for v in _small(shape_t, "shape", 64).reshape(-1))))
+        elif op == "DequantizeLinear":
+            if dq is not None:
+                raise Unusable("two DequantizeLinear nodes in a row")
+            dq = node
+            current = node.input[0]
+            # The quantization axis refers to DequantizeLinear's input, so the tensor must be that input.
+            if g.tensor(current) is None:
+                raise Unusable("DequantizeLinear of a computed value")
+            continue
+        elif op not in ("Identity", "Cast"):
+            return None
+        current = node.input[0]
+    return None
+
+
+def plan_steps(shape: tuple[int, ...], steps: list[Step]) -> tuple[tuple[int, ...], list[Step]]:
+    """The shape after ``steps`` and the steps with Transpose/Reshape defaults resolved; Unusable if they do not fit."""
+    resolved: list[Step] = []
+    for original in steps:
+        step, kind = original, original[0]
+        if kind == "perm":
+            perm = step[1] if step[1] is not None else tuple(reversed(range(len(shape))))
+            if sorted(perm) != list(range(len(shape))):
+                raise Unusable(f"permutation {list(perm)} does not fit shape {list(shape)}")
+            shape = tuple(shape[p] for p in perm)
+            step = ("perm", perm)
+        elif kind == "reshape":
+            target = [shape[i] if v == 0 and i < len(shape) else v for i, v in enumerate(step[1])]
+            if target.count(-1) == 1:
+                rest = math.prod(v for v in target if v != -1)
+                if rest <= 0 or math.prod(shape) % rest:
+                    raise Unusable(f"cannot reshape {list(shape)} to {list(step[1])}")
+                target[target.index(-1)] = math.prod(shape) // rest
+            if any(v < 0 for v in target) or math.prod(target) != math.prod(shape):
+                raise Unusable(f"cannot reshape {list(shape)} to {list(step[1])}")
+            shape = tuple(target)
+            step = ("reshape", shape)
+        elif kind == "select":
+            if not shape or not 0 <= step[1] < shape[0]:
+                raise Unusable(f"index {step[1]} out of range for shape {list(shape)}")
+            shape = shape[1:]
+        elif kind == "rows":
+            if not shape or step[2] > shape[0]:
+                raise Unusable(f"rows {step[1]}..{step[2]} out of range for shape {list(shape)}")
+            shape = (step[2] - step[1], *shape[1:])
+        elif kind == "blocks" and (not shape or shape[0] % len(step[1])):
+            raise Unusable(f"{shape[0] if shape else 0} rows do not split into {len(step[1])} gates")
+        resolved.append(step)
+    return shape, resolved
+
+
+def _apply(tensor: torch.Tensor, steps: list[Step]) -> torch.Tensor:
+    for step in steps:
+        kind = step[0]
+        if kind == "perm":
+            tensor = tensor.permute(step[1])
+        elif kind == "reshape":
+            tensor = tensor.reshape(step[1])
+        elif kind == "select":
+            tensor = tensor[step[1]]
+        elif kind == "rows":
+            tensor = tensor[step[1] : step[2]]
+        elif kind == "blocks":
+            n = len(step[1])
+            tensor = tensor.reshape(n, tensor.shape[0] // n, *tensor.shape[1:])[list(step[1])].reshape(tensor.shape)
+        elif kind == "scale":
+            tensor = tensor * step[1]
+    return tensor
+
+
+def _quant_through(q: Quantization, steps: list[Step]) -> Quantization:
+    """The quantization of the canonical tensor: the per-channel scale follows the steps."""
+    scale, zero, axis = np.asarray(q.scale), np.asarray(q.zero_point), q.axis
+    for step in steps:
+        kind = step[0]
+        if kind == "scale":
+            scale = scale * np.float32(step[1])
+        elif axis is None:
+            continue
+        elif kind == "perm":
+            axis = list(step[1]).index(axis)
+        elif kind == "reshape":
+            raise Unusable("Reshape of a per-axis quantized weight")
+        elif kind == "select":
+            if axis == 0:
+                scale, zero, axis = scale[step[1]], zero[step[1]], None
+            else:
+                axis -= 1
+        elif kind == "rows" and axis == 0:
+            scale, zero = scale[step[1] : step[2]], zero[step[1] : step[2]]
+        elif kind == "blocks" and axis == 0:
+            n = len(step[1])
+            scale = scale.reshape(n, -1)[list(step[1])].reshape(-1)
+            zero = zero.reshape(n, -1)[list(step[1])].reshape(-1)
+    return Quantization(scale, zero, axis)
+
+
+def make_ref(p: Param, extra: list[Step] | None = None) -> TensorRef:
+    """A lazy TensorRef of ``p`` in canonical layout (``extra`` are the layer's own steps)."""
+    steps = p.steps + (extra or [])
+    if (
+        p.quant is None
+        and p.base.dtype not in ("float32", "float16", "bfloat16", "float64")
+        and any(s[0] == "scale" for s in steps)
+    ):
+        raise Unusable("scaling of an integer weight")
+    shape, steps = plan_steps(p.base.shape, steps)
+    if p.quant is not None:
+        quant: Quantization | None = _quant_through(p.quant, steps)
+        steps = [s for s in steps if s[0] != "scale"]  # folded into the scale instead
+    else:
+        quant = None
+    read = p.base.read
+    return TensorRef(
+        p.base.name,
+        shape,
+        p.base.dtype,
+        read,
+        transform=(lambda t: _apply(t, steps)) if steps else None,
+        quantization=quant,
+    )
