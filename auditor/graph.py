@@ -246,20 +246,25 @@ class Layer:
 
     @property
     def in_channels(self) -> int | None:
-        """Input channels (conv: ``in/groups * groups``), features (linear) or ``None``."""
-        w = self.weight
+        """Input channels (conv: ``in/groups * groups``), features (linear) or ``None``.
+
+        ``None`` also where the shapes contradict the kind (a hostile file may
+        label a vector a convolution)."""
         if self.kind in (LayerKind.LSTM, LayerKind.GRU):
             ih = self.params.get("weight_ih_l0")
-            return None if ih is None else ih.shape[1]
-        if w is None:
+            return ih.shape[1] if ih is not None and len(ih.shape) == 2 else None
+        w = self.weight
+        if w is None or not w.shape:
+            return None
+        if self.kind in (LayerKind.BATCH_NORM, LayerKind.LAYER_NORM):
+            return w.shape[0]
+        if len(w.shape) < 2:
             return None
         if self.kind in (LayerKind.CONV1D, LayerKind.CONV2D):
             groups = self.attrs.get("groups", self.attrs.get("groups_inferred", 1))
             return w.shape[1] * int(groups)
         if self.kind is LayerKind.LINEAR:
             return w.shape[1]
-        if self.kind in (LayerKind.BATCH_NORM, LayerKind.LAYER_NORM):
-            return w.shape[0]
         return None
 
     def describe(self) -> dict[str, Any]:

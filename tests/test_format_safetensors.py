@@ -25,8 +25,8 @@ from auditor.loading import load_model
 ASSETS = Path(__file__).parent / "assets"
 REPO = Path(__file__).resolve().parents[1]
 ORDER_NOTE = (
-    "safetensors stores no module order (writers sort tensors by dtype and name): "
-    "layers are in natural order of their names"
+    "the file holds no computation graph: layers are in natural order of their names (safetensors records "
+    "no module order, so inferred edges may be wrong), kinds come from parameter names and shapes, "
 )
 
 
@@ -59,10 +59,11 @@ def read_all(graph: LayerGraph, *, float32: bool = False) -> dict[str, torch.Ten
     return {t.name: t.read(float32=float32) for layer in graph for t in layer.params.values()}
 
 
-def problem(path: Path) -> str:
+def problem(path: Path, *, named: Path | None = None) -> str:
+    """The problem ``st.load(path)`` reports; the error names ``named`` (default: ``path``)."""
     with pytest.raises(InputError) as info:
         st.load(path)
-    assert info.value.path == str(path)
+    assert info.value.path == str(named or path)
     return info.value.problem
 
 
@@ -108,7 +109,7 @@ def test_round_trip_kinds_and_attributes(tmp_path: Path) -> None:
     assert (lstm.attrs["hidden_size"], lstm.attrs["num_layers"], lstm.attrs["bidirectional"]) == (12, 2, True)
     assert (gru.attrs["hidden_size"], gru.attrs["num_layers"], gru.attrs["bidirectional"]) == (10, 1, False)
     assert set(graph.layer("bn").params) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
-    assert ORDER_NOTE in graph.notes
+    assert sum(note.startswith(ORDER_NOTE) for note in graph.notes) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -239,12 +240,12 @@ def test_sharded_folder_loads_every_tensor(sharded: tuple[Path, dict[str, torch.
 @pytest.mark.parametrize(
     ("shard", "message"),
     [
-        ("../x.safetensors", "shard '../x.safetensors' points outside the model's folder ('../x.safetensors')"),
+        ("../x.safetensors", "shard points outside the model's folder ('../x.safetensors')"),
         (
             "/etc/passwd",
-            "shard '/etc/passwd' points to the absolute path '/etc/passwd'; only files inside the model's folder are read",
+            "shard points to the absolute path '/etc/passwd'; only files inside the model's folder are read",
         ),
-        ("escape.safetensors", "shard 'escape.safetensors' 'escape.safetensors' is a link that leaves the model's folder"),
+        ("escape.safetensors", "shard 'escape.safetensors' is a link that leaves the model's folder"),
     ],
     ids=["dotdot", "absolute", "symlink"],
 )
@@ -271,7 +272,7 @@ def test_index_that_is_a_link_out_of_the_folder_is_unsafe(tmp_path: Path) -> Non
     with pytest.raises(UnsafeInputError) as info:
         st.load(folder)
     assert info.value.problem == (
-        "index 'model.safetensors.index.json' 'model.safetensors.index.json' is a link that leaves the model's folder"
+        "index 'model.safetensors.index.json' is a link that leaves the model's folder"
     )
 
 
@@ -295,7 +296,7 @@ def test_missing_shard(sharded: tuple[Path, dict[str, torch.Tensor]]) -> None:
     assert type(info.value) is InputError
     assert (info.value.path, info.value.problem) == (
         str(index),
-        "shard 'model-00003-of-00002.safetensors' 'model-00003-of-00002.safetensors' does not exist next to the model",
+        "shard 'model-00003-of-00002.safetensors' does not exist next to the model",
     )
 
 
@@ -305,15 +306,16 @@ def test_shard_tensors_the_index_leaves_out_are_noted(sharded: tuple[Path, dict[
     graph = st.load(folder)
     assert [t.name for layer in graph for t in layer.params.values()] == ["conv.weight"]
     assert (
-        "model-00001-of-00002.safetensors: holds 10 tensors the index does not map to it, not loaded (first: 'bn.bias')"
+        "model-00001-of-00002.safetensors: holds 16 tensors the index does not map to it, not loaded (first: 'bn.bias')"
     ) in graph.notes
 
 
 def test_index_not_json_and_without_weight_map(tmp_path: Path) -> None:
-    (tmp_path / "model.safetensors.index.json").write_text("{")
-    assert problem(tmp_path).endswith("the index is not valid JSON (JSONDecodeError)")
-    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": []}')
-    assert problem(tmp_path) == "has no weight_map of tensor names to shard files"
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text("{")
+    assert problem(tmp_path, named=index) == "the index is not valid JSON (JSONDecodeError)"
+    index.write_text('{"weight_map": []}')
+    assert problem(tmp_path, named=index) == "has no weight_map of tensor names to shard files"
 
 
 def test_folder_with_a_single_model_file(tmp_path: Path) -> None:
@@ -328,7 +330,7 @@ def test_folder_with_a_single_model_file(tmp_path: Path) -> None:
 BROKEN = {
     "st_empty.safetensors": "truncated: the header length needs 8 bytes, the file has 0 left",
     "st_truncated_header.safetensors": "truncated: the header length needs 8 bytes, the file has 5 left",
-    "st_header_cut.safetensors": "truncated: header claims 1064 bytes but the file holds 32 after its length",
+    "st_header_cut.safetensors": "truncated: header claims 776 bytes but the file holds 32 after its length",
     "st_header_too_long.safetensors": "header claims 1000000000000000 bytes, more than the 100000000-byte limit",
     "st_header_not_json.safetensors": "the header is not valid JSON (JSONDecodeError)",
     "st_header_list.safetensors": "the header is not a JSON object",
@@ -368,7 +370,8 @@ def test_deep_nesting_is_an_input_error_not_a_recursion_error(tmp_path: Path) ->
     [
         (b'{"w": {"dtype": "F32", "shape": [' + b"1" * 5000 + b'], "data_offsets": [0, 4]}}',
          "the header is not valid JSON (ValueError)"),
-        (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "w": {}}', "the header names the key 'w' twice"),
+        (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "w": {}}',
+         "the header names the key 'w' twice"),
         ({"w": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}},
          "tensor 'w': shape [0, 1000000000000000000000000000000] is too large to address"),
         ({"w": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}},
@@ -381,10 +384,13 @@ def test_deep_nesting_is_an_input_error_not_a_recursion_error(tmp_path: Path) ->
         ({"__metadata__": [], "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
          "__metadata__ must map strings to strings"),
         ({"x" * 1000: {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},
-         f"tensor '{'x' * 38}...{'x' * 38}': shape [2] of F32 needs 8 bytes, offsets span 4"),
-        (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}\xff', "the header is not valid JSON (UnicodeDecodeError)"),
+         f"tensor '{'x' * 37}...{'x' * 38}': shape [2] of F32 needs 8 bytes, offsets span 4"),
+        (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}\xff',
+         "the header is not valid JSON (UnicodeDecodeError)"),
     ],
-    ids=["huge-int", "duplicate", "huge-empty", "rank", "offsets", "bool-shape", "entry", "metadata", "long-name", "utf8"],
+    ids=[
+        "huge-int", "duplicate", "huge-empty", "rank", "offsets", "bool-shape", "entry", "metadata", "long-name", "utf8"
+    ],
 )
 def test_hostile_header_exact_message(tmp_path: Path, header: object, message: str) -> None:
     path = write_st(tmp_path / "h.safetensors", header, bytes(8))
@@ -392,7 +398,8 @@ def test_hostile_header_exact_message(tmp_path: Path, header: object, message: s
 
 
 def test_dtype_that_is_not_a_string_is_skipped(tmp_path: Path) -> None:
-    path = write_st(tmp_path / "h.safetensors", {"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, bytes(4))
+    header = {"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}
+    path = write_st(tmp_path / "h.safetensors", header, bytes(4))
     graph = st.load(path)
     assert len(graph) == 0
     assert graph.notes[0] == "h.safetensors: tensor 'w' has dtype ['F32'], which auditor does not read; skipped"
@@ -439,7 +446,7 @@ def test_random_bytes_named_safetensors_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError) as info:
         load_model(tmp_path / "x.safetensors")
     assert info.value.problem.startswith("not a model format auditor recognises (formats: ")
-    assert info.value.problem.endswith("it starts with bytes 33 96 77 6c 87 05 29 a2 7b 6b 3f ac 4c 09 be 91")
+    assert info.value.problem.endswith("it starts with bytes b3 41 89 81 a1 2b 29 1e ce 9f 03 1f da 14 ad 0d")
 
 
 # --- through the CLI ---------------------------------------------------------------------------
@@ -448,7 +455,12 @@ def test_random_bytes_named_safetensors_are_refused(tmp_path: Path) -> None:
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "AUDITOR_DEBUG"}
     return subprocess.run(
-        [sys.executable, "-m", "auditor", *map(str, args)], capture_output=True, text=True, cwd=REPO, env=env,
+        [sys.executable, "-m", "auditor", *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
         timeout=120,
     )
 
@@ -482,4 +494,4 @@ def test_cli_json_describes_the_file(tmp_path: Path) -> None:
         ("1", "3", [], "inferred"),
         ("3", "6", ["Flatten"], "inferred"),
     ]
-    assert info["totals"] == {"layers": 4, "parameters": 3123, "bytes": 12440, "edges": 3}
+    assert info["totals"] == {"layers": 4, "parameters": 3995, "bytes": 15984, "edges": 3}

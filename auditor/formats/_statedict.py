@@ -36,7 +36,8 @@ def infer_kind(module: str, params: Mapping[str, TensorRef]) -> tuple[LayerKind,
     name = module.lower()
     if "weight_ih_l0" in params and "weight_hh_l0" in params:
         hidden = params["weight_hh_l0"].shape[1] if len(params["weight_hh_l0"].shape) == 2 else None
-        rows = params["weight_ih_l0"].shape[0]
+        ih_shape = params["weight_ih_l0"].shape
+        rows = ih_shape[0] if ih_shape else None
         attrs["num_layers"] = len({m.group(3) for k in params if (m := _RECURRENT.match(k))})
         attrs["bidirectional"] = any(k.endswith("_reverse") for k in params)
         if hidden:
@@ -71,9 +72,15 @@ def infer_kind(module: str, params: Mapping[str, TensorRef]) -> tuple[LayerKind,
 def _chain_edge(a: Layer, b: Layer) -> Edge | None:
     """An inferred edge a -> b when b can consume a's output, setting b's inferred groups."""
     out = a.out_channels
-    w = b.weight
-    if out is None or w is None or not w.shape:
+    if not out:  # unknown, or a zero-width layer that feeds nothing
         return None
+    if b.kind in (LayerKind.LSTM, LayerKind.GRU):  # recurrent layers have no plain "weight"
+        return Edge(a.name, b.name, (), 0, EdgeSource.INFERRED) if b.in_channels == out else None
+    w = b.weight
+    if w is None or not w.shape:
+        return None
+    if b.kind in (LayerKind.CONV1D, LayerKind.CONV2D, LayerKind.LINEAR) and len(w.shape) < 2:
+        return None  # a kind hint that the shapes contradict: no edge rather than a guess
     if b.kind in (LayerKind.CONV1D, LayerKind.CONV2D):
         per_group = w.shape[1]
         if out == per_group:
@@ -91,8 +98,6 @@ def _chain_edge(a: Layer, b: Layer) -> Edge | None:
         if a.kind in (LayerKind.CONV1D, LayerKind.CONV2D, LayerKind.BATCH_NORM) and width % out == 0:
             return Edge(a.name, b.name, ("Flatten",), 0, EdgeSource.INFERRED)
         return None
-    if b.kind in (LayerKind.LSTM, LayerKind.GRU):
-        return Edge(a.name, b.name, (), 0, EdgeSource.INFERRED) if b.in_channels == out else None
     return None
 
 
@@ -105,8 +110,12 @@ def graph_from_tensors(
     metadata: dict[str, Any] | None = None,
     kind_hints: Mapping[str, LayerKind] | None = None,
     notes: list[str] | None = None,
+    order: str = "file order",
 ) -> LayerGraph:
-    """A graph from named tensors in file order; ``kind_hints`` maps module names to known kinds."""
+    """A graph from named tensors in the order given; ``kind_hints`` maps module names to known kinds.
+
+    ``order`` says, for the graph's notes, what that order is (``file order``
+    unless the loader sorted the tensors)."""
     modules: dict[str, dict[str, TensorRef]] = {}
     for key, ref in tensors:
         module, role = split_key(key)
@@ -137,7 +146,7 @@ def graph_from_tensors(
         notes=list(notes or []),
     )
     graph.notes.append(
-        "the file holds no computation graph: layers are in file order, kinds come from parameter names and shapes, "
+        f"the file holds no computation graph: layers are in {order}, kinds come from parameter names and shapes, "
         + ("edges are inferred from matching widths" if edges else "and no edges could be inferred")
     )
     return graph

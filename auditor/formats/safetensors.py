@@ -19,7 +19,7 @@ from typing import Any
 from auditor.bases import Format
 from auditor.errors import InputError
 from auditor.formats._io import NUMPY_DTYPES, inside_folder, mmap_tensor, read_exact
-from auditor.formats._statedict import graph_from_tensors
+from auditor.formats._statedict import graph_from_tensors, split_key
 from auditor.graph import LayerGraph, TensorRef
 from auditor.hookspecs import hookimpl
 
@@ -45,10 +45,8 @@ _DTYPES = {
     "BOOL": "bool",
 }
 _INDEX_NAMES = ("model.safetensors.index.json",)
-_ORDER_NOTE = (
-    "safetensors stores no module order (writers sort tensors by dtype and name): "
-    "layers are in natural order of their names"
-)
+# safetensors writers sort tensors by dtype and name, so the model's own module order is lost.
+_ORDER = "natural order of their names (safetensors records no module order, so inferred edges may be wrong)"
 
 # Hostile headers hold megabyte-long names and deeply nested values: messages show a bounded excerpt.
 _short = reprlib.Repr()
@@ -82,7 +80,8 @@ def natural_key(name: str) -> tuple[tuple[int, int, str], ...]:
 
 
 def _sort_key(item: tuple[str, TensorRef]) -> tuple[tuple[tuple[int, int, str], ...], str]:
-    return natural_key(item[0]), item[0]
+    # By module first, so that ``layer2.weight`` comes before ``layer2.sub9.weight``.
+    return natural_key(split_key(item[0])[0]), item[0]
 
 
 def _index_file(folder: Path) -> Path | None:
@@ -239,7 +238,7 @@ def _tensor_refs(
 
 
 def _load_sharded(folder: Path, index: Path) -> LayerGraph:
-    index = inside_folder(folder, index.name, what=f"index {index.name!r}", origin=folder)
+    index = inside_folder(folder, index.name, what="index", origin=folder)
     if index.stat().st_size > MAX_INDEX:
         raise InputError(index, f"index file larger than {MAX_INDEX} bytes")
     data = _parse_json(index.read_bytes(), path=index, what="the index")
@@ -252,7 +251,7 @@ def _load_sharded(folder: Path, index: Path) -> LayerGraph:
     files = [index]
     metadata: dict[str, Any] = {"shards": []}
     for shard_name in dict.fromkeys(weight_map.values()):
-        shard = inside_folder(folder, shard_name, what=f"shard {_show(shard_name)}", origin=index)
+        shard = inside_folder(folder, shard_name, what="shard", origin=index)
         refs, meta, skipped[shard_name] = _tensor_refs(shard, shard, notes)
         shards[shard_name] = dict(refs)
         files.append(shard)
@@ -274,8 +273,9 @@ def _load_sharded(folder: Path, index: Path) -> LayerGraph:
                 f"(first: {_show(unlisted[0])})"
             )
     ordered.sort(key=_sort_key)
-    notes.append(_ORDER_NOTE)
-    return graph_from_tensors("safetensors", folder, ordered, files=files, metadata=metadata, notes=notes)
+    return graph_from_tensors(
+        "safetensors", folder, ordered, files=files, metadata=metadata, notes=notes, order=_ORDER
+    )
 
 
 def load(path: Path) -> LayerGraph:
@@ -284,12 +284,13 @@ def load(path: Path) -> LayerGraph:
         index = _index_file(path)
         if index is not None:
             return _load_sharded(path, index)
-        path = inside_folder(path, "model.safetensors", what="model.safetensors", origin=path)
+        path = inside_folder(path, "model.safetensors", what="file", origin=path)
     notes: list[str] = []
     refs, metadata, _ = _tensor_refs(path, path, notes)
     refs.sort(key=_sort_key)
-    notes.append(_ORDER_NOTE)
-    return graph_from_tensors("safetensors", path, refs, files=[path], metadata=dict(metadata), notes=notes)
+    return graph_from_tensors(
+        "safetensors", path, refs, files=[path], metadata=dict(metadata), notes=notes, order=_ORDER
+    )
 
 
 class SafetensorsFormat(Format):
