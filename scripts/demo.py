@@ -8,7 +8,10 @@ each file with auditor's safe loaders and prints how the graphs line up.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,11 +56,39 @@ def save_all(model: nn.Module) -> dict[str, Path]:
         "safetensors": OUT / "demo.safetensors",
     }
     torch.save(model.state_dict(), paths["PyTorch state dict"])
-    torch.jit.trace(model, example).save(str(paths["TorchScript"]))
-    for key, fold in (("ONNX (folded)", True), ("ONNX (unfolded)", False)):
-        torch.onnx.export(model, (example,), str(paths[key]), dynamo=False, do_constant_folding=fold)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(model, example).save(str(paths["TorchScript"]))
+    # The exporters' tracer warnings and progress chatter are not the demo's story.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for key, fold in (("ONNX (folded)", True), ("ONNX (unfolded)", False)):
+            torch.onnx.export(model, (example,), str(paths[key]), dynamo=False, do_constant_folding=fold)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(paths["safetensors"]))
     return paths
+
+
+class _Payload:
+    """What a hostile checkpoint hides: unpickling it would run a shell command."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.system, (f"touch {OUT / 'PWNED'}",))
+
+
+def hostile_checkpoint() -> None:
+    """Save a checkpoint that would run a command under torch.load, and show auditor refuse it."""
+    path = OUT / "hostile.pt"
+    (OUT / "PWNED").unlink(missing_ok=True)
+    torch.save({"fc.weight": torch.zeros(2, 2), "extra": _Payload()}, path)
+    try:
+        load_model(path)
+        print("hostile.pt          loaded?! (this is a bug)")
+    except AuditorError as exc:
+        print(f"hostile.pt           refused (exit code {exc.exit_code}): {exc}")
+    ran = (OUT / "PWNED").exists()
+    print(f"{'':20s} the hidden command {'RAN (bug!)' if ran else 'did not run'}\n")
 
 
 def main() -> int:
@@ -76,6 +107,7 @@ def main() -> int:
         print(f"{'':20s} {len(graph.layers)} layers, {graph.parameter_count:,d} parameters, "
               f"{len(graph.edges)} edges ({graph.edge_source})")
         print(f"{'':20s} {layers}\n")
+    hostile_checkpoint()
     print("inspect any of them:  .venv/bin/auditor inspect demo-out/demo.onnx")
     return 0
 
