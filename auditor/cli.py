@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from auditor import __version__
+from auditor.cli_keys import keys_app
 from auditor.errors import EXIT_INTERNAL, EXIT_NOT_FOUND, EXIT_OK, AuditorError, PluginError
 from auditor.findings import Verdict
 
@@ -28,6 +29,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+#: ``auditor embed NAME``: embedder plugins add their command here from ``register_commands``.
+embed_app = typer.Typer(help="Train an owner's model with a watermark.", no_args_is_help=True)
+app.add_typer(embed_app, name="embed")
+app.add_typer(keys_app, name="keys")
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
