@@ -38,6 +38,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "auditor.formats.safetensors",
     "auditor.formats.pytorch",
     "auditor.formats.onnx",
+    "auditor.plugins.greedy_residuals.detector",
+    "auditor.plugins.greedy_residuals.embedder",
 )
 
 #: Capability hooks and the base class each one's components must subclass.

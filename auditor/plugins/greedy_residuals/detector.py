@@ -1,0 +1,1 @@
+"""Greedy Residuals detector plugin (being written)."""

@@ -1,0 +1,1 @@
+"""Greedy Residuals embedder plugin (being written)."""
