@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,7 +20,15 @@ from rich.table import Table
 
 from auditor import __version__
 from auditor.cli_keys import keys_app
-from auditor.errors import EXIT_INTERNAL, EXIT_NOT_FOUND, EXIT_OK, AuditorError, PluginError
+from auditor.errors import (
+    EXIT_INCONCLUSIVE,
+    EXIT_INTERNAL,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    AuditorError,
+    PluginError,
+    UsageError,
+)
 from auditor.findings import Verdict
 
 app = typer.Typer(
@@ -162,33 +171,59 @@ def plugins(
             out.print(shown(f"  {kind}: {', '.join(ids)}"))
 
 
-def audit_model(*, suspect: Path) -> dict[str, Any]:
-    """Load ``suspect`` safely and run every applicable detector on it."""
-    from auditor.detection import run_detectors
+def audit_model(
+    *, suspect: Path, bundles: Sequence[Path] = (), context: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Load the owner bundles and ``suspect`` safely and run every applicable detector."""
+    from auditor.bundle import load_bundle
+    from auditor.detection import overall_verdict, run_detectors
     from auditor.loading import load_model
 
+    loaded = [load_bundle(p) for p in bundles]
     graph = load_model(suspect)
-    findings = run_detectors(graph)
+    findings = run_detectors(graph, bundles=loaded, context=context)
     return {
         "suspect": {"path": str(suspect), "format": graph.format, "files": hash_files(graph.files)},
+        "bundles": [{"path": str(b.path), "scheme": b.scheme, "sha256": b.sha256} for b in loaded],
+        "verdict": overall_verdict(findings).value,
         "findings": [f.to_dict() for f in findings],
     }
+
+
+_EXIT_FOR_VERDICT = {
+    Verdict.DETECTED.value: EXIT_OK,
+    Verdict.NOT_DETECTED.value: EXIT_NOT_FOUND,
+    Verdict.INCONCLUSIVE.value: EXIT_INCONCLUSIVE,
+}
 
 
 @app.command()
 def audit(
     suspect: Annotated[Path, typer.Argument(help="Suspect model file or folder.")],
+    bundle: Annotated[
+        list[Path] | None, typer.Option("--bundle", help="Owner bundle to check the suspect against (repeatable).")
+    ] = None,
+    p_threshold: Annotated[
+        float, typer.Option(help="Greedy Residuals: combined p-value below which the watermark counts as found.")
+    ] = 1e-6,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
-    """Run every applicable detector on a suspect model and print the findings."""
-    result = audit_model(suspect=suspect)
+    """Check a suspect model against owners' bundles and print one verdict per finding.
+
+    Exit code 0: watermark found; 1: not found; 3: inconclusive (also when no
+    bundle was given); 4/5: the suspect or a bundle could not be read safely."""
+    if not 0.0 < p_threshold < 1.0:
+        raise UsageError(f"--p-threshold must be between 0 and 1, not {p_threshold}")
+    result = audit_model(
+        suspect=suspect, bundles=bundle or [], context={"greedy_residuals.p_threshold": p_threshold}
+    )
     if as_json:
         _emit_json(result)
     else:
         for f in result["findings"]:
             out.print(shown(f"{f['detector']}: {f['verdict']}: {f['summary']}"))
-    verdicts = {f["verdict"] for f in result["findings"]}
-    raise typer.Exit(EXIT_OK if Verdict.DETECTED.value in verdicts else EXIT_NOT_FOUND)
+        out.print(f"verdict: {result['verdict']}")
+    raise typer.Exit(_EXIT_FOR_VERDICT[result["verdict"]])
 
 
 def _command_names(typer_app: typer.Typer) -> list[str]:

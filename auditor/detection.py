@@ -10,7 +10,7 @@ from auditor.findings import Finding, Verdict, sort_findings
 from auditor.graph import LayerGraph
 from auditor.plugin_manager import components
 
-__all__ = ["bundle_scheme", "run_detectors"]
+__all__ = ["bundle_scheme", "overall_verdict", "run_detectors"]
 
 
 def bundle_scheme(bundle: Any) -> str:
@@ -74,3 +74,19 @@ def run_detectors(
         for detector in readers:
             findings.extend(_run_one(detector, suspect, bundle, context))
     return sort_findings(findings)
+
+
+def overall_verdict(findings: Sequence[Finding]) -> Verdict:
+    """The audit's verdict over the watermark findings (those with a scheme).
+
+    Detected if any scheme's finding is; otherwise inconclusive if any is
+    inconclusive or failed, or if there was no watermark finding at all (no
+    owner bundle, nothing looked for); otherwise not detected. Bundle-free
+    checks (empty scheme) inform the report but never decide the verdict.
+    """
+    verdicts = {f.verdict for f in findings if f.scheme}
+    if Verdict.DETECTED in verdicts:
+        return Verdict.DETECTED
+    if not verdicts or verdicts & {Verdict.INCONCLUSIVE, Verdict.ERROR}:
+        return Verdict.INCONCLUSIVE
+    return Verdict.NOT_DETECTED
