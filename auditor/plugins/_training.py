@@ -1,0 +1,241 @@
+"""A small, seeded training loop shared by the embedders, and atomic model saving.
+
+``train`` adds an embedder's penalty to the cross-entropy on every step and
+calls ``after_step`` after every optimizer step (an embedder that freezes
+weights writes them back there). With the same seed, model initialisation
+and data, it gives bit-identical weights on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from auditor.errors import UsageError
+
+__all__ = ["TrainConfig", "TrainResult", "evaluate", "resolve_device", "save_model", "train"]
+
+OPTIMIZERS = ("adam", "sgd", "adamw")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, or ``cuda`` / ``cuda:N``.
+
+    Raises :class:`~auditor.errors.UsageError` for an unknown spec or a CUDA
+    device this machine does not have.
+    """
+    s = spec.strip().lower()
+    if s == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if s == "cpu":
+        return torch.device("cpu")
+    if s == "cuda" or s.startswith("cuda:"):
+        try:
+            device = torch.device(s)
+        except RuntimeError:
+            raise UsageError(f"bad device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {spec!r} requested but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"device {spec!r} requested but this machine has {torch.cuda.device_count()} CUDA devices")
+        return device
+    raise UsageError(f"bad device {spec!r}; use auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`train`. ``momentum`` only applies to SGD."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {self.optimizer!r}; one of {', '.join(OPTIMIZERS)}")
+        if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
+            raise UsageError("epochs must be >= 0, batch size >= 1 and the learning rate > 0")
+
+
+@dataclass
+class TrainResult:
+    """What a :func:`train` run did: mean task loss and mean penalty per epoch, steps, seconds."""
+
+    losses: list[float] = field(default_factory=list)
+    penalties: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _batches(
+    data: Dataset[tuple[torch.Tensor, ...]], batch_size: int, generator: torch.Generator, *, shuffle: bool
+) -> tuple[int, Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]]:
+    """Number of batches per pass and a function yielding ``(inputs, labels)`` batches.
+
+    Tensor data sets are sliced directly (a DataLoader's per-sample collation
+    costs more than a small model's step); anything else goes through a
+    DataLoader with the same generator.
+    """
+    n = len(data)  # type: ignore[arg-type]
+    count = math.ceil(n / batch_size)
+    if isinstance(data, TensorDataset):
+        tensors = data.tensors
+
+        def sliced() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                yield tensors[0][idx], tensors[-1][idx]
+
+        return count, sliced
+    loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return count, lambda: ((b[0], b[-1]) for b in loader)
+
+
+def train(
+    model: nn.Module,
+    train_set: Dataset[tuple[torch.Tensor, ...]],
+    config: TrainConfig,
+    *,
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Train ``model`` in place on ``(inputs, labels)`` batches with cross-entropy
+    plus ``penalty(model)`` on every step.
+
+    Shuffling is drawn from a generator seeded with ``config.seed``; the
+    model's initial weights are the caller's (build it after seeding). With
+    ``progress`` a rich progress bar is drawn on stderr.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    device = resolve_device(config.device)
+    model.to(device)
+    model.train()
+    optimizer = _optimizer(model, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    per_epoch, batches = _batches(train_set, config.batch_size, generator, shuffle=True)
+    result = TrainResult()
+    started = time.perf_counter()
+    with Progress(
+        TextColumn("training"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("epoch {task.fields[epoch]}  loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+        disable=not progress,
+    ) as bar:
+        task = bar.add_task("training", total=config.epochs * per_epoch, epoch=0, loss="-")
+        for epoch in range(config.epochs):
+            loss_sum = penalty_sum = 0.0
+            seen = 0
+            for inputs, labels in batches():
+                xb, yb = inputs.to(device), labels.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(xb), yb)
+                total = loss
+                if penalty is not None:
+                    extra = penalty(model)
+                    total = loss + extra
+                    penalty_sum += float(extra.detach()) * len(yb)
+                total.backward()
+                optimizer.step()
+                if after_step is not None:
+                    after_step(model)
+                loss_sum += float(loss.detach()) * len(yb)
+                seen += len(yb)
+                result.steps += 1
+                bar.advance(task)
+            result.losses.append(loss_sum / max(seen, 1))
+            result.penalties.append(penalty_sum / max(seen, 1))
+            bar.update(task, epoch=epoch + 1, loss=f"{result.losses[-1]:.4f}")
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset[tuple[torch.Tensor, ...]], device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy of ``model`` on ``(inputs, labels)`` (a fraction in [0, 1]).
+
+    The model is put in eval mode for the measurement and left in the mode it was in.
+    """
+    dev = resolve_device(device) if isinstance(device, str) else device
+    was_training = model.training
+    model.to(dev)
+    model.eval()
+    correct = total = 0
+    _, batches = _batches(dataset, 512, torch.Generator(), shuffle=False)
+    try:
+        for xb, yb in batches():
+            pred = model(xb.to(dev)).argmax(dim=1)
+            correct += int((pred == yb.to(dev)).sum())
+            total += len(yb)
+    finally:
+        model.train(was_training)
+    return correct / total if total else 0.0
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    # The temporary file sits beside the target (os.replace is then one rename) and is
+    # created with the usual mode for a new file (mkstemp's 0600 would stick).
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
+    try:
+        mode = tmp.stat().st_mode & 0o777  # 0666 less the umask
+        write(tmp)
+        os.chmod(tmp, mode)  # safetensors writes a fresh file of its own (0600)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: nn.Module, out_dir: Path, stem: str = "model", *, overwrite: bool = False) -> dict[str, Path]:
+    """Write ``model``'s state dict as ``out_dir/stem.safetensors`` and ``out_dir/stem.pt``
+    (a plain state dict, loadable with ``torch.load(..., weights_only=True)``).
+
+    Each file is written to a temporary name and renamed into place. Raises
+    :class:`~auditor.errors.UsageError` if either file exists, unless ``overwrite``.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    paths = {"safetensors": out_dir / f"{stem}.safetensors", "pt": out_dir / f"{stem}.pt"}
+    if not overwrite:
+        existing = [str(p) for p in paths.values() if p.exists()]
+        if existing:
+            raise UsageError(f"{', '.join(existing)} already exists; choose another folder or overwrite")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Clones: safetensors refuses tensors that share storage (tied weights), and CUDA tensors come home.
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    _atomic_write(paths["safetensors"], lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _atomic_write(paths["pt"], lambda p: torch.save(state, p))
+    return paths

@@ -1,0 +1,141 @@
+"""Built-in architectures the embedders train when the owner brings no model of their own.
+
+They are sized for the 8x8 digits (any input of at least 4x4 works) and every
+layer an embedder would mark holds thousands of weights, so that a 256-bit
+signature is spread over real weights rather than repeated copies of a few.
+Modules are named attributes (``conv2``, ``layer2.conv1``, ``lstm``), so the
+names in a saved state dict are readable in a report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from auditor.errors import UsageError
+
+__all__ = ["ARCHITECTURES", "BasicBlock", "RowLSTM", "SmallCNN", "SmallResNet", "build"]
+
+
+class SmallCNN(nn.Module):
+    """Three conv+BN+ReLU blocks (16, 32, 64 channels, 3x3), two max-pools and a
+    linear head on the flattened 64x2x2 features.
+
+    Weights per layer: conv1 144, conv2 4,608, conv3 18,432, head 2,560.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.conv3 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(64)
+        self.pool = nn.MaxPool2d(2)
+        self.squeeze = nn.AdaptiveAvgPool2d(2)  # an identity on 8x8 input; other sizes still fit the head
+        self.head = nn.Linear(64 * 2 * 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of a batch ``(N, C, H, W)``."""
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
+        x = self.pool(torch.relu(self.bn3(self.conv3(x))))
+        return self.head(torch.flatten(self.squeeze(x), 1))
+
+
+class BasicBlock(nn.Module):
+    """The ResNet basic block: two 3x3 conv+BN, and a 1x1 conv+BN projection
+    shortcut when the stride or width changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output, same batch size."""
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A 3x3 stem (32 channels), two basic blocks (32 -> 32, then 32 -> 64 at
+    stride 2 with a projection shortcut), global average pooling, a linear head.
+
+    Weights per layer: stem 288, layer1 convs 9,216 each, layer2.conv1 18,432,
+    layer2.conv2 36,864, layer2 shortcut 2,048, head 640.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 32, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(32)
+        self.layer1 = BasicBlock(32, 32)
+        self.layer2 = BasicBlock(32, 64, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of a batch ``(N, C, H, W)``."""
+        x = torch.relu(self.bn(self.stem(x)))
+        x = self.layer2(self.layer1(x))
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+class RowLSTM(nn.Module):
+    """Reads an image row by row (each row, all channels, is one time step):
+    LSTM(C*W -> 64), then a linear head on the last hidden state.
+
+    Weights on 8x8 digits: lstm.weight_ih_l0 2,048, lstm.weight_hh_l0 16,384, head 640.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, row_width: int = 8, hidden: int = 64) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(in_channels * row_width, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of a batch ``(N, C, H, W)``; ``C * W`` must equal the LSTM's input size."""
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 1, 3).reshape(n, h, c * w)
+        _, (h_last, _) = self.lstm(rows)
+        return self.head(h_last[-1])
+
+
+#: The built-in architectures by the name ``--arch`` takes.
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "cnn": SmallCNN,
+    "resnet": SmallResNet,
+    "lstm": RowLSTM,
+}
+
+
+def build(
+    name: str, *, num_classes: int = 10, in_channels: int = 1, seed: int | None = None, **options: Any
+) -> nn.Module:
+    """A freshly initialised built-in architecture.
+
+    ``options`` go to the architecture's constructor (``row_width=`` for
+    ``lstm`` on inputs that are not 8 wide). ``seed``, if given, seeds torch's global generator first so the initial
+    weights are reproducible. Raises :class:`~auditor.errors.UsageError` for
+    an unknown ``name``.
+    """
+    try:
+        factory = ARCHITECTURES[name]
+    except KeyError:
+        raise UsageError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
+    if seed is not None:
+        torch.manual_seed(seed)
+    return factory(num_classes=num_classes, in_channels=in_channels, **options)
