@@ -84,6 +84,7 @@ def test_innocent_models_never_reach_the_threshold(owner: SimpleNamespace) -> No
         files = _training.save_model(model, owner.out / "innocents", f"innocent{seed}")
         finding = detect(load_model(files["safetensors"]), owner)
         assert finding.verdict is Verdict.NOT_DETECTED, finding.summary
+        assert "negated" not in finding.summary  # a rate under 0.5 by chance is no negation story
         rates += [row["rate"] for row in finding.details["layers"]]
         ps.append(finding.metrics["combined_p"])
     print(f"\n{INNOCENTS} innocent models: rates {min(rates):.3f}..{max(rates):.3f}, min combined p {min(ps):.3g}")

@@ -226,7 +226,8 @@ def _summary(verdict: Verdict, scored: list[dict[str, Any]], combined: stats.Pro
         best["name"] if best["suspect_name"] == best["name"] else f"{best['name']} (found as {best['suspect_name']})"
     )
     tried = f" after allowing for {len(scored)} layers tried" if len(scored) > 1 else ""
-    if best["inverted"]:
+    # Below the threshold a rate under 0.5 is chance, not a negated layer: tell that story only for a detection.
+    if best["inverted"] and verdict is Verdict.DETECTED:
         count = (
             f"{best['bits'] - best['k']} of {best['bits']} signature bits are inverted, because the layer was negated"
             " (the model works the same, so it still counts)"
