@@ -1,9 +1,10 @@
-"""Shared fixtures: seeded randomness and a clean plugin manager per test."""
+"""Shared fixtures: seeded randomness, a clean plugin manager, one trained Greedy Residuals owner."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,3 +26,46 @@ def fresh_plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     reset_plugin_manager()
     yield
     reset_plugin_manager()
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Small models on a shared 2-core box train several times faster on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+GR_MESSAGE = "(c) 2025 Alice Example Labs: SmallCNN digits model"
+
+
+@pytest.fixture(scope="session")
+def gr_owner(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A Greedy Residuals owner, trained once per test run: the watermarked SmallCNN on
+    digits, its files and its bundle. Tests must not modify ``model`` in place."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from auditor.bundle import load_bundle
+    from auditor.plugins import _data, _training, _zoo
+    from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        out = tmp_path_factory.mktemp("gr_owner")
+        key = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))  # a fixed key: same bits every run
+        data = _data.digits(split_seed=0)
+        model = _zoo.build("cnn", seed=0)
+        wm = GreedyResidualsWatermark.create(model, private_key=key, message=GR_MESSAGE)
+        _training.train(model, data.train, _training.TrainConfig(epochs=8, lr=1e-2, seed=0), penalty=wm.penalty)
+        model.eval()
+        files = _training.save_model(model, out, "model")
+        wm.save_bundle(out / "owner_bundle.json", model, model_file=files["safetensors"], architecture="cnn")
+        return SimpleNamespace(
+            model=model, wm=wm, data=data, out=out, files=files, bundle=load_bundle(out / "owner_bundle.json"),
+            accuracy=_training.evaluate(model, data.test),
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)

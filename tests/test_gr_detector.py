@@ -10,50 +10,27 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
 import torch
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from auditor.bundle import load_bundle
 from auditor.detection import run_detectors
 from auditor.findings import Finding, Verdict
 from auditor.graph import LayerGraph
 from auditor.loading import load_model
-from auditor.plugins import _data, _training, _zoo
+from auditor.plugins import _training, _zoo
 from auditor.plugins.greedy_residuals.detector import GreedyResidualsDetector, forging_check
-from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
 
-MESSAGE = "(c) 2025 Alice Example Labs: SmallCNN digits model"
 INNOCENTS = 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Small models on a shared 2-core box train several times faster on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def owner(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("gr_detector_owner")
-    key = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))  # a fixed key: same bits every run
-    data = _data.digits(split_seed=0)
-    model = _zoo.build("cnn", seed=0)
-    wm = GreedyResidualsWatermark.create(model, private_key=key, message=MESSAGE)
-    _training.train(model, data.train, _training.TrainConfig(epochs=8, lr=1e-2, seed=0), penalty=wm.penalty)
-    model.eval()
-    files = _training.save_model(model, out, "model")
-    wm.save_bundle(out / "owner_bundle.json", model, model_file=files["safetensors"], architecture="cnn")
-    return SimpleNamespace(
-        model=model, wm=wm, data=data, out=out, files=files, bundle=load_bundle(out / "owner_bundle.json")
-    )
+def owner(gr_owner: SimpleNamespace) -> SimpleNamespace:
+    return gr_owner
 
 
 def detect(graph: LayerGraph, owner: SimpleNamespace, **context: object) -> Finding:
@@ -65,7 +42,7 @@ def test_owner_bundle_detects_the_released_model(owner: SimpleNamespace) -> None
     findings = run_detectors(load_model(owner.files["safetensors"]), bundles=[owner.bundle])
     (finding,) = [f for f in findings if f.detector == "greedy-residuals"]
     assert finding.verdict is Verdict.DETECTED
-    assert finding.subject == f"{owner.bundle.sha256[:12]} {MESSAGE}"
+    assert finding.subject == f"{owner.bundle.sha256[:12]} {owner.wm.message}"
     assert finding.summary.startswith("The suspect carries the owner's signature: in layer ")
     assert owner.bundle.payload["signature"] not in str(finding.to_dict())
     release = {row["name"]: row["release_rate"] for row in finding.details["layers"]}

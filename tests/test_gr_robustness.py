@@ -8,49 +8,23 @@ suspect would be. Measured numbers are printed (``pytest -s``) for the docs.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
 import torch
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from torch import nn
 
-from auditor.bundle import load_bundle
 from auditor.findings import Finding, Verdict
 from auditor.loading import load_model
 from auditor.plugins import _data, _training, _zoo
 from auditor.plugins.greedy_residuals.detector import GreedyResidualsDetector
-from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
 
-MESSAGE = "(c) 2025 Alice Example Labs: SmallCNN digits model"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Small models on a shared 2-core box train several times faster on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def owner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("gr_robust_owner")
-    key = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))  # a fixed key: same bits every run
-    data = _data.digits(split_seed=0)
-    model = _zoo.build("cnn", seed=0)
-    wm = GreedyResidualsWatermark.create(model, private_key=key, message=MESSAGE)
-    _training.train(model, data.train, _training.TrainConfig(epochs=8, lr=1e-2, seed=0), penalty=wm.penalty)
-    model.eval()
-    files = _training.save_model(model, out, "model")
-    wm.save_bundle(out / "owner_bundle.json", model, model_file=files["safetensors"], architecture="cnn")
-    yield SimpleNamespace(
-        model=model, wm=wm, data=data, out=out, bundle=load_bundle(out / "owner_bundle.json"),
-        accuracy=_training.evaluate(model, data.test),
-    )  # fmt: skip
+def owner(gr_owner: SimpleNamespace) -> SimpleNamespace:
+    return gr_owner
 
 
 _counter = iter(range(1_000_000))
