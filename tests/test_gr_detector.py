@@ -54,18 +54,24 @@ def test_owner_bundle_detects_the_released_model(owner: SimpleNamespace) -> None
 
 
 def test_innocent_models_never_reach_the_threshold(owner: SimpleNamespace) -> None:
-    rates, ps = [], []
+    rates, ps, accuracies = [], [], []
     for seed in range(1, INNOCENTS + 1):
         model = _zoo.build("cnn", seed=1000 + seed)
-        _training.train(model, owner.data.train, _training.TrainConfig(epochs=2, batch_size=128, lr=3e-3, seed=seed))
+        # The owner's recipe without the penalty: real, independently trained competitors.
+        _training.train(model, owner.data.train, _training.TrainConfig(epochs=8, lr=1e-2, seed=seed))
+        accuracies.append(_training.evaluate(model, owner.data.test))
         files = _training.save_model(model, owner.out / "innocents", f"innocent{seed}")
         finding = detect(load_model(files["safetensors"]), owner)
         assert finding.verdict is Verdict.NOT_DETECTED, finding.summary
         assert "negated" not in finding.summary  # a rate under 0.5 by chance is no negation story
         rates += [row["rate"] for row in finding.details["layers"]]
         ps.append(finding.metrics["combined_p"])
-    print(f"\n{INNOCENTS} innocent models: rates {min(rates):.3f}..{max(rates):.3f}, min combined p {min(ps):.3g}")
+    print(
+        f"\n{INNOCENTS} innocent models (accuracy {min(accuracies):.3f}..{max(accuracies):.3f}): "
+        f"rates {min(rates):.3f}..{max(rates):.3f}, min combined p {min(ps):.3g}"
+    )
     assert min(ps) >= 1e-6
+    assert min(accuracies) >= 0.9  # they are working models, not untrained noise
 
 
 def test_random_signatures_score_about_half(owner: SimpleNamespace) -> None:
