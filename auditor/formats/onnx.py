@@ -5,7 +5,7 @@ initializers and Constant nodes, in the main graph and in the subgraphs of
 If/Loop/Scan; each becomes a lazy :class:`~auditor.graph.TensorRef` (inline
 bytes are converted on read, external data is memory-mapped copy-on-write
 after its location was checked to stay inside the model's folder). Layers are
-recognised from the nodes that use them (Conv, Gemm, MatMul(+Add), LSTM, GRU,
+recognised (in ``_onnx_layers``) from the nodes that use them (Conv, Gemm, MatMul(+Add), LSTM, GRU,
 BatchNormalization, LayerNormalization, Gather as embedding), looking through
 Identity, Cast, Transpose, Reshape and DequantizeLinear between a weight and
 its node; edges come from tracing the node graph (both walks in ``_onnx_graph``).
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,17 +46,14 @@ from auditor.formats._onnx_graph import (
     A_TENSOR,
     LayerSite,
     NodeInfo,
-    Param,
     Scope,
     StoredTensor,
     Unusable,
     attr_value,
-    make_ref,
-    plan_steps,
-    resolve,
     trace_edges,
 )
-from auditor.graph import EdgeSource, Layer, LayerGraph, LayerKind, TensorRef
+from auditor.formats._onnx_layers import layer_name, recognise
+from auditor.graph import EdgeSource, Layer, LayerGraph, TensorRef
 from auditor.hookspecs import hookimpl
 
 __all__ = ["MAX_PROTOBUF", "OnnxFormat", "load", "sniff"]
@@ -79,7 +75,6 @@ _DTYPES: dict[int, tuple[str, str]] = {
     16: ("bfloat16", "int32_data"),
 }
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
-_MODULE_NAME = re.compile(r"^(?!onnx::)(.+)\.[A-Za-z_][A-Za-z0-9_]*$")
 # ModelProto field number -> protobuf wire type (0 varint, 2 length-delimited), for sniffing.
 _MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
 _FIELD_NAMES = {
@@ -325,272 +320,6 @@ def _graphs(model: Any, ctx: _Context) -> list[Scope]:
     return found
 
 
-# ---------------------------------------------------------------- layers
-
-_LSTM_ORDER = (0, 2, 3, 1)  # ONNX i, o, f, c -> PyTorch i, f, g, o
-_GRU_ORDER = (1, 0, 2)  # ONNX z, r, h -> PyTorch r, z, n
-
-
-@dataclass
-class _Found:
-    """A recognised layer before naming: params, attrs and where it sits in its graph."""
-
-    kind: LayerKind
-    node: Any
-    params: dict[str, TensorRef]
-    attrs: dict[str, Any]
-    names: list[str]  # value and tensor names to derive the layer name from, in order of preference
-    in_node: int
-    out_node: int
-    data_input: str
-    channels: int | None = None
-    rank: int | None = None
-
-
-def _conv(
-    g: Scope, node: Any, attrs: dict[str, Any], p: dict[str, Param]
-) -> tuple[LayerKind, dict[str, TensorRef], dict[str, Any]]:
-    w = make_ref(p["weight"])
-    kind = {3: LayerKind.CONV1D, 4: LayerKind.CONV2D}.get(len(w.shape), LayerKind.OTHER)
-    params = {"weight": w}
-    if "bias" in p:
-        params["bias"] = make_ref(p["bias"])
-    out: dict[str, Any] = {"groups": int(attrs.get("group", 1))}
-    for onnx_name, name in (("strides", "stride"), ("dilations", "dilation"), ("kernel_shape", "kernel_size")):
-        if onnx_name in attrs:
-            out[name] = attrs[onnx_name]
-    pads = attrs.get("pads")
-    if pads is not None:
-        half = len(pads) // 2
-        out["padding" if pads[:half] == pads[half:] else "pads"] = pads[:half] if pads[:half] == pads[half:] else pads
-    if attrs.get("auto_pad", "NOTSET") != "NOTSET":
-        out["auto_pad"] = attrs["auto_pad"]
-    if kind is LayerKind.OTHER:
-        out["op"] = "Conv"
-    return kind, params, out
-
-
-def _gemm(
-    attrs: dict[str, Any], p: dict[str, Param], notes: list[str], label: str
-) -> tuple[dict[str, TensorRef], dict[str, Any]]:
-    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
-    trans_b = int(attrs.get("transB", 0))
-    steps: list[tuple[Any, ...]] = [] if trans_b else [("perm", (1, 0))]
-    if alpha != 1.0:
-        steps.append(("scale", alpha))
-    w = make_ref(p["weight"], steps)
-    if len(w.shape) != 2:
-        raise Unusable(f"weight of shape {list(w.shape)} is not a matrix")
-    params = {"weight": w}
-    if "bias" in p:
-        bias = p["bias"]
-        if math.prod(bias.base.shape) == w.shape[0]:
-            params["bias"] = make_ref(bias, [("reshape", (w.shape[0],))] + ([("scale", beta)] if beta != 1.0 else []))
-        else:
-            notes.append(
-                f"{label}: bias of shape {list(bias.base.shape)} broadcasts over the outputs; not recorded as a bias"
-            )
-    out = {"alpha": alpha, "beta": beta, "transA": int(attrs.get("transA", 0)), "transB": trans_b}
-    if out["transA"]:
-        notes.append(f"{label}: Gemm with transA=1 takes its input transposed")
-    return params, out
-
-
-def _recurrent(
-    op: str, attrs: dict[str, Any], p: dict[str, Param], notes: list[str], label: str
-) -> tuple[dict[str, TensorRef], dict[str, Any]]:
-    gates, order = (4, _LSTM_ORDER) if op == "LSTM" else (3, _GRU_ORDER)
-    direction = attrs.get("direction", "forward")
-    dirs = 2 if direction == "bidirectional" else 1
-    w_shape = p["W"].base.shape
-    hidden = int(attrs.get("hidden_size", w_shape[1] // gates if len(w_shape) == 3 else 0))
-    if len(w_shape) != 3 or w_shape[0] != dirs or w_shape[1] != gates * hidden or hidden <= 0:
-        raise Unusable(f"W of shape {list(w_shape)} does not fit {dirs} direction(s) of {gates} gates x {hidden}")
-    params: dict[str, TensorRef] = {}
-    for d in range(dirs):
-        suffix = "_reverse" if d else ""
-        params[f"weight_ih_l0{suffix}"] = make_ref(p["W"], [("select", d), ("blocks", order)])
-        params[f"weight_hh_l0{suffix}"] = make_ref(p["R"], [("select", d), ("blocks", order)])
-        if "B" in p:
-            rows = gates * hidden
-            params[f"bias_ih_l0{suffix}"] = make_ref(p["B"], [("select", d), ("rows", 0, rows), ("blocks", order)])
-            params[f"bias_hh_l0{suffix}"] = make_ref(
-                p["B"], [("select", d), ("rows", rows, 2 * rows), ("blocks", order)]
-            )
-    out: dict[str, Any] = {"hidden_size": hidden, "bidirectional": dirs == 2, "num_layers": 1}
-    if direction == "reverse":
-        out["direction"] = "reverse"
-        notes.append(f"{label}: runs in reverse only, which PyTorch has no module for; its weights are under *_l0")
-    if "layout" in attrs:
-        out["batch_first"] = attrs["layout"] == 1
-    for key in ("linear_before_reset", "input_forget", "clip", "activations"):
-        if key in attrs:
-            out[key] = attrs[key]
-    if op == "GRU" and not attrs.get("linear_before_reset", 0):
-        notes.append(f"{label}: GRU with linear_before_reset=0 computes differently from PyTorch's GRU")
-    return params, out
-
-
-def _recognise(g: Scope, index: int, node: Any, consumers: dict[str, list[int]], notes: list[str]) -> _Found | None:
-    """The layer ``node`` computes, or ``None`` when it has no weights auditor reads."""
-    op = node.op_type
-    ins = list(node.input)
-    label = f"{op} node {node.name!r}" + ("" if g.parent is None else f" in {g.origin}")
-
-    def param(i: int) -> Param | None:
-        return resolve(g, ins[i]) if i < len(ins) and ins[i] else None
-
-    attrs = {a.name: attr_value(a) for a in node.attribute}
-    p: dict[str, Param] = {}
-    out_node, data_input = index, ins[0] if ins else ""
-    channels: int | None = None
-    rank: int | None = None
-    if op == "Conv":
-        for role, i in (("weight", 1), ("bias", 2)):
-            if (found := param(i)) is not None:
-                p[role] = found
-        if "weight" not in p:
-            notes.append(f"{label}: the weight is computed, not stored; not a layer")
-            return None
-        kind, params, out = _conv(g, node, attrs, p)
-        channels, rank = params["weight"].shape[0], len(params["weight"].shape)
-    elif op in ("Gemm", "MatMul"):
-        if len(ins) < 2 or param(0) is not None or (w := param(1)) is None:
-            return None
-        p["weight"] = w
-        if op == "Gemm" and (b := param(2)) is not None:
-            p["bias"] = b
-        elif op == "MatMul" and len(w.base.shape) == 2 and node.output and node.output[0] not in g.outputs:
-            readers = consumers.get(node.output[0], [])
-            if len(readers) == 1 and g.proto.node[readers[0]].op_type == "Add":
-                add = g.proto.node[readers[0]]
-                other = [v for v in add.input if v != node.output[0]]
-                b = resolve(g, other[0]) if len(other) == 1 else None
-                if b is not None and math.prod(b.base.shape) == plan_steps(w.base.shape, w.steps)[0][-1]:
-                    p["bias"], out_node = b, readers[0]
-        gemm_attrs = attrs if op == "Gemm" else {}
-        params, out = _gemm(gemm_attrs, p, notes, label)
-        if op == "MatMul":
-            out = {}
-        kind = LayerKind.LINEAR
-        channels = params["weight"].shape[0]
-    elif op in ("LSTM", "GRU"):
-        for role, i in (("W", 1), ("R", 2), ("B", 3)):
-            if (found := param(i)) is not None:
-                p[role] = found
-        if "W" not in p or "R" not in p:
-            return _torch_named_recurrent(g, index, node, notes, label)
-        if len(ins) > 7 and ins[7]:
-            notes.append(f"{label}: peephole weights P are not represented")
-        params, out = _recurrent(op, attrs, p, notes, label)
-        kind = LayerKind.LSTM if op == "LSTM" else LayerKind.GRU
-        rank = 4
-    elif op == "BatchNormalization":
-        for role, i in (("weight", 1), ("bias", 2), ("running_mean", 3), ("running_var", 4)):
-            if (found := param(i)) is None:
-                notes.append(f"{label}: {role} is computed, not stored; not a layer")
-                return None
-            p[role] = found
-        params = {role: make_ref(q) for role, q in p.items()}
-        out = {"eps": float(attrs.get("epsilon", 1e-5)), "momentum": float(attrs.get("momentum", 0.9))}
-        if "training_mode" in attrs:
-            out["training_mode"] = attrs["training_mode"]
-        kind = LayerKind.BATCH_NORM
-        channels = params["weight"].shape[0] if params["weight"].shape else None
-    elif op == "LayerNormalization":
-        for role, i in (("weight", 1), ("bias", 2)):
-            if (found := param(i)) is not None:
-                p[role] = found
-        if "weight" not in p:
-            return None
-        params = {role: make_ref(q) for role, q in p.items()}
-        out = {"eps": float(attrs.get("epsilon", 1e-5)), "axis": int(attrs.get("axis", -1))}
-        kind = LayerKind.LAYER_NORM
-    elif op == "Gather":
-        if len(ins) < 2 or (w := param(0)) is None or param(1) is not None or int(attrs.get("axis", 0)) != 0:
-            return None
-        p["weight"] = w
-        params = {"weight": make_ref(w)}
-        if len(params["weight"].shape) != 2:
-            return None
-        out, kind, data_input = {}, LayerKind.EMBEDDING, ""
-        channels = params["weight"].shape[1]
-    else:
-        return None
-    names = [n for q in p.values() for n in (q.seen_as, q.base.name)]
-    return _Found(kind, node, params, out, names, index, out_node, data_input, channels, rank)
-
-
-_TORCH_RNN = re.compile(r"^(.*?)\.?(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
-
-
-def _torch_named_recurrent(g: Scope, index: int, node: Any, notes: list[str], label: str) -> _Found | None:
-    """An LSTM/GRU whose W, R, B are computed from PyTorch-named tensors (legacy export without constant folding).
-
-    That exporter slices ``weight_ih_l0``... into ONNX gate order inside the
-    graph; the PyTorch tensors it starts from are already canonical, so they
-    are taken as they are, found by walking back from W, R and B.
-    """
-    attrs = {a.name: attr_value(a) for a in node.attribute}
-    found: dict[str, StoredTensor] = {}
-    layer_index: set[str] = set()
-    prefixes: set[str] = set()
-    for value in list(node.input[1:4]):
-        stack, seen = [value], set[str]()
-        while stack and len(seen) < 256:
-            current = stack.pop()
-            if not current or current in seen:
-                continue
-            seen.add(current)
-            t = g.tensor(current)
-            if t is not None:
-                if m := _TORCH_RNN.match(t.name):
-                    found[f"{m.group(2)}_{m.group(3)}_l0{m.group(5) or ''}"] = t
-                    layer_index.add(m.group(4))
-                    prefixes.add(m.group(1))
-                continue
-            producer = g.producer(current)
-            if producer is not None:
-                stack.extend(producer.input)
-    if "weight_ih_l0" not in found or "weight_hh_l0" not in found or len(layer_index) != 1:
-        notes.append(f"{label}: W or R is computed, not stored, and not from PyTorch-named tensors; not a layer")
-        return None
-    gates = 4 if node.op_type == "LSTM" else 3
-    hidden = int(attrs.get("hidden_size", 0))
-    if any(len(t.shape) not in (1, 2) or t.shape[0] != gates * hidden for t in found.values()):
-        raise Unusable(f"PyTorch-named tensors do not fit {gates} gates x {hidden}")
-    params = {
-        role: TensorRef(t.name, t.shape, t.dtype, t.read)
-        for role, t in sorted(found.items(), key=lambda kv: _ROLE_ORDER.index(kv[0]))
-    }
-    out: dict[str, Any] = {
-        "hidden_size": hidden,
-        "bidirectional": attrs.get("direction") == "bidirectional",
-        "num_layers": 1,
-    }
-    for key in ("linear_before_reset", "input_forget", "clip", "activations", "layout"):
-        if key in attrs:
-            out[key] = attrs[key]
-    kind = LayerKind.LSTM if node.op_type == "LSTM" else LayerKind.GRU
-    names = [f"{prefix}.weight_ih" for prefix in sorted(prefixes) if prefix]
-    return _Found(kind, node, params, out, names, index, index, node.input[0] if node.input else "", None, 4)
-
-
-_ROLE_ORDER = [f"{w}_{x}_l0{r}" for r in ("", "_reverse") for w in ("weight", "bias") for x in ("ih", "hh")]
-
-
-def _layer_name(found: _Found, index: int, used: set[str]) -> str:
-    """``prefix`` of the first ``prefix.weight``-style name, else the node name; made unique with ``_1``, ``_2``..."""
-    base = next((m.group(1) for n in found.names if (m := _MODULE_NAME.match(n))), None)
-    base = base or found.node.name or f"{found.node.op_type}_{index}"
-    name, k = base, 0
-    while name in used:
-        k += 1
-        name = f"{base}_{k}"
-    used.add(name)
-    return name
-
-
 # ---------------------------------------------------------------- loading
 
 
@@ -655,13 +384,13 @@ def _load(path: Path) -> LayerGraph:
         for i, node in enumerate(g.proto.node):
             label = f"{node.op_type} node {node.name!r}"
             try:
-                found = _recognise(g, i, node, consumers, ctx.notes)
+                found = recognise(g, i, node, consumers, ctx.notes)
             except Unusable as exc:
                 ctx.notes.append(f"{label}: {exc}; not a layer")
                 continue
             if found is None:
                 continue
-            name = _layer_name(found, i, used_names)
+            name = layer_name(found, i, used_names)
             if g.parent is not None:
                 found.attrs["subgraph"] = g.origin
                 sub_layers += 1
