@@ -40,6 +40,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "auditor.formats.onnx",
     "auditor.plugins.greedy_residuals.detector",
     "auditor.plugins.greedy_residuals.embedder",
+    "auditor.plugins.hufunet.generate",
 )
 
 #: Capability hooks and the base class each one's components must subclass.
