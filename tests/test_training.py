@@ -163,6 +163,24 @@ def test_train_config_checks() -> None:
         _training.TrainConfig(optimizer="lbfgs")
     with pytest.raises(UsageError):
         _training.TrainConfig(lr=0)
+    with pytest.raises(UsageError, match="unknown learning-rate schedule 'step'"):
+        _training.TrainConfig(schedule="step")
+
+
+def test_cosine_schedule_anneals_the_learning_rate(data: _data.Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[float] = []
+    step = torch.optim.Adam.step
+
+    def recording_step(self: torch.optim.Adam, *args: object, **kwargs: object) -> object:
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    small = TensorDataset(data.train.tensors[0][:256], data.train.tensors[1][:256])
+    config = _training.TrainConfig(epochs=2, batch_size=64, lr=0.1, schedule="cosine")
+    _training.train(_zoo.build("cnn", seed=0), small, config)
+    assert len(seen) == 8 and seen[0] == pytest.approx(0.1)
+    assert seen == sorted(seen, reverse=True) and seen[-1] < 0.01  # half a cosine period down to ~0
 
 
 def _small(data: _data.Dataset) -> TensorDataset:

@@ -54,7 +54,8 @@ def resolve_device(spec: str) -> torch.device:
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of :func:`train`. ``momentum`` only applies to SGD."""
+    """Hyper-parameters of :func:`train`. ``momentum`` only applies to SGD; ``schedule``
+    is ``constant`` or ``cosine`` (annealed to zero over all steps)."""
 
     epochs: int = 30
     batch_size: int = 64
@@ -64,8 +65,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "cpu"
+    schedule: str = "constant"
 
     def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine"):
+            raise UsageError(f"unknown learning-rate schedule {self.schedule!r}; one of constant, cosine")
         if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"unknown optimizer {self.optimizer!r}; one of {', '.join(OPTIMIZERS)}")
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
@@ -141,6 +145,11 @@ def train(
     optimizer = _optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     per_epoch, batches = _batches(train_set, config.batch_size, generator, shuffle=True)
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs * per_epoch, 1))
+        if config.schedule == "cosine"
+        else None
+    )
     result = TrainResult()
     started = time.perf_counter()
     with Progress(
@@ -168,6 +177,8 @@ def train(
                     penalty_sum += float(extra.detach()) * len(yb)
                 total.backward()
                 optimizer.step()
+                if schedule is not None:
+                    schedule.step()
                 if after_step is not None:
                     after_step(model)
                 loss_sum += float(loss.detach()) * len(yb)

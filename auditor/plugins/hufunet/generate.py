@@ -12,17 +12,16 @@ import base64
 import binascii
 import math
 import secrets
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import typer
 
 from auditor import hookimpl
 from auditor.errors import InputError, UsageError
+from auditor.plugins._training import TrainConfig, train
 from auditor.plugins.hufunet.network import (
     DIGITS_WIDTHS,
     HufuNet,
@@ -65,38 +64,11 @@ def _b64(*tensors: torch.Tensor) -> str:
 
 
 def _fit(net: HufuNet, data: Any, *, epochs: int, lr: float, batch_size: int, seed: int, progress: bool) -> float:
-    """Adam with a cosine schedule on the train split; returns the seconds it took."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    inputs, labels = data.tensors[0], data.tensors[-1]
-    n = len(labels)
-    per_epoch = math.ceil(n / batch_size)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs * per_epoch, 1))
-    generator = torch.Generator().manual_seed(seed)
-    net.train()
-    started = time.perf_counter()
-    with Progress(
-        TextColumn("training HufuNet"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        disable=not progress,
-    ) as bar:
-        task = bar.add_task("training", total=epochs)
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(net(inputs[idx]), labels[idx]).backward()
-                optimizer.step()
-                schedule.step()
-            bar.advance(task)
+    """Adam with a cosine schedule on the train split (the shared loop); returns the seconds it took."""
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer="adam", seed=seed, schedule="cosine")
+    result = train(net, data, config, progress=progress)
     net.eval()
-    return time.perf_counter() - started
+    return result.seconds
 
 
 def generate_hufunet(
