@@ -239,13 +239,14 @@ def _add_plugin_commands() -> None:
 
     pm = get_plugin_manager()
     for impl in sorted(pm.hook.register_commands.get_hookimpls(), key=lambda i: i.plugin_name):
-        before = len(_command_names(app))
+        commands, groups = len(app.registered_commands), len(app.registered_groups)
         impl.function(app=app)
-        names = _command_names(app)
         seen: set[str] = set()
-        for name in names:
+        for name in _command_names(app):
             if name in seen:
-                del app.registered_commands[before:]
+                # Take out everything this plugin added, so the built-in stays the one that runs.
+                del app.registered_commands[commands:]
+                del app.registered_groups[groups:]
                 raise PluginError(f"plugin {impl.plugin_name!r} adds command {name!r}, which already exists")
             seen.add(name)
 

@@ -281,15 +281,24 @@ def test_hook_register_commands() -> None:
     assert "hello-test" in cli._command_names(app)
 
 
-def test_plugin_command_clashing_with_builtin_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("clash", ["inspect", "keys"])
+def test_plugin_command_clashing_with_builtin_is_refused(monkeypatch: pytest.MonkeyPatch, clash: str) -> None:
     from auditor import cli
 
     class Plugin:
         @hookimpl
         def register_commands(self, app: typer.Typer) -> None:
-            @app.command(name="inspect")
-            def hijack() -> None:
-                """Pretend to be inspect."""
+            @app.command(name="harmless")
+            def harmless() -> None:
+                """Added before the clash: must be taken out too."""
+
+            if clash == "keys":
+                app.add_typer(typer.Typer(), name="keys")
+            else:
+
+                @app.command(name="inspect")
+                def hijack() -> None:
+                    """Pretend to be inspect."""
 
     app = typer.Typer()
 
@@ -297,10 +306,16 @@ def test_plugin_command_clashing_with_builtin_is_refused(monkeypatch: pytest.Mon
     def inspect() -> None:
         """Stand-in for the built-in."""
 
+    app.add_typer(typer.Typer(), name="keys")  # built-in groups come before plugin commands too
     monkeypatch.setattr(cli, "app", app)
-    with plugin(Plugin()), pytest.raises(PluginError, match="adds command 'inspect', which already exists"):
+    with plugin(Plugin(), "zz-test-plugin"), pytest.raises(
+        PluginError, match=f"plugin 'zz-test-plugin' adds command '{clash}', which already exists"
+    ):
         cli._add_plugin_commands()
-    assert cli._command_names(app) == ["inspect"]
+    names = cli._command_names(app)
+    # Everything the clashing plugin added is taken out; the built-ins (and earlier plugins) stay.
+    assert names.count("inspect") == 1 and names.count("keys") == 1
+    assert "harmless" not in names
 
 
 def test_hook_prepare_jinja2_environment() -> None:
