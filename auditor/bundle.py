@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from auditor.errors import InputError, UsageError
+from auditor.strictjson import DuplicateKeyError, unique_keys
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -133,19 +134,6 @@ def _write_atomically(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
-class _DuplicateKey(Exception):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKey(key)
-        result[key] = value
-    return result
-
-
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed in JSON")
 
@@ -195,13 +183,13 @@ def load_bundle(path: Path) -> OwnerBundle:
     except UnicodeDecodeError as exc:
         raise InputError(path, f"not UTF-8 text (bad byte at offset {exc.start})") from None
     try:
-        document = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+        document = json.loads(text, object_pairs_hook=unique_keys, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise InputError(
             path, f"not valid JSON, damaged or truncated: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
-    except _DuplicateKey as exc:
-        key = _short(str(exc.args[0]))
+    except DuplicateKeyError as exc:
+        key = _short(exc.key)
         raise InputError(path, f"not valid JSON for auditor: the key {key} appears twice in one object") from None
     except RecursionError:
         raise InputError(path, "not an owner bundle: nested too deeply") from None

@@ -22,6 +22,7 @@ from auditor.formats._io import NUMPY_DTYPES, inside_folder, mmap_tensor, read_e
 from auditor.formats._statedict import graph_from_tensors, split_key
 from auditor.graph import LayerGraph, TensorRef
 from auditor.hookspecs import hookimpl
+from auditor.strictjson import DuplicateKeyError, unique_keys
 
 __all__ = ["MAX_HEADER", "SafetensorsFormat", "load", "read_header", "sniff"]
 
@@ -103,26 +104,11 @@ def sniff(path: Path, head: bytes) -> bool:
     return 2 <= n <= MAX_HEADER and head[8:9] == b"{"
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json keeps the last of repeated keys; a header that names a tensor twice
-    # could show one reader the first and auditor the second.
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
 def _parse_json(raw: bytes, *, path: Path, what: str) -> Any:
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except _DuplicateKey as exc:
-        raise InputError(path, f"{what} names the key {_show(exc.args[0])} twice") from None
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKeyError as exc:
+        raise InputError(path, f"{what} names the key {_show(exc.key)} twice") from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, over-long integers
         raise InputError(path, f"{what} is not valid JSON ({type(exc).__name__})") from None
 
