@@ -23,19 +23,16 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _docs import ROOT, write_section
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from torch import nn
 
 from auditor.plugins._zoo import BasicBlock
 from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- bench_gr_overhead:start -->", "<!-- bench_gr_overhead:end -->"
 HEADING = "## Greedy Residuals: training-step overhead of the embedding term"
 TARGET = 0.05
 
@@ -69,15 +66,6 @@ def timed(fn: Callable[[], None]) -> float:
 
 def ms(values: list[float]) -> str:
     return f"{statistics.median(values) * 1e3:.0f} [{min(values) * 1e3:.0f}-{max(values) * 1e3:.0f}]"
-
-
-def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if START not in text or END not in text:
-        text = text.rstrip() + "\n\n" + HEADING + "\n\n" + START + "\n" + END + "\n"
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    DOCS.write_text(head + START + "\n" + section.strip() + "\n" + END + tail)
 
 
 def main() -> None:
@@ -167,8 +155,8 @@ def main() -> None:
     )
     print(section)
     if args.write_docs:
-        write_docs(section)
-        print(f"wrote {DOCS.relative_to(ROOT)}")
+        written = write_section("bench_gr_overhead", HEADING, section)
+        print(f"wrote {written.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -39,10 +39,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from _docs import ROOT, write_section
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- bench_inspect:start -->", "<!-- bench_inspect:end -->"
 CHUNK = 1 << 22  # elements per generated chunk: 16 MiB of float32
 SEED = 1234
 ALIGN = 4096  # external-data offsets, so a loader may map each initializer
@@ -268,33 +266,6 @@ def reading(rows: list[dict[str, object]], base: dict[str, object]) -> list[str]
     ]
 
 
-INTRO = """# Benchmarks
-
-Benchmarks are plain scripts in `benchmarks/`, not part of the test run. Each
-writes its own inputs from a seeded generator, runs the command under test
-several times in fresh processes and reports the **median**; where a baseline
-makes a number meaningful (hashing the same bytes, starting the interpreter)
-it is measured in the same run and shown as a ratio. Each table names the
-command that produced it and the machine it ran on; numbers from different
-machines are not comparable.
-
-## `auditor inspect` on 2 GB models
-
-{start}
-{end}
-"""
-
-
-def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else INTRO.format(start=START, end=END)
-    if START not in text or END not in text:
-        text = text.rstrip() + "\n\n" + START + "\n" + END + "\n"
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(head + START + "\n" + section.strip() + "\n" + END + tail)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "out")
@@ -344,8 +315,8 @@ def main() -> None:
     )
     print(section)
     if args.write_docs:
-        write_docs(section)
-        print(f"wrote {DOCS.relative_to(ROOT)}")
+        written = write_section("bench_inspect", "## `auditor inspect` on 2 GB models", section)
+        print(f"wrote {written.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
