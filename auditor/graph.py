@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,26 +337,23 @@ class LayerGraph:
     metadata: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self._by_name: dict[str, Layer] | None = None
-
     def __iter__(self) -> Iterator[Layer]:
         return iter(self.layers)
 
     def __len__(self) -> int:
         return len(self.layers)
 
-    def _index(self) -> Mapping[str, Layer]:
-        if self._by_name is None or len(self._by_name) != len(self.layers):
-            self._by_name = {layer.name: layer for layer in self.layers}
-        return self._by_name
-
     def layer(self, name: str) -> Layer:
         """The layer called ``name`` (KeyError if there is none)."""
-        return self._index()[name]
+        # A scan, not a cached index: restorers replace and rename layers, and a
+        # cache keyed on anything cheaper than the list itself could go stale.
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._index()
+        return any(layer.name == name for layer in self.layers)
 
     def consumers(self, name: str) -> list[Edge]:
         """Edges leaving layer ``name``, in graph order of their destinations."""
