@@ -41,6 +41,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "auditor.plugins.greedy_residuals.detector",
     "auditor.plugins.greedy_residuals.embedder",
     "auditor.plugins.hufunet.generate",
+    "auditor.plugins.hufunet.embedder",
+    "auditor.plugins.hufunet.detector",
 )
 
 #: Capability hooks and the base class each one's components must subclass.

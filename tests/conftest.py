@@ -69,3 +69,29 @@ def gr_owner(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def hufunet_owner(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A HufuNet owner, trained once per test run: the secret HufuNet (digits, seed 0), a
+    width-2 SmallCNN host trained with EPH frozen, its files and its secret bundle."""
+    from auditor.bundle import load_bundle
+    from auditor.plugins import _data
+    from auditor.plugins.hufunet.embedder import embed_hufunet
+    from auditor.plugins.hufunet.generate import generate_hufunet, load_hufunet
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("hufunet_owner")
+        secret = out / "hufunet_secret.json"
+        generate_hufunet(out=secret, seed=0)
+        summary = embed_hufunet(hufunet=secret, out_dir=out / "owner", epochs=12, seed=0, device="cpu")
+        net, payload = load_hufunet(secret)
+        return SimpleNamespace(
+            secret=secret, net=net, payload=payload, out=out / "owner", summary=summary,
+            model_file=out / "owner" / "model.safetensors", pt_file=out / "owner" / "model.pt",
+            bundle=load_bundle(out / "owner" / "owner_bundle.json"), data=_data.digits(),
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)

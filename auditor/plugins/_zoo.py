@@ -17,7 +17,17 @@ from torch import nn
 
 from auditor.errors import UsageError
 
-__all__ = ["ARCHITECTURES", "BasicBlock", "RowLSTM", "SmallCNN", "SmallResNet", "build"]
+__all__ = ["ARCHITECTURES", "MAX_WIDTH", "BasicBlock", "RowLSTM", "SmallCNN", "SmallResNet", "build", "owner_model"]
+
+
+#: Largest channel multiplier the built-ins accept (width 16 is a ResNet stage of 1,024 channels).
+MAX_WIDTH = 16
+
+
+def _check_width(width: int) -> int:
+    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= MAX_WIDTH:
+        raise UsageError(f"the width multiplier must be an integer from 1 to {MAX_WIDTH}, not {width!r}")
+    return width
 
 
 class SmallCNN(nn.Module):
@@ -25,19 +35,21 @@ class SmallCNN(nn.Module):
     linear head on the flattened 64x2x2 features.
 
     Weights per layer: conv1 144, conv2 4,608, conv3 18,432, head 2,560.
+    ``width`` multiplies every channel count (a host with room for HufuNet's EPH).
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(32)
-        self.conv3 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(64)
+        c1, c2, c3 = (16 * _check_width(width), 32 * width, 64 * width)
+        self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c2)
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c3)
         self.pool = nn.MaxPool2d(2)
         self.squeeze = nn.AdaptiveAvgPool2d(2)  # an identity on 8x8 input; other sizes still fit the head
-        self.head = nn.Linear(64 * 2 * 2, num_classes)
+        self.head = nn.Linear(c3 * 2 * 2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits of a batch ``(N, C, H, W)``."""
@@ -75,17 +87,18 @@ class SmallResNet(nn.Module):
     stride 2 with a projection shortcut), global average pooling, a linear head.
 
     Weights per layer: stem 288, layer1 convs 9,216 each, layer2.conv1 18,432,
-    layer2.conv2 36,864, layer2 shortcut 2,048, head 640.
+    layer2.conv2 36,864, layer2 shortcut 2,048, head 640. ``width`` multiplies every channel count.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 1) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(in_channels, 32, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(32)
-        self.layer1 = BasicBlock(32, 32)
-        self.layer2 = BasicBlock(32, 64, stride=2)
+        c1, c2 = 32 * _check_width(width), 64 * width
+        self.stem = nn.Conv2d(in_channels, c1, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c1)
+        self.layer1 = BasicBlock(c1, c1)
+        self.layer2 = BasicBlock(c1, c2, stride=2)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(64, num_classes)
+        self.head = nn.Linear(c2, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits of a batch ``(N, C, H, W)``."""
@@ -99,10 +112,14 @@ class RowLSTM(nn.Module):
     LSTM(C*W -> 64), then a linear head on the last hidden state.
 
     Weights on 8x8 digits: lstm.weight_ih_l0 2,048, lstm.weight_hh_l0 16,384, head 640.
+    ``hidden`` defaults to ``64 * width``.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, row_width: int = 8, hidden: int = 64) -> None:
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 1, row_width: int = 8, hidden: int | None = None, width: int = 1
+    ) -> None:
         super().__init__()
+        hidden = 64 * _check_width(width) if hidden is None else hidden
         self.lstm = nn.LSTM(in_channels * row_width, hidden, batch_first=True)
         self.head = nn.Linear(hidden, num_classes)
 
@@ -139,3 +156,22 @@ def build(
     if seed is not None:
         torch.manual_seed(seed)
     return factory(num_classes=num_classes, in_channels=in_channels, **options)
+
+
+def owner_model(
+    arch: str, *, model_factory: str | None = None, num_classes: int, input_shape: tuple[int, ...], width: int = 1
+) -> tuple[nn.Module, str]:
+    """The model an embedder trains and the name it is recorded under: the owner's own
+    (``module:function`` returning an ``nn.Module``) or a built-in architecture sized for
+    the data (``input_shape`` is ``(C, H, W)``). Seed torch's generator first."""
+    if model_factory:
+        from auditor.plugins._data import load_factory
+
+        model = load_factory(model_factory)()
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"model factory {model_factory!r} returned {type(model).__name__}, not a torch nn.Module")
+        return model, model_factory
+    options: dict[str, Any] = {"row_width": input_shape[-1]} if arch == "lstm" else {}
+    if width != 1:
+        options["width"] = width
+    return build(arch, num_classes=num_classes, in_channels=input_shape[0], **options), arch

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from auditor import hookimpl
 from auditor.bases import Detector
 from auditor.findings import Finding, Verdict
 from auditor.graph import Layer, LayerGraph, LayerKind
+from auditor.plugins._matching import MISSING, LayerMatch, find_layer, unpack_bundle
 from auditor.plugins.greedy_residuals import stats
 from auditor.plugins.greedy_residuals.scheme import SCHEME, GRParams, alpha_from_signature, match_bits, residuals
 
@@ -37,9 +37,6 @@ DEFAULT_P_THRESHOLD = 1e-6
 #: Layer kinds an adversary could read residuals from (M in the forging bound).
 SCORABLE_KINDS = (LayerKind.CONV1D, LayerKind.CONV2D, LayerKind.LINEAR, LayerKind.LSTM, LayerKind.GRU)
 _CONV_KINDS = (LayerKind.CONV1D, LayerKind.CONV2D)
-BY_NAME = "by name"
-BY_ORDER = "by kind, shape and order"
-MISSING = "missing"
 
 
 @dataclass(frozen=True)
@@ -52,30 +49,6 @@ class Identity:
     reason: str
     algorithm: str = ""
     signature: bytes = b""
-
-
-@dataclass(frozen=True)
-class LayerMatch:
-    """Where a bundle layer was found in the suspect: ``layer`` is None when missing."""
-
-    layer: Layer | None
-    found_by: str
-    note: str = ""
-
-
-def _unpack(bundle: Any) -> tuple[dict[str, Any], str]:
-    """The payload and sha256 of an OwnerBundle, a {"payload": ...} mapping or a bare payload."""
-    if isinstance(bundle, Mapping):
-        payload = bundle.get("payload", bundle)
-        sha = bundle.get("sha256")
-    else:
-        payload = getattr(bundle, "payload", None)
-        sha = getattr(bundle, "sha256", None)
-    if not isinstance(payload, Mapping):
-        raise ValueError("the greedy-residuals bundle holds no payload")
-    if not isinstance(sha, str) or not sha:
-        sha = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-    return dict(payload), sha
 
 
 def verify_identity(payload: Mapping[str, Any]) -> Identity:
@@ -100,40 +73,6 @@ def verify_identity(payload: Mapping[str, Any]) -> Identity:
     if not keys.verify(key, signature, message.encode("utf-8")):
         return Identity(False, "the signature does not verify under the public key for the message")
     return Identity(True, "the signature verifies under the public key for the message", algorithm, signature)
-
-
-def _param_shape(layer: Layer, param: str) -> tuple[int, ...] | None:
-    ref = layer.params.get(param)
-    return None if ref is None else ref.shape
-
-
-def find_layer(suspect: LayerGraph, entry: Mapping[str, Any]) -> LayerMatch:
-    """The suspect layer for one bundle layer: by name (same name, kind and shape),
-    else the ``kind_index``-th suspect layer of that kind if its shape agrees, else
-    the only suspect layer of that kind and shape, else missing."""
-    name, kind, param = str(entry["name"]), str(entry["kind"]), str(entry.get("param", "weight"))
-    shape = tuple(int(s) for s in entry["shape"])
-    same_kind = [layer for layer in suspect.layers if layer.kind.value == kind]
-    named = suspect.layer(name) if name in suspect else None
-    if named is not None and named.kind.value == kind and _param_shape(named, param) == shape:
-        return LayerMatch(named, BY_NAME)
-    index = entry.get("kind_index")
-    ordered = same_kind[index] if isinstance(index, int) and 0 <= index < len(same_kind) else None
-    if ordered is not None and _param_shape(ordered, param) == shape:
-        return LayerMatch(ordered, BY_ORDER)
-    same_shape = [layer for layer in same_kind if _param_shape(layer, param) == shape]
-    if len(same_shape) == 1:
-        return LayerMatch(same_shape[0], BY_ORDER, "the only suspect layer of that kind and shape")
-    closest = named if named is not None and named.kind.value == kind else ordered
-    other = _param_shape(closest, param) if closest is not None else None
-    if closest is not None and other is not None and len(other) == len(shape) and other[2:] == shape[2:]:
-        return LayerMatch(
-            None,
-            MISSING,
-            f"suspect layer {closest.name} has {list(other)} where the owner's had {list(shape)}: channels were"
-            " cut off or added, so the restore stage must align it with the owner's reference model first",
-        )
-    return LayerMatch(None, MISSING, f"no suspect layer of kind {kind} with shape {list(shape)}")
 
 
 def _looks_folded(suspect: LayerGraph, layer: Layer, entry: Mapping[str, Any]) -> bool:
@@ -194,7 +133,7 @@ def forging_check(suspect: LayerGraph, bundle: Any, n: int = 200, seed: int = 0)
     """Paper Table 6: the match rates of ``n`` random signatures (random bytes hashed to
     bits exactly like the owner's) on the bundle's layers found in the suspect,
     averaged over those layers; an honest scheme gives rates around 0.5."""
-    payload, _ = _unpack(bundle)
+    payload, _ = unpack_bundle(bundle, "greedy-residuals")
     params = GRParams.from_dict(payload.get("params", {}))
     rng = np.random.default_rng(seed)
     alphas = torch.stack([alpha_from_signature(rng.bytes(64), params.bits) for _ in range(n)])
@@ -247,7 +186,7 @@ def _summary(verdict: Verdict, scored: list[dict[str, Any]], combined: stats.Pro
 
 def audit_bundle(suspect: LayerGraph, bundle: Any, context: Mapping[str, Any]) -> Finding:
     """The finding for one owner bundle (see the module docstring)."""
-    payload, sha = _unpack(bundle)
+    payload, sha = unpack_bundle(bundle, "greedy-residuals")
     message = payload.get("message")
     finding = Finding(
         detector=GreedyResidualsDetector.id, scheme=SCHEME, verdict=Verdict.INCONCLUSIVE, summary="",

@@ -17,6 +17,7 @@ import typer  # the CLI's own dependency; the command's annotations are resolved
 from auditor import hookimpl
 from auditor.bases import Embedder
 from auditor.errors import InputError, UsageError
+from auditor.plugins import _options as opt
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -100,15 +101,9 @@ def embed_greedy_residuals(
     else:
         dataset = _data.digits()  # the fixed split (seed 0): accuracies compare across training seeds
     torch.manual_seed(seed)
-    if model_factory:
-        model = _data.load_factory(model_factory)()
-        if not isinstance(model, torch.nn.Module):
-            raise UsageError(f"model factory {model_factory!r} returned {type(model).__name__}, not a torch nn.Module")
-        architecture = model_factory
-    else:
-        options = {"row_width": dataset.input_shape[-1]} if arch == "lstm" else {}
-        model = _zoo.build(arch, num_classes=dataset.num_classes, in_channels=dataset.input_shape[0], **options)
-        architecture = arch
+    model, architecture = _zoo.owner_model(
+        arch, model_factory=model_factory, num_classes=dataset.num_classes, input_shape=dataset.input_shape
+    )
 
     watermark = GreedyResidualsWatermark.create(model, private_key=private_key, message=message, layers=layers)
     del private_key
@@ -187,34 +182,24 @@ def register_commands(app: typer.Typer) -> None:
     def greedy_residuals(  # noqa: PLR0917 (typer passes options positionally)
         key: Annotated[Path, typer.Option("--key", help="The owner's private key (PEM), from `auditor keys`.")],
         message: Annotated[str, typer.Option("--message", help="The copyright statement to sign.")],
-        out_dir: Annotated[Path, typer.Option("--out", help="Folder for the model files and the owner bundle.")],
+        out_dir: opt.OutDir,
         passphrase_file: Annotated[
             Path | None, typer.Option("--passphrase-file", help="File holding the private key's passphrase.")
         ] = None,
-        arch: Annotated[str, typer.Option("--arch", help="Built-in architecture: cnn, resnet or lstm.")] = DEFAULTS[
-            "arch"
-        ],
-        model_factory: Annotated[
-            str | None,
-            typer.Option("--model-factory", help="Your model instead: module:function returning an nn.Module."),
-        ] = None,
-        data_factory: Annotated[
-            str | None,
-            typer.Option(
-                "--data-factory", help="Your data instead of digits: module:function returning (train, test)."
-            ),
-        ] = None,
+        arch: opt.Arch = DEFAULTS["arch"],
+        model_factory: opt.ModelFactory = None,
+        data_factory: opt.DataFactory = None,
         layers: Annotated[
             str | None, typer.Option("--layers", help="Parameters to mark, comma-separated (default: the rule).")
         ] = None,
-        epochs: Annotated[int, typer.Option("--epochs", min=0, help="Training epochs.")] = DEFAULTS["epochs"],
-        lr: Annotated[float, typer.Option("--lr", help="Learning rate (Adam).")] = DEFAULTS["lr"],
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch size.")] = DEFAULTS["batch_size"],
-        seed: Annotated[int, typer.Option("--seed", help="Seed of initialisation and shuffling.")] = 0,
-        device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = DEFAULTS["device"],
-        no_progress: Annotated[bool, typer.Option("--no-progress", help="Do not draw the progress bar.")] = False,
-        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files already in --out.")] = False,
-        as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+        epochs: opt.Epochs = DEFAULTS["epochs"],
+        lr: opt.LearningRate = DEFAULTS["lr"],
+        batch_size: opt.BatchSize = DEFAULTS["batch_size"],
+        seed: opt.Seed = 0,
+        device: opt.Device = DEFAULTS["device"],
+        no_progress: opt.NoProgress = False,
+        overwrite: opt.Overwrite = False,
+        as_json: opt.Json = False,
     ) -> None:
         """Train a model with a Greedy Residuals watermark signed by your key; write the model and the owner bundle."""
         passphrase = read_passphrase(passphrase_file) if passphrase_file is not None else None
@@ -226,7 +211,7 @@ def register_commands(app: typer.Typer) -> None:
             arch=arch,
             model_factory=model_factory,
             data_factory=data_factory,
-            layers=[n.strip() for n in layers.split(",") if n.strip()] if layers else None,
+            layers=opt.split_names(layers),
             epochs=epochs,
             lr=lr,
             batch_size=batch_size,

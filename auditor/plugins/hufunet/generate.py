@@ -40,6 +40,7 @@ __all__ = [
     "generate_hufunet",
     "hmac_key",
     "hufunet_app",
+    "hufunet_from_payload",
     "load_hufunet",
     "parse_widths",
     "register_commands",
@@ -174,7 +175,7 @@ def generate_hufunet(
     }
 
 
-def _decode(path: Path, text: Any, what: str, count: int) -> np.ndarray:
+def _decode(path: Path | None, text: Any, what: str, count: int) -> np.ndarray:
     if not isinstance(text, str):
         raise InputError(path, f"{what} must be a base64 string")
     try:
@@ -189,7 +190,7 @@ def _decode(path: Path, text: Any, what: str, count: int) -> np.ndarray:
     return arr
 
 
-def _int_list(path: Path, value: Any, what: str) -> list[int]:
+def _int_list(path: Path | None, value: Any, what: str) -> list[int]:
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise InputError(path, f"{what} must be a list of integers")
     return list(value)
@@ -208,7 +209,15 @@ def load_hufunet(path: Path) -> tuple[HufuNet, dict[str, Any]]:
     bundle = load_bundle(path)
     if bundle.scheme != SCHEME:
         raise InputError(path, f"not a secret HufuNet file: its scheme is {bundle.scheme!r}, not {SCHEME!r}")
-    p = bundle.payload
+    return hufunet_from_payload(bundle.payload, path), bundle.payload
+
+
+def hufunet_from_payload(p: Any, path: Path | None = None) -> HufuNet:
+    """The HufuNet a secret payload describes (the secret file's payload, or the
+    ``hufunet`` section of an owner bundle), every field checked as
+    :func:`load_hufunet` says; errors name ``path``."""
+    if not isinstance(p, dict):
+        raise InputError(path, "the HufuNet section must be an object")
     for name in ("widths", "in_channels", "num_classes", "eph", "sph", "hmac_key", "dataset", "acc_original"):
         if name not in p:
             raise InputError(path, f'the secret HufuNet file lacks the field "{name}"')
@@ -251,7 +260,7 @@ def load_hufunet(path: Path) -> tuple[HufuNet, dict[str, Any]]:
         net.fc.weight.copy_(torch.from_numpy(weight.reshape(w_shape)))
         net.fc.bias.copy_(torch.from_numpy(bias.reshape(b_shape)))
     net.eval()
-    return net, p
+    return net
 
 
 def hmac_key(payload: dict[str, Any], path: Path | None = None) -> bytes:

@@ -269,6 +269,11 @@ class HostView:
             first += count
         return cls(segments, tensors)
 
+    @property
+    def names(self) -> list[str]:
+        """The tensors' names in kernel-numbering order."""
+        return [seg.key for seg in self._segments]
+
     def _locate(self, j: int) -> tuple[_Segment, int]:
         if not 0 <= j < self.n:
             raise IndexError(f"host kernel {j} out of range 0..{self.n - 1}")

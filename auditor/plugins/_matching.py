@@ -1,0 +1,82 @@
+"""Shared by the detectors: an owner bundle's payload, and an owner's layer found in a suspect.
+
+Both detectors describe the owner's layers the same way (``name``, ``param``,
+``kind``, ``shape``, ``kind_index``) and look them up with :func:`find_layer`,
+so a suspect whose names were lost in an export is still read, and a layer
+whose channel count changed is reported as a job for the restore stage rather
+than read at shifted positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from auditor.graph import Layer, LayerGraph
+
+__all__ = ["BY_NAME", "BY_ORDER", "MISSING", "LayerMatch", "find_layer", "unpack_bundle"]
+
+BY_NAME = "by name"
+BY_ORDER = "by kind, shape and order"
+MISSING = "missing"
+
+
+@dataclass(frozen=True)
+class LayerMatch:
+    """Where a bundle layer was found in the suspect: ``layer`` is None when missing."""
+
+    layer: Layer | None
+    found_by: str
+    note: str = ""
+
+
+def _param_shape(layer: Layer, param: str) -> tuple[int, ...] | None:
+    ref = layer.params.get(param)
+    return None if ref is None else ref.shape
+
+
+def find_layer(suspect: LayerGraph, entry: Mapping[str, Any]) -> LayerMatch:
+    """The suspect layer for one bundle layer: by name (same name, kind and shape),
+    else the ``kind_index``-th suspect layer of that kind if its shape agrees, else
+    the only suspect layer of that kind and shape, else missing."""
+    name, kind, param = str(entry["name"]), str(entry["kind"]), str(entry.get("param", "weight"))
+    shape = tuple(int(s) for s in entry["shape"])
+    same_kind = [layer for layer in suspect.layers if layer.kind.value == kind]
+    named = suspect.layer(name) if name in suspect else None
+    if named is not None and named.kind.value == kind and _param_shape(named, param) == shape:
+        return LayerMatch(named, BY_NAME)
+    index = entry.get("kind_index")
+    ordered = same_kind[index] if isinstance(index, int) and 0 <= index < len(same_kind) else None
+    if ordered is not None and _param_shape(ordered, param) == shape:
+        return LayerMatch(ordered, BY_ORDER)
+    same_shape = [layer for layer in same_kind if _param_shape(layer, param) == shape]
+    if len(same_shape) == 1:
+        return LayerMatch(same_shape[0], BY_ORDER, "the only suspect layer of that kind and shape")
+    closest = named if named is not None and named.kind.value == kind else ordered
+    other = _param_shape(closest, param) if closest is not None else None
+    if closest is not None and other is not None and len(other) == len(shape) and other[2:] == shape[2:]:
+        return LayerMatch(
+            None,
+            MISSING,
+            f"suspect layer {closest.name} has {list(other)} where the owner's had {list(shape)}: channels were"
+            " cut off or added, so the restore stage must align it with the owner's reference model first",
+        )
+    return LayerMatch(None, MISSING, f"no suspect layer of kind {kind} with shape {list(shape)}")
+
+
+def unpack_bundle(bundle: Any, scheme: str = "") -> tuple[dict[str, Any], str]:
+    """The payload and sha256 of an OwnerBundle, a {"payload": ...} mapping or a bare payload."""
+    if isinstance(bundle, Mapping):
+        payload = bundle.get("payload", bundle)
+        sha = bundle.get("sha256")
+    else:
+        payload = getattr(bundle, "payload", None)
+        sha = getattr(bundle, "sha256", None)
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"the {scheme or 'owner'} bundle holds no payload")
+    if not isinstance(sha, str) or not sha:
+        sha = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return dict(payload), sha

@@ -1,0 +1,48 @@
+"""Command-line options the embedders share (typer ``Annotated`` types), so each says its help once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = [
+    "Arch",
+    "BatchSize",
+    "DataFactory",
+    "Device",
+    "Epochs",
+    "Json",
+    "LearningRate",
+    "ModelFactory",
+    "NoProgress",
+    "OutDir",
+    "Overwrite",
+    "Seed",
+    "split_names",
+]
+
+OutDir = Annotated[Path, typer.Option("--out", help="Folder for the model files and the owner bundle.")]
+Arch = Annotated[str, typer.Option("--arch", help="Built-in architecture: cnn, resnet or lstm.")]
+ModelFactory = Annotated[
+    str | None, typer.Option("--model-factory", help="Your model instead: module:function returning an nn.Module.")
+]
+DataFactory = Annotated[
+    str | None,
+    typer.Option("--data-factory", help="Your data instead of digits: module:function returning (train, test)."),
+]
+Epochs = Annotated[int, typer.Option("--epochs", min=0, help="Training epochs.")]
+LearningRate = Annotated[float, typer.Option("--lr", help="Learning rate (Adam).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of initialisation and shuffling.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="Do not draw the progress bar.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace files already in --out.")]
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def split_names(text: str | None) -> list[str] | None:
+    """``"a, b"`` as ``["a", "b"]``; None or blank as None."""
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    return names or None

@@ -1,0 +1,253 @@
+"""HufuNet embedder: ``auditor embed hufunet`` and its plugin registration.
+
+Trains a host (a built-in architecture or the owner's own, the same choices
+as the Greedy Residuals embedder) on the bundled digits or the owner's data
+with HufuNet's EPH placed at the keyed positions and frozen, then writes
+``model.safetensors``, ``model.pt`` and the SECRET owner bundle
+``owner_bundle.json`` (mode 0600) that verification needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from auditor import hookimpl
+from auditor.bases import Embedder
+from auditor.errors import UsageError
+from auditor.plugins import _options as opt
+
+__all__ = ["DEFAULTS", "HufuNetEmbedder", "embed_hufunet"]
+
+#: Adam at 1e-2 for 20 epochs as for Greedy Residuals; width 2 makes the built-in CNN a host of
+#: 10,272 kernels, so the default HufuNet's 548 EPH kernels are 5.3% of it (the paper: 1.5%-13%).
+DEFAULTS: dict[str, Any] = {
+    "arch": "cnn",
+    "width": 2,
+    "epochs": 20,
+    "lr": 1e-2,
+    "batch_size": 64,
+    "optimizer": "adam",
+    "seed": 0,
+    "device": "auto",
+}
+
+
+def embed_hufunet(
+    *,
+    hufunet: Path,
+    out_dir: Path,
+    arch: str = DEFAULTS["arch"],
+    width: int = DEFAULTS["width"],
+    model_factory: str | None = None,
+    data_factory: str | None = None,
+    layers: list[str] | None = None,
+    epochs: int = DEFAULTS["epochs"],
+    lr: float = DEFAULTS["lr"],
+    batch_size: int = DEFAULTS["batch_size"],
+    optimizer: str = DEFAULTS["optimizer"],
+    seed: int = DEFAULTS["seed"],
+    device: str = DEFAULTS["device"],
+    progress: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Train a host with the secret HufuNet's EPH frozen in it; write the model and the owner bundle.
+
+    Returns a JSON-ready summary (files with SHA-256, test accuracy, host size,
+    EPH share, Acc_combined read back from the trained weights); never the key.
+    """
+    import torch
+
+    from auditor.bundle import save_bundle
+    from auditor.hashing import sha256_file
+    from auditor.plugins import _data, _training, _zoo
+    from auditor.plugins.hufunet.generate import hmac_key, load_hufunet
+    from auditor.plugins.hufunet.network import accuracy, assemble, sph_of
+    from auditor.plugins.hufunet.owner import BUNDLE_FILE, MODEL_STEM, SCHEME, SECRET_FIELDS, host_view, plant
+    from auditor.plugins.hufunet.placement import eph_kernels, retrieve
+
+    out_dir = Path(out_dir)
+    targets = [out_dir / f"{MODEL_STEM}.safetensors", out_dir / f"{MODEL_STEM}.pt", out_dir / BUNDLE_FILE]
+    if not overwrite and (existing := [str(p) for p in targets if p.exists()]):
+        raise UsageError(f"{', '.join(existing)} already exists; choose another --out folder or --overwrite")
+    config = _training.TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device
+    )
+    torch_device = _training.resolve_device(device)
+    net, secret = load_hufunet(Path(hufunet))
+    key = hmac_key(secret, Path(hufunet))
+
+    if data_factory:
+        dataset = _data.from_factory_result(_data.load_factory(data_factory)(), name=data_factory)
+    else:
+        dataset = _data.digits()
+    torch.manual_seed(seed)
+    model, architecture = _zoo.owner_model(
+        arch, model_factory=model_factory, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
+        width=1 if model_factory else width,
+    )  # fmt: skip
+    embedded = plant(model, net, key, layers=layers)
+    del key
+    try:
+        result = _training.train(model, dataset.train, config, after_step=embedded.frozen.after_step, progress=progress)
+    finally:
+        embedded.frozen.detach()
+    model.to("cpu")
+    if not embedded.frozen.intact():  # the freezing contract; a failure here is a bug, not bad input
+        raise RuntimeError("EPH did not come out of training bit-identical")
+    test_accuracy = _training.evaluate(model, dataset.test, "cpu")
+    eph = eph_kernels([m.weight for m in net.conv_layers()])
+    read_back = retrieve(host_view(model, embedded.entries), embedded.positions)
+    hufunet_data = _hufunet_data(secret)
+    acc_combined = accuracy(assemble(read_back, sph_of(net), net.widths, net.in_channels), hufunet_data)
+
+    paths = _training.save_model(model, out_dir, MODEL_STEM, overwrite=overwrite)
+    model_sha = sha256_file(paths["safetensors"])
+    payload: dict[str, Any] = {
+        "hufunet": {name: secret[name] for name in SECRET_FIELDS},
+        "host": {
+            "architecture": architecture,
+            "width": None if model_factory else width,
+            "layers": embedded.entries,
+            "kernels": embedded.n,
+            "eph_kernels": int(eph.shape[0]),
+            "eph_fraction": embedded.eph_fraction,
+        },
+        "model": {
+            "file": paths["safetensors"].name,
+            "sha256": model_sha,
+            "pt_file": paths["pt"].name,
+            "pt_sha256": sha256_file(paths["pt"]),
+        },
+        "training": {
+            "dataset": dataset.describe(),
+            "test_accuracy": test_accuracy,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "optimizer": optimizer,
+            "seed": seed,
+        },
+        "release": {"acc_combined": acc_combined, "bit_identical_fraction": 1.0},
+    }
+    bundle_path = out_dir / BUNDLE_FILE
+    bundle_sha = save_bundle(bundle_path, scheme=SCHEME, payload=payload, secret=True)
+    return {
+        "files": {
+            "safetensors": {"path": str(paths["safetensors"]), "sha256": model_sha},
+            "pt": {"path": str(paths["pt"]), "sha256": payload["model"]["pt_sha256"]},
+            "bundle": {"path": str(bundle_path), "sha256": bundle_sha, "secret": True},
+        },
+        "test_accuracy": test_accuracy,
+        "architecture": architecture,
+        "dataset": dataset.name,
+        "test_size": len(dataset.test),
+        "host_kernels": embedded.n,
+        "eph_kernels": int(eph.shape[0]),
+        "eph_fraction": embedded.eph_fraction,
+        "acc_original": float(secret["acc_original"]),
+        "acc_combined": acc_combined,
+        "seconds": result.seconds,
+        "device": str(torch_device),
+    }
+
+
+def _hufunet_data(secret: Mapping[str, Any]) -> Any:
+    """The public data set HufuNet was trained on (its test split is what verification uses)."""
+    from auditor.plugins.hufunet.detector import public_dataset
+
+    return public_dataset(secret["dataset"], {})
+
+
+class HufuNetEmbedder(Embedder):
+    """Trains a host with HufuNet's EPH frozen at keyed positions and writes the secret owner bundle."""
+
+    id = "hufunet"
+    description = "HufuNet (Lv et al., 2023): a secret network's kernels hidden at keyed positions of the host"
+
+    def embed(self, *, out_dir: Path, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` are the keyword arguments of :func:`embed_hufunet` (``hufunet`` required)."""
+        import inspect
+
+        allowed = set(inspect.signature(embed_hufunet).parameters) - {"out_dir"}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise UsageError(f"unknown hufunet option(s): {', '.join(unknown)}")
+        if "hufunet" not in options:
+            raise UsageError("hufunet needs the option: hufunet (the secret HufuNet file)")
+        return embed_hufunet(out_dir=Path(out_dir), **dict(options))
+
+
+@hookimpl
+def register_embedders(register: Callable[[Embedder], None]) -> None:
+    """Register the HufuNet embedder."""
+    register(HufuNetEmbedder())
+
+
+@hookimpl
+def register_commands(app: typer.Typer) -> None:
+    """Add ``auditor embed hufunet``."""
+    from auditor.cli import _emit_json, embed_app, out, shown
+
+    if any(c.name == "hufunet" for c in embed_app.registered_commands):
+        return  # already added (the CLI was started twice in one process)
+
+    @embed_app.command("hufunet")
+    def hufunet(  # noqa: PLR0917 (typer passes options positionally)
+        hufunet_file: Annotated[
+            Path, typer.Option("--hufunet", help="The secret HufuNet file, from `auditor hufunet generate`.")
+        ],
+        out_dir: opt.OutDir,
+        arch: opt.Arch = DEFAULTS["arch"],
+        width: Annotated[
+            int, typer.Option("--width", min=1, help="Channel multiplier of the built-in host (room for EPH).")
+        ] = DEFAULTS["width"],
+        model_factory: opt.ModelFactory = None,
+        data_factory: opt.DataFactory = None,
+        layers: Annotated[
+            str | None, typer.Option("--layers", help="Host layers, comma-separated (default: every 3x3 conv).")
+        ] = None,
+        epochs: opt.Epochs = DEFAULTS["epochs"],
+        lr: opt.LearningRate = DEFAULTS["lr"],
+        batch_size: opt.BatchSize = DEFAULTS["batch_size"],
+        seed: opt.Seed = 0,
+        device: opt.Device = DEFAULTS["device"],
+        no_progress: opt.NoProgress = False,
+        overwrite: opt.Overwrite = False,
+        as_json: opt.Json = False,
+    ) -> None:
+        """Train a host with your HufuNet's EPH frozen at keyed positions; write the model and the SECRET bundle."""
+        summary = embed_hufunet(
+            hufunet=hufunet_file,
+            out_dir=out_dir,
+            arch=arch,
+            width=width,
+            model_factory=model_factory,
+            data_factory=data_factory,
+            layers=opt.split_names(layers),
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            progress=not no_progress,
+            overwrite=overwrite,
+        )
+        if as_json:
+            _emit_json(summary)
+            return
+        for f in summary["files"].values():
+            out.print(f"wrote {shown(f['path'])}  sha256 {f['sha256']}")
+        out.print(
+            f"host test accuracy: {summary['test_accuracy']:.2%} "
+            f"({summary['test_size']} test examples, {shown(summary['dataset'])})"
+        )
+        out.print(
+            f"EPH: {summary['eph_kernels']} kernels in a host of {summary['host_kernels']} "
+            f"({summary['eph_fraction']:.1%}); Acc_combined {summary['acc_combined']:.2%} "
+            f"(Acc_original {summary['acc_original']:.2%})"
+        )
+        out.print("the owner bundle is SECRET (mode 0600): it holds the HufuNet and the placement key")

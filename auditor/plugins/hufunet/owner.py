@@ -1,0 +1,133 @@
+"""The owner's side of HufuNet: choose the host layers, place EPH, train with it frozen, write the bundle.
+
+The host's kernels are numbered over :func:`host_layers`, which the owner
+bundle records in that order (layer name, parameter, kind, shape, order among
+layers of its kind, kernel count). The detector rebuilds the same numbering
+from those records in any suspect file, whatever order the file keeps its
+tensors in, so the positions it recomputes point at the same weights.
+
+The owner bundle (scheme ``hufunet``) is SECRET: it holds the whole HufuNet
+(EPH and SPH) and the placement key, which is what verification needs. It is
+written with mode 0600 and must reach only the analyst.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from auditor.errors import UsageError
+from auditor.graph import LayerGraph, TensorRef
+from auditor.plugins.hufunet.freezing import FrozenKernels
+from auditor.plugins.hufunet.placement import HostView, eph_kernels, host_kernel_count, host_refs, place
+
+__all__ = [
+    "BUNDLE_FILE",
+    "MODEL_STEM",
+    "SCHEME",
+    "SECRET_FIELDS",
+    "EmbeddedHufuNet",
+    "host_layers",
+    "kernel_total",
+    "host_view",
+    "model_graph",
+    "plant",
+]
+
+SCHEME = "hufunet"
+BUNDLE_FILE = "owner_bundle.json"
+MODEL_STEM = "model"
+#: The fields of the secret HufuNet file copied into the owner bundle's ``hufunet`` section.
+SECRET_FIELDS = ("widths", "in_channels", "num_classes", "eph", "sph", "hmac_key", "dataset", "acc_original")
+
+
+def model_graph(model: nn.Module) -> LayerGraph:
+    """The layer graph of an in-memory model, in module order, exactly as a loader
+    would build it from the model's state dict (so kinds and layer names agree)."""
+    from auditor.formats._statedict import graph_from_tensors
+
+    tensors = [(k, TensorRef.from_tensor(k, v.detach())) for k, v in model.state_dict().items()]
+    return graph_from_tensors("model", Path("<in-memory model>"), tensors, files=[], order="module order")
+
+
+def host_layers(model: nn.Module, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The host tensors of ``model`` as the bundle records them, in kernel-numbering order.
+
+    By default every 3x3 convolution; a model without one offers its linear and
+    LSTM/GRU weight matrices as groups of nine (see
+    :func:`~auditor.plugins.hufunet.placement.host_refs`). ``names`` picks layers.
+    """
+    graph = model_graph(model)
+    rows = []
+    for layer, role, ref in host_refs(graph, names):
+        same_kind = graph.of_kind(layer.kind)
+        rows.append(
+            {
+                "name": layer.name,
+                "param": role,
+                "kind": layer.kind.value,
+                "shape": list(ref.shape),
+                "kind_index": next(i for i, other in enumerate(same_kind) if other.name == layer.name),
+                "kernels": host_kernel_count([ref.shape]),
+            }
+        )
+    return rows
+
+
+def _qualified(entry: dict[str, Any]) -> str:
+    return f"{entry['name']}.{entry['param']}" if entry["name"] else str(entry["param"])
+
+
+def host_view(model: nn.Module, entries: Sequence[dict[str, Any]]) -> HostView:
+    """A view of the model's own parameters (not copies) in the entries' order."""
+    params = dict(model.named_parameters())
+    missing = [_qualified(e) for e in entries if _qualified(e) not in params]
+    if missing:
+        raise UsageError(f"the host has no parameter {', '.join(missing)}")
+    return HostView.from_tensors([(_qualified(e), params[_qualified(e)].data) for e in entries])
+
+
+class EmbeddedHufuNet:
+    """EPH placed in a host model and frozen there: what :func:`plant` returns.
+
+    ``frozen`` is a :class:`~auditor.plugins.hufunet.freezing.FrozenKernels`
+    already attached (EPH written, gradients masked); pass ``frozen.after_step``
+    to the training loop and call ``frozen.detach()`` after it.
+    """
+
+    def __init__(self, entries: list[dict[str, Any]], positions: list[int], frozen: FrozenKernels, n: int) -> None:
+        self.entries = entries
+        self.positions = positions
+        self.frozen = frozen
+        self.n = n
+
+    @property
+    def eph_fraction(self) -> float:
+        """EPH kernels as a fraction of the host's kernels."""
+        return len(self.positions) / self.n
+
+
+def plant(
+    model: nn.Module, hufunet: nn.Module, key: bytes, *, layers: Sequence[str] | None = None
+) -> EmbeddedHufuNet:
+    """Place the HufuNet's EPH in ``model`` (paper Algorithm 1) and freeze it there.
+
+    Positions come from the HufuNet's own (original) EPH values, the key and
+    the host's kernel count N; a host too small for EPH is refused with the
+    size it would need.
+    """
+    convs = [m.weight for m in hufunet.modules() if isinstance(m, nn.Conv2d)]
+    eph = eph_kernels(convs)
+    entries = host_layers(model, layers)
+    view = host_view(model, entries)
+    positions = place(eph, key, view.n)
+    frozen = FrozenKernels.for_host(model, view, positions, eph).attach()
+    return EmbeddedHufuNet(entries, positions, frozen, view.n)
+
+
+def kernel_total(entries: Sequence[dict[str, Any]]) -> int:
+    """N as the entries record it (the sum of their kernel counts)."""
+    return sum(int(e["kernels"]) for e in entries)
