@@ -61,13 +61,9 @@ def embed_hufunet(
     """
     import torch
 
-    from auditor.bundle import save_bundle
-    from auditor.hashing import sha256_file
     from auditor.plugins import _data, _training, _zoo
     from auditor.plugins.hufunet.generate import hmac_key, load_hufunet
-    from auditor.plugins.hufunet.network import accuracy, assemble, sph_of
-    from auditor.plugins.hufunet.owner import BUNDLE_FILE, MODEL_STEM, SCHEME, SECRET_FIELDS, host_view, plant
-    from auditor.plugins.hufunet.placement import eph_kernels, retrieve
+    from auditor.plugins.hufunet.owner import BUNDLE_FILE, MODEL_STEM, plant, write_bundle
 
     out_dir = Path(out_dir)
     targets = [out_dir / f"{MODEL_STEM}.safetensors", out_dir / f"{MODEL_STEM}.pt", out_dir / BUNDLE_FILE]
@@ -99,42 +95,18 @@ def embed_hufunet(
     if not embedded.frozen.intact():  # the freezing contract; a failure here is a bug, not bad input
         raise RuntimeError("EPH did not come out of training bit-identical")
     test_accuracy = _training.evaluate(model, dataset.test, "cpu")
-    eph = eph_kernels([m.weight for m in net.conv_layers()])
-    read_back = retrieve(host_view(model, embedded.entries), embedded.positions)
-    hufunet_data = _hufunet_data(secret)
-    acc_combined = accuracy(assemble(read_back, sph_of(net), net.widths, net.in_channels), hufunet_data)
-
     paths = _training.save_model(model, out_dir, MODEL_STEM, overwrite=overwrite)
-    model_sha = sha256_file(paths["safetensors"])
-    payload: dict[str, Any] = {
-        "hufunet": {name: secret[name] for name in SECRET_FIELDS},
-        "host": {
-            "architecture": architecture,
-            "width": None if model_factory else width,
-            "layers": embedded.entries,
-            "kernels": embedded.n,
-            "eph_kernels": int(eph.shape[0]),
-            "eph_fraction": embedded.eph_fraction,
-        },
-        "model": {
-            "file": paths["safetensors"].name,
-            "sha256": model_sha,
-            "pt_file": paths["pt"].name,
-            "pt_sha256": sha256_file(paths["pt"]),
-        },
-        "training": {
-            "dataset": dataset.describe(),
-            "test_accuracy": test_accuracy,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "optimizer": optimizer,
-            "seed": seed,
-        },
-        "release": {"acc_combined": acc_combined, "bit_identical_fraction": 1.0},
-    }
+    training = {
+        "dataset": dataset.describe(), "test_accuracy": test_accuracy, "epochs": epochs, "batch_size": batch_size,
+        "lr": lr, "optimizer": optimizer, "seed": seed,
+    }  # fmt: skip
     bundle_path = out_dir / BUNDLE_FILE
-    bundle_sha = save_bundle(bundle_path, scheme=SCHEME, payload=payload, secret=True)
+    bundle_sha, payload = write_bundle(
+        bundle_path, model, embedded, net, secret, files=paths, architecture=architecture,
+        width=None if model_factory else width, training=training,
+    )  # fmt: skip
+    model_sha = payload["model"]["sha256"]
+    acc_combined = payload["release"]["acc_combined"]
     return {
         "files": {
             "safetensors": {"path": str(paths["safetensors"]), "sha256": model_sha},
@@ -146,20 +118,13 @@ def embed_hufunet(
         "dataset": dataset.name,
         "test_size": len(dataset.test),
         "host_kernels": embedded.n,
-        "eph_kernels": int(eph.shape[0]),
+        "eph_kernels": len(embedded.positions),
         "eph_fraction": embedded.eph_fraction,
         "acc_original": float(secret["acc_original"]),
         "acc_combined": acc_combined,
         "seconds": result.seconds,
         "device": str(torch_device),
     }
-
-
-def _hufunet_data(secret: Mapping[str, Any]) -> Any:
-    """The public data set HufuNet was trained on (its test split is what verification uses)."""
-    from auditor.plugins.hufunet.detector import public_dataset
-
-    return public_dataset(secret["dataset"], {})
 
 
 class HufuNetEmbedder(Embedder):

@@ -13,7 +13,7 @@ written with mode 0600 and must reach only the analyst.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "host_view",
     "model_graph",
     "plant",
+    "write_bundle",
 ]
 
 SCHEME = "hufunet"
@@ -131,3 +132,56 @@ def plant(
 def kernel_total(entries: Sequence[dict[str, Any]]) -> int:
     """N as the entries record it (the sum of their kernel counts)."""
     return sum(int(e["kernels"]) for e in entries)
+
+
+def write_bundle(
+    path: Path,
+    model: nn.Module,
+    embedded: EmbeddedHufuNet,
+    hufunet: nn.Module,
+    secret: Mapping[str, Any],
+    *,
+    files: Mapping[str, Path],
+    architecture: str,
+    width: int | None = None,
+    training: Mapping[str, Any] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Write the SECRET owner bundle (scheme ``hufunet``, mode 0600) for a trained host; return
+    its SHA-256 and payload.
+
+    ``files`` are the released model's files (``safetensors`` and ``pt``, as
+    :func:`~auditor.plugins._training.save_model` returns them); ``secret`` is
+    the secret HufuNet file's payload. EPH is read back from the trained
+    ``model`` at the keyed positions to record Acc_combined at release, and
+    must come back bit-identical.
+    """
+    import torch
+
+    from auditor.bundle import save_bundle
+    from auditor.hashing import sha256_file
+    from auditor.plugins.hufunet.detector import public_dataset
+    from auditor.plugins.hufunet.network import accuracy, assemble, sph_of
+    from auditor.plugins.hufunet.placement import retrieve
+
+    convs = [m.weight for m in hufunet.modules() if isinstance(m, nn.Conv2d)]
+    eph = eph_kernels(convs)
+    read_back = retrieve(host_view(model, embedded.entries), embedded.positions)
+    if not torch.equal(read_back.view(torch.int32), eph.view(torch.int32)):
+        raise RuntimeError("EPH did not come out of training bit-identical")  # the freezing contract: a bug
+    widths = [int(w.shape[0]) for w in convs]
+    combined = assemble(read_back, sph_of(hufunet), widths, int(convs[0].shape[1]))  # type: ignore[arg-type]
+    acc_combined = accuracy(combined, public_dataset(secret["dataset"], {}))
+    released = {"file": Path(files["safetensors"]).name, "sha256": sha256_file(Path(files["safetensors"]))}
+    if "pt" in files:
+        released.update(pt_file=Path(files["pt"]).name, pt_sha256=sha256_file(Path(files["pt"])))
+    payload: dict[str, Any] = {
+        "hufunet": {name: secret[name] for name in SECRET_FIELDS},
+        "host": {
+            "architecture": architecture, "width": width, "layers": embedded.entries, "kernels": embedded.n,
+            "eph_kernels": len(embedded.positions), "eph_fraction": embedded.eph_fraction,
+        },
+        "model": released,
+        "training": dict(training or {}),
+        "release": {"acc_combined": acc_combined, "bit_identical_fraction": 1.0},
+    }  # fmt: skip
+    return save_bundle(Path(path), scheme=SCHEME, payload=payload, secret=True), payload
