@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 
 from auditor.bundle import load_bundle
 from auditor.plugins import _data, _training, _zoo
+from auditor.plugins._zoo import model_graph
 from auditor.plugins.hufunet.detector import audit_bundle
 from auditor.plugins.hufunet.embedder import embed_hufunet
 from auditor.plugins.hufunet.generate import generate_hufunet
-from auditor.plugins.hufunet.owner import model_graph
 
 
 def main() -> None:

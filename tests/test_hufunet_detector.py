@@ -17,9 +17,10 @@ from auditor.detection import run_detectors
 from auditor.findings import Verdict
 from auditor.loading import load_model
 from auditor.plugins import _training, _zoo
+from auditor.plugins._zoo import model_graph
 from auditor.plugins.hufunet.detector import TAU_ACC, audit_bundle
 from auditor.plugins.hufunet.forging import correlated_kernels, forge
-from auditor.plugins.hufunet.owner import host_layers, host_view, model_graph
+from auditor.plugins.hufunet.owner import host_layers, host_view
 
 
 def _bundle_for(owner: SimpleNamespace, model: torch.nn.Module, architecture: str) -> dict[str, Any]:

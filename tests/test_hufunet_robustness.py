@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from auditor.findings import Verdict
 from auditor.plugins import _training, _zoo
+from auditor.plugins._zoo import model_graph
 from auditor.plugins.hufunet.detector import TAU_ACC, audit_bundle
-from auditor.plugins.hufunet.owner import model_graph
 
 
 def _stolen(owner: SimpleNamespace) -> torch.nn.Module:

@@ -10,14 +10,27 @@ names in a saved state dict are readable in a report.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from auditor.errors import UsageError
 
-__all__ = ["ARCHITECTURES", "MAX_WIDTH", "BasicBlock", "RowLSTM", "SmallCNN", "SmallResNet", "build", "owner_model"]
+if TYPE_CHECKING:
+    from auditor.graph import LayerGraph
+
+__all__ = [
+    "ARCHITECTURES",
+    "MAX_WIDTH",
+    "BasicBlock",
+    "RowLSTM",
+    "SmallCNN",
+    "SmallResNet",
+    "build",
+    "model_graph",
+    "owner_model",
+]
 
 
 #: Largest channel multiplier the built-ins accept (width 16 is a ResNet stage of 1,024 channels).
@@ -175,3 +188,15 @@ def owner_model(
     if width != 1:
         options["width"] = width
     return build(arch, num_classes=num_classes, in_channels=input_shape[0], **options), arch
+
+
+def model_graph(model: nn.Module) -> LayerGraph:
+    """The layer graph of an in-memory model, in module order, exactly as a loader
+    would build it from the model's state dict (so kinds and layer names agree)."""
+    from pathlib import Path
+
+    from auditor.formats._statedict import graph_from_tensors
+    from auditor.graph import TensorRef
+
+    tensors = [(k, TensorRef.from_tensor(k, v.detach())) for k, v in model.state_dict().items()]
+    return graph_from_tensors("model", Path("<in-memory model>"), tensors, files=[], order="module order")

@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from auditor.errors import UsageError
-from auditor.graph import LayerGraph, TensorRef
+from auditor.plugins._zoo import model_graph
 from auditor.plugins.hufunet.freezing import FrozenKernels
 from auditor.plugins.hufunet.placement import HostView, eph_kernels, host_kernel_count, host_refs, place
 
@@ -43,15 +43,6 @@ BUNDLE_FILE = "owner_bundle.json"
 MODEL_STEM = "model"
 #: The fields of the secret HufuNet file copied into the owner bundle's ``hufunet`` section.
 SECRET_FIELDS = ("widths", "in_channels", "num_classes", "eph", "sph", "hmac_key", "dataset", "acc_original")
-
-
-def model_graph(model: nn.Module) -> LayerGraph:
-    """The layer graph of an in-memory model, in module order, exactly as a loader
-    would build it from the model's state dict (so kinds and layer names agree)."""
-    from auditor.formats._statedict import graph_from_tensors
-
-    tensors = [(k, TensorRef.from_tensor(k, v.detach())) for k, v in model.state_dict().items()]
-    return graph_from_tensors("model", Path("<in-memory model>"), tensors, files=[], order="module order")
 
 
 def host_layers(model: nn.Module, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -111,9 +102,7 @@ class EmbeddedHufuNet:
         return len(self.positions) / self.n
 
 
-def plant(
-    model: nn.Module, hufunet: nn.Module, key: bytes, *, layers: Sequence[str] | None = None
-) -> EmbeddedHufuNet:
+def plant(model: nn.Module, hufunet: nn.Module, key: bytes, *, layers: Sequence[str] | None = None) -> EmbeddedHufuNet:
     """Place the HufuNet's EPH in ``model`` (paper Algorithm 1) and freeze it there.
 
     Positions come from the HufuNet's own (original) EPH values, the key and
