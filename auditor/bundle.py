@@ -18,12 +18,12 @@ import hashlib
 import json
 import os
 import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from auditor.errors import InputError, UsageError
+from auditor.smallfiles import read_small_file
 from auditor.strictjson import DuplicateKeyError, unique_keys
 
 __all__ = [
@@ -143,27 +143,7 @@ def _short(text: str, limit: int = 60) -> str:
 
 
 def _read_bounded(path: Path) -> bytes:
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except OSError as exc:
-        raise InputError(path, f"cannot read: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise InputError(path, "is a folder, not an owner bundle")
-    if not stat.S_ISREG(info.st_mode):
-        raise InputError(path, "not a regular file")
-    too_large = f"the file is too large for an owner bundle (the limit is {MAX_BUNDLE_BYTES >> 20} MiB)"
-    if info.st_size > MAX_BUNDLE_BYTES:
-        raise InputError(path, too_large)
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_BUNDLE_BYTES + 1)  # the file may have grown since stat
-    except OSError as exc:
-        raise InputError(path, f"cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_BUNDLE_BYTES:
-        raise InputError(path, too_large)
-    return data
+    return read_small_file(path, limit=MAX_BUNDLE_BYTES, what="an owner bundle")
 
 
 def load_bundle(path: Path) -> OwnerBundle:

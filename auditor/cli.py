@@ -20,16 +20,8 @@ from rich.table import Table
 
 from auditor import __version__
 from auditor.cli_keys import keys_app
-from auditor.errors import (
-    EXIT_INCONCLUSIVE,
-    EXIT_INTERNAL,
-    EXIT_NOT_FOUND,
-    EXIT_OK,
-    AuditorError,
-    PluginError,
-    UsageError,
-)
-from auditor.findings import Verdict
+from auditor.cli_report import report_app
+from auditor.errors import EXIT_INTERNAL, AuditorError, PluginError
 
 app = typer.Typer(
     name="auditor",
@@ -42,7 +34,9 @@ app = typer.Typer(
 embed_app = typer.Typer(help="Train an owner's model with a watermark.", no_args_is_help=True)
 app.add_typer(embed_app, name="embed")
 app.add_typer(keys_app, name="keys")
+app.add_typer(report_app, name="report")
 out = Console(highlight=False, soft_wrap=True)
+out_console = out  # the audit command's parameter --out shadows the module's name
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -174,56 +168,79 @@ def plugins(
 def audit_model(
     *, suspect: Path, bundles: Sequence[Path] = (), context: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Load the owner bundles and ``suspect`` safely and run every applicable detector."""
-    from auditor.bundle import load_bundle
-    from auditor.detection import overall_verdict, run_detectors
-    from auditor.loading import load_model
+    """Load the owner bundles and ``suspect`` safely, run every applicable detector, and return the
+    report data (unsealed; see :mod:`auditor.report`). ``context`` may set ``greedy_residuals.p_threshold``."""
+    from auditor.report import build_report, run_block
+    from auditor.report_audit import audit_suspect, load_inputs
 
-    loaded = [load_bundle(p) for p in bundles]
-    graph = load_model(suspect)
-    findings = run_detectors(graph, bundles=loaded, context=context)
-    return {
-        "suspect": {"path": str(suspect), "format": graph.format, "files": hash_files(graph.files)},
-        "bundles": [{"path": str(b.path), "scheme": b.scheme, "sha256": b.sha256} for b in loaded],
-        "verdict": overall_verdict(findings).value,
-        "findings": [f.to_dict() for f in findings],
-    }
-
-
-_EXIT_FOR_VERDICT = {
-    Verdict.DETECTED.value: EXIT_OK,
-    Verdict.NOT_DETECTED.value: EXIT_NOT_FOUND,
-    Verdict.INCONCLUSIVE.value: EXIT_INCONCLUSIVE,
-}
+    p = float((context or {}).get("greedy_residuals.p_threshold", 1e-6))
+    inputs = load_inputs(bundles=bundles, reference=None, p_threshold=p)
+    record = audit_suspect(suspect, inputs)
+    return build_report(record, inputs=inputs, run=run_block(), command=inputs.command(suspect))
 
 
 @app.command()
-def audit(
-    suspect: Annotated[Path, typer.Argument(help="Suspect model file or folder.")],
+def audit(  # noqa: PLR0917 (typer passes options positionally)
+    suspects: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Suspect model files or folders; a folder that is not itself a model stands for the files in it.",
+            show_default=False,
+        ),
+    ],
     bundle: Annotated[
         list[Path] | None, typer.Option("--bundle", help="Owner bundle to check the suspect against (repeatable).")
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option("--reference", help="The owner's released model: restorers align the suspect with it first."),
+    ] = None,
+    case_id: Annotated[str, typer.Option("--case-id", help="Case identifier printed in the report.")] = "",
+    analyst: Annotated[str, typer.Option("--analyst", help="Analyst's name printed in the report.")] = "",
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Write the HTML report to this file (its JSON twin goes next to it, .json); with several"
+            " suspects, a folder for a report each plus summary.html and summary.json.",
+        ),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json-out", help="Write the sealed JSON twin here (one suspect).", dir_okay=False)
+    ] = None,
+    sign_key: Annotated[
+        Path | None, typer.Option("--sign-key", help="PEM private key to sign the report with.", dir_okay=False)
+    ] = None,
+    passphrase_file: Annotated[
+        Path | None,
+        typer.Option("--passphrase-file", help="Read the signing key's passphrase from this file's first line."),
     ] = None,
     p_threshold: Annotated[
         float, typer.Option(help="Greedy Residuals: combined p-value below which the watermark counts as found.")
     ] = 1e-6,
-    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+    public_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--public-data", help="HufuNet: the folder of the Fashion-MNIST IDX files, if its HufuNet used them."
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the report (several suspects: the summary) as JSON.")
+    ] = False,
 ) -> None:
-    """Check a suspect model against owners' bundles and print one verdict per finding.
+    """Check suspect models against owners' bundles; print one line per finding and write the evidence report.
 
     Exit code 0: watermark found; 1: not found; 3: inconclusive (also when no
-    bundle was given); 4/5: the suspect or a bundle could not be read safely."""
-    if not 0.0 < p_threshold < 1.0:
-        raise UsageError(f"--p-threshold must be between 0 and 1, not {p_threshold}")
-    result = audit_model(
-        suspect=suspect, bundles=bundle or [], context={"greedy_residuals.p_threshold": p_threshold}
-    )
-    if as_json:
-        _emit_json(result)
-    else:
-        for f in result["findings"]:
-            out.print(shown(f"{f['detector']}: {f['verdict']}: {f['summary']}"))
-        out.print(f"verdict: {result['verdict']}")
-    raise typer.Exit(_EXIT_FOR_VERDICT[result["verdict"]])
+    bundle was given); 4/5: the suspect or a bundle could not be read safely.
+    With several suspects: the most serious outcome over all files (see the README)."""
+    from auditor.cli_report import run_audit
+
+    code = run_audit(
+        suspects=suspects, bundles=bundle or [], reference=reference, case_id=case_id, analyst=analyst, out=out,
+        json_out=json_out, sign_key=sign_key, passphrase_file=passphrase_file, p_threshold=p_threshold,
+        as_json=as_json, console=out_console, public_data=public_data,
+    )  # fmt: skip
+    raise typer.Exit(code)
 
 
 def _command_names(typer_app: typer.Typer) -> list[str]:

@@ -143,19 +143,11 @@ def pem_kind(data: bytes) -> str:
 
 def read_key_file(path: Path) -> bytes:
     """The bytes of a key file, refusing a missing, empty or oversized one (:class:`InputError`)."""
-    try:
-        with Path(path).open("rb") as fh:
-            data = fh.read(MAX_KEY_BYTES + 1)
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except IsADirectoryError:
-        raise InputError(path, "is a folder, not a key file") from None
-    except OSError as exc:
-        raise InputError(path, f"cannot read: {exc.strerror or exc}") from None
+    from auditor.smallfiles import read_small_file
+
+    data = read_small_file(Path(path), limit=MAX_KEY_BYTES, what="a key file")
     if not data:
         raise InputError(path, "the file is empty")
-    if len(data) > MAX_KEY_BYTES:
-        raise InputError(path, "too large to be a PEM key file")
     return data
 
 

@@ -161,3 +161,12 @@ def test_host_layers_read_in_the_bundles_order_whatever_the_file_order(
     assert finding.metrics["bit_identical_fraction"] == 1.0
     rows = {r["name"]: r for r in finding.details["host_layers"]}
     assert rows["conv1.weight"]["found_by"] == "by kind, shape and order"
+
+
+def test_public_data_option_reaches_the_detector_and_the_reproduce_command(tmp_path: Path) -> None:
+    from auditor.report_audit import AuditInputs
+
+    inputs = AuditInputs(bundles=[], public_data=tmp_path / "fmnist")
+    assert inputs.context["hufunet.fashion_mnist"] == str(tmp_path / "fmnist")
+    assert f"--public-data {tmp_path / 'fmnist'}" in inputs.command(Path("suspect.onnx"))
+    assert "hufunet.fashion_mnist" not in AuditInputs(bundles=[]).context

@@ -206,7 +206,7 @@ def test_bad_key_files(tmp_path: Path, pairs: dict[str, keys.KeyPairPaths]) -> N
             b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
             "damaged or unreadable private key",
         ),
-        "big.pem": (b"-" * (keys.MAX_KEY_BYTES + 1), "too large to be a PEM key file"),
+        "big.pem": (b"-" * (keys.MAX_KEY_BYTES + 1), "the file is too large for a key file (the limit is 1 MiB)"),
     }
     for name, (content, problem) in cases.items():
         path = tmp_path / name

@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-from scipy import stats as _sps
-
 __all__ = [
     "Probability",
     "binomial_tail",
@@ -73,7 +71,9 @@ def two_sided_p(k: int, b: int) -> Probability:
     """
     if not 0 <= k <= b:
         raise ValueError(f"k={k} is not between 0 and b={b}")
-    value = float(_sps.binomtest(k, b, 0.5, alternative="two-sided").pvalue)
+    from scipy import stats  # imported here: scipy.stats costs about a second of every command's start-up
+
+    value = float(stats.binomtest(k, b, 0.5, alternative="two-sided").pvalue)
     extreme = max(k, b - k)
     if 2 * extreme == b:
         return Probability(min(1.0, value), 0.0)

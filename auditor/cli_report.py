@@ -1,0 +1,212 @@
+"""What ``auditor audit`` does with its options, and ``auditor report verify``.
+
+The audit command in :mod:`auditor.cli` parses options and calls :func:`run_audit`;
+this module decides between one suspect (one report) and a batch (a report
+each and a summary), writes the files and prints one line per finding.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from auditor.errors import EXIT_NOT_FOUND, EXIT_OK, UsageError
+
+__all__ = ["report_app", "run_audit", "verify"]
+
+#: One suspect shows a progress bar (on a terminal) from this size on; several always show one.
+LARGE = 256 << 20
+report_app = typer.Typer(help="Check evidence reports.", no_args_is_help=True)
+
+
+@report_app.callback()
+def _report() -> None:
+    """Check evidence reports."""
+
+
+def _printable(text: object) -> str:
+    # Names from hostile files and paths may hold control characters; they must not drive the terminal.
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
+
+
+def _shown(text: object) -> str:
+    return escape(_printable(text))
+
+
+def _outputs(suspect: Path, out: Path | None, json_out: Path | None) -> tuple[Path | None, Path | None]:
+    if out is not None and out.is_dir():
+        from auditor.report_audit import report_names
+
+        name = report_names([suspect])[0]
+        return out / f"{name}.html", json_out or out / f"{name}.json"
+    if out is not None and json_out is None:
+        json_out = out.with_suffix(".json") if out.suffix.lower() != ".json" else out.with_name(out.name + ".json")
+    return out, json_out
+
+
+def _refuse_overwriting_inputs(outputs: Sequence[Path | None], inputs: Sequence[Path | None]) -> None:
+    taken = {p.resolve() for p in inputs if p is not None and p.exists()}
+    written = [p for p in outputs if p is not None]
+    for p in written:
+        if p.resolve() in taken:
+            raise UsageError(f"{p}: is one of the audit's input files; auditor never writes over its inputs")
+    if len({p.resolve() for p in written}) < len(written):
+        raise UsageError("the HTML report and its JSON twin must be different files")
+
+
+def _load_key(sign_key: Path | None, passphrase_file: Path | None) -> Any:
+    from auditor import keys
+    from auditor.cli_keys import read_passphrase_file
+
+    if sign_key is None:
+        if passphrase_file is not None:
+            raise UsageError("--passphrase-file goes with --sign-key")
+        return None
+    passphrase = read_passphrase_file(passphrase_file) if passphrase_file is not None else None
+    return keys.load_private_key(sign_key, passphrase)
+
+
+def run_audit(
+    *,
+    suspects: Sequence[Path],
+    bundles: Sequence[Path],
+    reference: Path | None,
+    case_id: str,
+    analyst: str,
+    out: Path | None,
+    json_out: Path | None,
+    sign_key: Path | None,
+    passphrase_file: Path | None,
+    p_threshold: float,
+    as_json: bool,
+    console: Console,
+    public_data: Path | None = None,
+) -> int:
+    """Run the audit the command line asked for, write its reports, print its lines; the exit code."""
+    from auditor.report import run_block
+    from auditor.report_audit import expand_suspects, load_inputs
+
+    paths, batch = expand_suspects(suspects)
+    key = _load_key(sign_key, passphrase_file)
+    inputs = load_inputs(bundles=bundles, reference=reference, p_threshold=p_threshold, public_data=public_data)
+    run = run_block(case_id=case_id, analyst=analyst)
+    given: list[Path | None] = [*paths, *bundles, reference, sign_key, passphrase_file]
+    if batch:
+        if json_out is not None:
+            raise UsageError("with several suspects, --out names a folder for every report; --json-out does not apply")
+        return _run_batch(paths, suspects, inputs=inputs, run=run, out=out, key=key, given=given, as_json=as_json,
+                          console=console)  # fmt: skip
+    return _run_single(paths[0], inputs=inputs, run=run, out=out, json_out=json_out, key=key, given=given,
+                       as_json=as_json, console=console)  # fmt: skip
+
+
+def _run_single(
+    suspect: Path, *, inputs: Any, run: Any, out: Path | None, json_out: Path | None, key: Any,
+    given: list[Path | None], as_json: bool, console: Console,
+) -> int:  # fmt: skip
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from auditor import report_sign
+    from auditor.report import build_report, write_report
+    from auditor.report_audit import audit_suspect
+
+    html_path, json_path = _outputs(suspect, out, json_out)
+    _refuse_overwriting_inputs([html_path, json_path], given)
+    size = suspect.stat().st_size if suspect.is_file() else 0
+    err = Console(stderr=True, highlight=False)
+    with Progress(
+        TextColumn("auditing"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+        console=err, transient=True, disable=not err.is_terminal or size < LARGE,
+    ) as progress:  # fmt: skip
+        task = progress.add_task("", total=size)
+        record = audit_suspect(suspect, inputs, progress=lambda n: progress.advance(task, n))
+    document = build_report(record, inputs=inputs, run=run, command=inputs.command(suspect))
+    if html_path is not None or json_path is not None:
+        sealed = write_report(document, html_path=html_path, json_path=json_path, key=key)
+    else:
+        sealed = {**document, report_sign.INTEGRITY: report_sign.seal(document, key=key)}
+    if as_json:
+        typer.echo(json.dumps(sealed, indent=2, ensure_ascii=False))
+    else:
+        for f in sealed["findings"]:
+            console.print(_shown(f"{f['detector']}: {f['verdict']}: {f['summary']}"))
+        console.print(f"verdict: {sealed['verdict']}")
+        for what, path in (("report", html_path), ("json", json_path)):
+            if path is not None:
+                console.print(_shown(f"{what}: {path}"))
+    return int(sealed["exit_code"])
+
+
+def _run_batch(
+    paths: list[Path], suspects: Sequence[Path], *, inputs: Any, run: Any, out: Path | None, key: Any,
+    given: list[Path | None], as_json: bool, console: Console,
+) -> int:  # fmt: skip
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from auditor.report_audit import report_names
+    from auditor.report_batch import audit_batch
+
+    names = report_names(paths)
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out}: with several suspects, --out names a folder, and this is a file")
+        if out.resolve() in {p.resolve() for p in suspects if p.is_dir()}:
+            raise UsageError(f"{out}: the reports cannot go into the folder of suspects")
+        _refuse_overwriting_inputs([out / f"{n}.{ext}" for n in [*names, "summary"] for ext in ("html", "json")], given)
+    err = Console(stderr=True, highlight=False)
+    with Progress(
+        TextColumn("auditing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+        console=err, transient=True, disable=not err.is_terminal,
+    ) as progress:  # fmt: skip
+        task = progress.add_task("", total=len(paths))
+
+        def done(row: dict[str, Any]) -> None:
+            progress.advance(task)
+            if as_json:
+                return
+            if row["error"]:
+                console.print(_shown(f"{row['path']}: error (exit {row['exit_code']}): {row['error']}"))
+            else:
+                schemes = "; ".join(f"{f['detector']}: {f['verdict']}" for f in row["findings"]) or "no findings"
+                console.print(_shown(f"{row['path']}: {row['verdict']} ({schemes})"))
+
+        summary = audit_batch(
+            paths, names, inputs=inputs, run=run, command=inputs.command(*suspects), out_dir=out, key=key,
+            on_row=done, on_start=lambda p: progress.update(task, description=_shown(p.name)),
+        )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        counts = ", ".join(f"{n} {v}" for v, n in summary["counts"].items())
+        console.print(f"{len(paths)} suspects: {counts}; exit code {summary['exit_code']}")
+        if out is not None:
+            console.print(_shown(f"summary: {out / 'summary.html'}"))
+    return int(summary["exit_code"])
+
+
+@report_app.command()
+def verify(
+    report: Annotated[Path, typer.Argument(help="The report's JSON twin (REPORT.json) or a batch's summary.json.")],
+    public_key: Annotated[
+        Path | None,
+        typer.Option("--public-key", help="PEM public key the report must be signed with.", dir_okay=False),
+    ] = None,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="Also check that this HTML page is the one the report seals.")
+    ] = None,
+) -> None:
+    """Recompute a report's content hash and check its signature; print one line.
+
+    Exit code 0: intact; 1: altered, or the signature is missing (with
+    --public-key), from another key or invalid; 4: not readable as a report."""
+    from auditor.report_sign import verify_report
+
+    result = verify_report(report, public_key=public_key, html=html)
+    typer.echo(("intact" if result.intact else "FAILED") + f": {_printable(report)}: {result.message}")
+    raise typer.Exit(EXIT_OK if result.intact else EXIT_NOT_FOUND)

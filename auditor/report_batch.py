@@ -1,0 +1,112 @@
+"""Several suspects in one audit: a report each, and a sealed summary of them all.
+
+A file that cannot be audited (missing, malformed, refused as unsafe, or a bug
+in auditor) becomes one row of the summary with its error and exit code; the
+other files go on. The batch's exit code is the most serious of the files'
+(:data:`auditor.report_audit.BATCH_SEVERITY`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from auditor.errors import EXIT_INTERNAL, AuditorError
+
+if TYPE_CHECKING:
+    from auditor.keys import PrivateKey
+    from auditor.report_audit import AuditInputs
+
+__all__ = ["SUMMARY_FORMAT", "audit_batch", "audit_one_row"]
+
+SUMMARY_FORMAT = "auditor-audit-summary"
+EXIT_RULE = (
+    "the most serious outcome over all files, in this order: 70 internal error, 6 plugin error, 5 refused as"
+    " unsafe, 4 input error (the batch is incomplete), 0 a watermark found in at least one file, 3 none found"
+    " and at least one inconclusive, 1 none found in any file"
+)
+
+
+def audit_one_row(
+    path: Path,
+    name: str,
+    *,
+    inputs: AuditInputs,
+    run: Mapping[str, str],
+    out_dir: Path | None,
+    key: PrivateKey | None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Audit one suspect of a batch: its summary row and its sealed report (``None`` when it failed)."""
+    from auditor import report_sign
+    from auditor.report import build_report, write_report
+    from auditor.report_audit import audit_suspect, verdict_of
+
+    row: dict[str, Any] = {"name": path.name, "path": str(path), "report": None, "error": None}
+    try:
+        record = audit_suspect(path, inputs)
+        document = build_report(record, inputs=inputs, run=run, command=inputs.command(path))
+        if out_dir is not None:
+            sealed = write_report(
+                document, html_path=out_dir / f"{name}.html", json_path=out_dir / f"{name}.json", key=key
+            )
+            row["report"] = {"html": f"{name}.html", "json": f"{name}.json"}
+        else:
+            sealed = {**document, report_sign.INTEGRITY: report_sign.seal(document, key=key)}
+    except AuditorError as exc:
+        return row | {"verdict": "error", "exit_code": exc.exit_code, "error": str(exc)}, None
+    except Exception as exc:  # a bug on one file must not lose the others
+        return row | {"verdict": "error", "exit_code": EXIT_INTERNAL, "error": f"{type(exc).__name__}: {exc}"}, None
+    s = sealed["suspect"]
+    row.update(
+        format=s["format"], size=s["size"], sha256=s["sha256"], verdict=sealed["verdict"],
+        exit_code=sealed["exit_code"], findings=verdict_of(sealed["findings"]),
+        evidence_sha256=sealed["integrity"]["evidence_sha256"], content_sha256=sealed["integrity"]["content_sha256"],
+    )  # fmt: skip
+    return row, sealed
+
+
+def audit_batch(
+    suspects: Sequence[Path],
+    names: Sequence[str],
+    *,
+    inputs: AuditInputs,
+    run: Mapping[str, str],
+    command: str,
+    out_dir: Path | None = None,
+    key: PrivateKey | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    on_start: Callable[[Path], None] | None = None,
+) -> dict[str, Any]:
+    """Audit every suspect in turn (``on_start`` sees each path before, ``on_row`` each row after) and return
+    the sealed summary,
+    written to ``out_dir``/summary.html and summary.json when ``out_dir`` is given."""
+    from auditor import report_sign
+    from auditor.report import REPORT_VERSION, bundle_entry, tool_info, write_report
+    from auditor.report_audit import batch_exit_code
+
+    rows = []
+    for path, name in zip(suspects, names, strict=True):
+        if on_start is not None:
+            on_start(path)
+        row, _ = audit_one_row(path, name, inputs=inputs, run=run, out_dir=out_dir, key=key)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    code = batch_exit_code([r["exit_code"] for r in rows])
+    summary = {
+        "report_format": SUMMARY_FORMAT, "report_version": REPORT_VERSION, "run": dict(run), "tool": tool_info(),
+        "command": command, "bundles": [bundle_entry(b) for b in inputs.bundles],
+        "reference": inputs.reference_entry(), "suspects": rows,
+        "counts": dict(sorted(Counter(r["verdict"] for r in rows).items())), "exit_code": code, "exit_rule": EXIT_RULE,
+    }  # fmt: skip
+    if out_dir is None:
+        return {**summary, report_sign.INTEGRITY: report_sign.seal(summary, key=key)}
+    return write_report(
+        summary,
+        html_path=out_dir / "summary.html",
+        json_path=out_dir / "summary.json",
+        key=key,
+        template="summary.html.j2",
+    )
