@@ -43,6 +43,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "auditor.plugins.hufunet.generate",
     "auditor.plugins.hufunet.embedder",
     "auditor.plugins.hufunet.detector",
+    "auditor.plugins.restore.plugin",
+    "auditor.plugins.attacks.plugin",
+    "auditor.plugins.attacks.cli",
 )
 
 #: Capability hooks and the base class each one's components must subclass.

@@ -1,0 +1,166 @@
+"""The built-in restorers, in the order they run: channels (20), fold (30), scale (40).
+
+Channel order comes first because every later step compares a suspect channel
+with *its* reference channel; |cosine| finds it whatever the channel's scale,
+sign or folding. Unfolding needs the reference's channel to measure the
+folded factor against; scale comes last. Each restorer builds its own plan
+from the graph it receives and asks the guard (:mod:`.guard`) before it
+changes anything, so each is safe alone and an innocent model passes through
+all three untouched, with the reason in the log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+
+from auditor import hookimpl
+from auditor.bases import Restorer
+from auditor.graph import LayerGraph
+from auditor.plugins.restore import guard as _guard
+from auditor.plugins.restore.channels import apply_channel_maps, graph_with_tensors, tensors_of
+from auditor.plugins.restore.fold import unfold
+from auditor.plugins.restore.plan import Plan, make_plan
+from auditor.plugins.restore.scale import restore_scales
+
+__all__ = ["ChannelRestorer", "FoldRestorer", "GuardedRestorer", "ScaleRestorer", "register_restorers"]
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)
+
+
+def _layers_log(plan: Plan) -> list[dict[str, Any]]:
+    """One row per producer, in the report's terms (``permutation``: suspect channel -> reference channel)."""
+    rows = []
+    for m in plan.matches.values():
+        space = next(sp for sp in plan.spaces if m.layer in sp.producers)
+        index = plan.maps.get(space.id)
+        permutation: list[int | None] | None = None
+        if index is not None:
+            permutation = [None] * space.width
+            for ref_slot, s in enumerate(index.tolist()):
+                if s >= 0:
+                    permutation[s] = ref_slot
+        rows.append({
+            "name": m.layer, "reference": m.reference, "moved": m.moved, "similarity_before": _round(m.before),
+            "similarity_after": _round(m.after) if m.inputs_aligned else None, "padded": len(m.padded),
+            "dropped": len(m.dropped), "padded_channels": m.padded, "dropped_channels": m.dropped,
+            "permutation": permutation, "note": m.frozen and f"kept in place: {m.frozen}",
+        })  # fmt: skip
+    return rows
+
+
+class GuardedRestorer(Restorer):
+    """A restorer that plans against the reference and acts only if the guard finds the suspect derived.
+
+    ``guard=False`` switches the guard off (tests show what that would let
+    happen to an innocent model); ``threshold`` overrides the calibrated one."""
+
+    order: ClassVar[int] = 100
+
+    def __init__(self, *, guard: bool = True, threshold: float = _guard.THRESHOLD) -> None:
+        self.guarded = guard
+        self.threshold = threshold
+
+    def restore(self, suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph, dict[str, Any]]:
+        """The restored suspect (or the suspect itself, untouched) and the log."""
+        plan = make_plan(suspect, reference)
+        evidence = _guard.assess(plan.matches.values(), threshold=self.threshold)
+        log: dict[str, Any] = {
+            "acted": False, "edges_from": plan.edges_from, "evidence": evidence.to_log(),
+            "guard": "on" if self.guarded else "off", "notes": list(plan.notes),
+        }  # fmt: skip
+        if self.guarded and not evidence.derived:
+            log["reason"] = f"left alone: not demonstrably derived from the reference ({evidence.reason})"
+            return suspect, log
+        return self.act(suspect, reference, plan, log)
+
+    def act(
+        self, suspect: LayerGraph, reference: LayerGraph, plan: Plan, log: dict[str, Any]
+    ) -> tuple[LayerGraph, dict[str, Any]]:
+        """Do the restorer's work once the guard allows it; fill ``log``."""
+        raise NotImplementedError
+
+
+class ChannelRestorer(GuardedRestorer):
+    """Restores channel order: permutation, expansion (dropped) and cut-off (padded with zeros)."""
+
+    id = "restore-channels"
+    order = 20
+    description = "Put the suspect's channels back in the reference's order; drop added, zero-pad cut-off channels."
+
+    def act(
+        self, suspect: LayerGraph, reference: LayerGraph, plan: Plan, log: dict[str, Any]
+    ) -> tuple[LayerGraph, dict[str, Any]]:
+        """Apply the plan's channel maps to every producer, per-channel layer and reader."""
+        log["layers"] = _layers_log(plan)
+        spaces = {sp.id: sp for sp in plan.spaces}
+        maps = {
+            sid: index
+            for sid, index in plan.maps.items()
+            if len(index) != spaces[sid].width or not torch.equal(index, torch.arange(len(index)))
+        }
+        if not maps:
+            log["reason"] = "every channel is already in the reference's order"
+            return suspect, log
+        names = {n for sid in maps for n in spaces[sid].producers + spaces[sid].passthrough}
+        names |= {c.layer for sid in maps for c in spaces[sid].consumers}
+        tensors = apply_channel_maps(suspect, tensors_of(suspect, names), plan.spaces, maps)
+        moved = sum(m.moved for m in plan.matches.values())
+        log.update(acted=True, reason=f"channel order restored in {len(maps)} channel space(s)")
+        note = f"restore-channels: {moved} channel(s) moved in {len(maps)} channel space(s) (see the restore log)"
+        return graph_with_tensors(suspect, tensors, note=note), log
+
+
+class FoldRestorer(GuardedRestorer):
+    """Unfolds batch-norm that an export folded into the convolution before it."""
+
+    id = "restore-fold"
+    order = 30
+    description = "Give folded convolutions their batch-norm back, with the reference's running statistics."
+
+    def act(
+        self, suspect: LayerGraph, reference: LayerGraph, plan: Plan, log: dict[str, Any]
+    ) -> tuple[LayerGraph, dict[str, Any]]:
+        """Unfold every folded convolution whose reference counterpart has a batch-norm after it."""
+        graph, entries = unfold(suspect, reference, plan)
+        log["layers"] = entries
+        if graph is None:
+            log["reason"] = "no folded convolution where the reference has one followed by batch-norm"
+            return suspect, log
+        log.update(acted=True, reason=f"{sum(1 for e in entries if e.get('unfolded'))} layer(s) unfolded")
+        return graph, log
+
+
+class ScaleRestorer(GuardedRestorer):
+    """Divides out per-channel scale factors and sign flips."""
+
+    id = "restore-scale"
+    order = 40
+    description = "Divide out per-channel scale factors and sign flips (after channel order is restored)."
+
+    def act(
+        self, suspect: LayerGraph, reference: LayerGraph, plan: Plan, log: dict[str, Any]
+    ) -> tuple[LayerGraph, dict[str, Any]]:
+        """Estimate each channel's factor against the reference and divide it out."""
+        tensors, entries, notes = restore_scales(suspect, reference, plan)
+        log["layers"] = entries
+        log["notes"] += notes
+        if not tensors:
+            log["reason"] = "no channel is scaled or negated beyond fine-tuning noise"
+            return suspect, log
+        scaled = sum(e["scaled"] for e in entries)
+        log.update(acted=True, reason=f"{scaled} channel factor(s) divided out")
+        note = f"restore-scale: {scaled} channel factor(s) divided out (see the restore log)"
+        return graph_with_tensors(suspect, tensors, note=note), log
+
+
+@hookimpl
+def register_restorers(register: Callable[[Restorer], None]) -> None:
+    """Register the channel, fold and scale restorers."""
+    register(ChannelRestorer())
+    register(FoldRestorer())
+    register(ScaleRestorer())
