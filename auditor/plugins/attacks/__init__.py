@@ -1,0 +1,10 @@
+"""Built-in attacks: removal and ambiguity attacks on model files, and the robustness evaluation.
+
+Every attack reads a model file of any supported format, writes the attacked
+model to a new file and never touches its input (see :mod:`._base`). The
+modules group them by what they change: :mod:`.weights` (pruning, casts,
+quantization), :mod:`.structure` (the function-preserving channel edits of the
+restore stage, cut-off and supplement), :mod:`.export` (batch-norm folding, ONNX
+export), :mod:`.training` (fine-tuning, overwriting) and :mod:`.forging`.
+``auditor attack`` and ``auditor evaluate`` come from :mod:`.cli`.
+"""

@@ -1,0 +1,243 @@
+"""``auditor evaluate``: one watermarked model through the attack grid, audited after every attack.
+
+Per cell: the attack writes the attacked model to a temporary file; the file
+is loaded with the safe loaders, audited by every detector (``direct``) and,
+with a reference model, again after the restore stage (``restored``); its
+accuracy is measured on the digits test split when it can be run. Each
+finished cell is written at once to ``state.json`` in the output folder, so an
+interrupted run picks up where it stopped; ``robustness.json``, ``.md`` and
+``.html`` are written at the end (:mod:`.render`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from auditor.bases import Attack
+from auditor.errors import AuditorError, UsageError
+from auditor.findings import Finding
+from auditor.plugins.attacks.grid import BASELINE, Cell, full_grid, quick_grid, select
+
+__all__ = ["STATE_FILE", "evaluate_model", "finding_row"]
+
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+
+
+def finding_row(f: Finding) -> dict[str, Any]:
+    """What the table shows of one finding: verdict, the scheme's own measure and its p-value."""
+    m = f.metrics
+    row: dict[str, Any] = {"detector": f.detector, "scheme": f.scheme, "verdict": f.verdict.value}
+    if f.detector == "greedy-residuals":
+        row.update(measure="detection rate", value=m.get("best_detection_rate"), log10_p=m.get("log10_combined_p"),
+                   layers_missing=m.get("layers_missing"))  # fmt: skip
+    elif f.detector == "hufunet":
+        row.update(measure="Acc_combined", value=m.get("acc_combined"), log10_p=m.get("log10_binomial_p"),
+                   diff_acc=m.get("diff_acc"), bit_identical=m.get("bit_identical_fraction"))  # fmt: skip
+    else:
+        row.update(measure="", value=None, log10_p=None)
+    if f.verdict.value in ("inconclusive", "error"):
+        row["why"] = f.summary
+    return row
+
+
+def _sha256(path: Path) -> str:
+    from auditor.hashing import sha256_file
+
+    return sha256_file(path) if path.is_file() else f"folder:{path.resolve()}"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class _Context:
+    """What every cell needs, loaded once."""
+
+    def __init__(self, model: Path, bundles: Sequence[Path], reference: Path | None, model_factory: str | None):
+        from auditor.bundle import load_bundle
+        from auditor.loading import load_model
+        from auditor.plugins import _data
+        from auditor.plugins.attacks.model_io import predictor
+
+        self.model, self.model_factory = model, model_factory
+        self.bundles = [load_bundle(Path(b)) for b in bundles]
+        self.reference = load_model(reference) if reference is not None else None
+        self.test = _data.digits().test
+        run = predictor(model, model_factory=model_factory)
+        self.original = run(self.test.tensors[0]) if run is not None else None
+
+    def audit(self, path: Path) -> dict[str, Any]:
+        """Accuracy, change of outputs, and the detectors' rows before and after restore."""
+        from auditor.detection import run_detectors
+        from auditor.loading import load_model
+        from auditor.plugins.attacks.model_io import predictor
+        from auditor.restoration import run_restorers
+
+        result: dict[str, Any] = {"accuracy": None, "max_output_change": None}
+        run = predictor(path, model_factory=self.model_factory)
+        if run is not None:
+            logits = run(self.test.tensors[0])
+            result["accuracy"] = float((logits.argmax(1) == self.test.tensors[1]).float().mean())
+            if self.original is not None and logits.shape == self.original.shape:
+                result["max_output_change"] = float((logits - self.original).abs().max())
+        graph = load_model(path)
+        result["direct"] = [finding_row(f) for f in run_detectors(graph, bundles=self.bundles)]
+        if self.reference is not None:
+            restored, log = run_restorers(graph, self.reference)
+            result["restore"] = [
+                {"restorer": e["restorer"], "status": e["status"], "acted": bool(e.get("log", {}).get("acted")),
+                 "reason": e.get("log", {}).get("reason", e.get("error", ""))} for e in log
+            ]  # fmt: skip
+            result["restored"] = [finding_row(f) for f in run_detectors(restored, bundles=self.bundles)]
+        return result
+
+
+def _run_cell(cell: Cell, ctx: _Context, work: Path, seed: int) -> dict[str, Any]:
+    from auditor.plugin_manager import registered
+
+    record: dict[str, Any] = {
+        "key": cell.key, "attack": cell.attack, "label": cell.label, "group": cell.group,
+        "options": dict(cell.options), "series": cell.series, "strength": cell.strength,
+    }  # fmt: skip
+    started = time.perf_counter()
+    target = ctx.model
+    try:
+        if cell.attack != BASELINE:
+            attack = registered("attacks")[cell.attack].component
+            assert isinstance(attack, Attack)  # the registry checked it
+            record["function_preserving"] = attack.function_preserving
+            target = work / f"attacked{cell.suffix}"
+            options = {"seed": seed, **cell.options, "overwrite": True}
+            if ctx.model_factory:
+                options["model_factory"] = ctx.model_factory
+            summary = attack.apply(ctx.model, target, options=options)
+            record["summary"] = {k: v for k, v in summary.items() if k not in ("input", "out", "attack", "options")}
+        record.update(ctx.audit(target), status="ok")
+    except AuditorError as exc:
+        record.update(status="error", error=str(exc))
+    except Exception as exc:  # one broken cell must not lose the evaluation
+        record.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=3))
+    finally:
+        if target != ctx.model:
+            target.unlink(missing_ok=True)
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    return record
+
+
+def _load_state(path: Path, identity: Mapping[str, Any], restart: bool) -> dict[str, Any]:
+    if path.exists() and not restart:
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise UsageError(f"{path}: the saved progress cannot be read; rerun with --restart") from None
+        if state.get("identity") != identity:
+            raise UsageError(f"{path.parent} holds an evaluation of other inputs or settings; use another --out "
+                             "or --restart")  # fmt: skip
+        return state
+    return {"version": STATE_VERSION, "identity": dict(identity), "cells": {}}
+
+
+def evaluate_model(
+    *,
+    model: Path,
+    bundles: Sequence[Path],
+    out_dir: Path,
+    reference: Path | None = None,
+    attacks: list[str] | None = None,
+    grid: str = "full",
+    model_factory: str | None = None,
+    seed: int = 0,
+    restart: bool = False,
+    progress: bool = False,
+    on_cell: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run the grid (``full`` or ``quick``, limited to ``attacks``) on ``model``; return the results
+    and write them under ``out_dir`` (see the module docstring). Cells already in ``out_dir``'s
+    state for the same inputs are not run again; ``restart`` starts afresh."""
+    from auditor.plugin_manager import registered
+    from auditor.plugins.attacks.render import write_outputs
+
+    if not bundles:
+        raise UsageError("name at least one owner bundle (--bundle)")
+    if grid not in ("full", "quick"):
+        raise UsageError(f"unknown grid {grid!r}; full or quick")
+    model, out_dir = Path(model), Path(out_dir)
+    ctx = _Context(model, bundles, reference, model_factory)
+    gr = next((str(Path(p).resolve()) for p, b in zip(bundles, ctx.bundles, strict=True)
+               if b.scheme == "greedy-residuals"), None)  # fmt: skip
+    cells = select((full_grid if grid == "full" else quick_grid)(gr_bundle=gr), attacks, registered("attacks"))
+    identity = {
+        "model_sha256": _sha256(model), "bundles_sha256": sorted(b.sha256 for b in ctx.bundles),
+        "reference_sha256": _sha256(reference) if reference is not None else None, "seed": seed,
+        "model_factory": model_factory,
+    }  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_path = out_dir / STATE_FILE
+    state = _load_state(state_path, identity, restart)
+    work = out_dir / "work"
+    work.mkdir(exist_ok=True)
+    todo = [c for c in cells if c.key not in state["cells"]]
+    started = time.perf_counter()
+    with _progress(progress, len(cells), len(cells) - len(todo)) as advance:
+        for cell in todo:
+            advance(cell.label, 0)
+            with _threads(1):
+                record = _run_cell(cell, ctx, work, seed)
+            state["cells"][cell.key] = record
+            _write_json(state_path, state)
+            if on_cell is not None:
+                on_cell(record)
+            advance(cell.label, 1)
+    shutil.rmtree(work, ignore_errors=True)
+    results = {
+        "model": str(model), "reference": str(reference) if reference else None,
+        "bundles": [{"path": str(p), "scheme": b.scheme, "sha256": b.sha256} for p, b in zip(bundles, ctx.bundles,
+                                                                                              strict=True)],
+        "identity": identity, "grid": grid, "seconds_this_run": round(time.perf_counter() - started, 1),
+        "cells": [state["cells"][c.key] for c in cells], "torch_threads": 1,
+    }  # fmt: skip
+    results["files"] = {k: str(v) for k, v in write_outputs(results, out_dir).items()}
+    return results
+
+
+class _threads:
+    """Small models run several times faster on one thread of a shared machine."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.before = n, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.before)
+
+
+class _progress:
+    def __init__(self, show: bool, total: int, done: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[cell]}"))  # fmt: skip
+        self.bar = Progress(*columns, console=Console(stderr=True), disable=not show)
+        self.task = self.bar.add_task("evaluate", total=total, completed=done, cell="")
+
+    def __enter__(self) -> Callable[[str, int], None]:
+        self.bar.__enter__()
+        return lambda label, step: self.bar.update(self.task, advance=step, cell=label)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(None, None, None)

@@ -1,0 +1,181 @@
+"""Channel attacks: the restore stage's function-preserving edits, kernel cut-off and supplement.
+
+The edits themselves are :mod:`auditor.plugins.restore.attacks`' (the very
+operations restore undoes); this module reads the file, finds a graph with
+real edges for them (:func:`~.model_io.working_graph`) and writes the result.
+Permutation, scaling, sign flips and expansion keep the model's function;
+cut-off removes channels and supplement adds channels that the next layer
+reads, which do not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from auditor.errors import UsageError
+from auditor.graph import LayerGraph
+from auditor.plugins.attacks._base import BuiltinAttack, Param
+from auditor.plugins.attacks.model_io import Source, read_model, runnable, save, working_graph
+from auditor.plugins.restore import attacks as edits
+from auditor.plugins.restore.channels import Tensors, graph_with_tensors, input_params
+
+__all__ = ["ChannelExpansion", "CutOff", "Permutation", "Scaling", "SignFlip", "Supplement"]
+
+
+def _prepare(model: Path, options: dict[str, Any]) -> tuple[Source, LayerGraph, str]:
+    source = read_model(model)
+    module = runnable(source.state_dict(), model_factory=options["model_factory"])
+    graph, edges_from = working_graph(source, module)
+    if not edits.free_spaces(graph):
+        raise UsageError(f"{model}: no channel of this model can move without changing its function "
+                         "(no convolution or linear layer feeds another)")  # fmt: skip
+    return source, graph, edges_from
+
+
+def _spaces(graph: LayerGraph) -> list[dict[str, Any]]:
+    return [{"producers": sp.producers, "width": sp.width} for sp in edits.free_spaces(graph)]
+
+
+class _ChannelAttack(BuiltinAttack):
+    def run(self, model: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
+        """Read, edit the channels, write."""
+        source, graph, edges_from = _prepare(model, options)
+        tensors, info = self.edit(graph, source.tensors, options)
+        save(source, tensors, out, model_factory=options["model_factory"])
+        return {"edges_from": edges_from, "spaces": _spaces(graph), **info}
+
+    def edit(self, graph: LayerGraph, tensors: Tensors, options: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
+        """The edited tensors and what was done."""
+        raise NotImplementedError
+
+
+class Permutation(_ChannelAttack):
+    """Every free channel space in a random order, readers following (structure adjustment)."""
+
+    id = "permute"
+    function_preserving = True
+    description = "Permute every layer's output channels and its readers' inputs (the model computes the same)."
+    paper = "GR Table 4; HufuNet Table 5 (structure adjustment)"
+
+    def edit(self, graph: LayerGraph, tensors: Tensors, options: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
+        """Permute."""
+        result, maps = edits.permute(graph, tensors, seed=options["seed"])
+        moved = sum(int((index != torch.arange(len(index))).sum()) for index in maps.values())
+        return result, {"channels_moved": moved}
+
+
+class Scaling(_ChannelAttack):
+    """Per-channel positive factors, compensated (parameter adjustment)."""
+
+    id = "scale"
+    function_preserving = True
+    description = "Multiply every channel by a random positive factor and compensate (the model computes the same)."
+    paper = "GR Table 5; HufuNet Table 6 (parameter adjustment)"
+    params = (
+        Param("low", 0.25, "Smallest factor (factors are log-uniform in [low, high]).", float),
+        Param("high", 4.0, "Largest factor.", float),
+        Param("before_norm", True, "Scale the convolution's own rows, absorbed by the batch-norm after it (true), "
+              "or the batch-norm's output, divided out of the next layer's inputs (false).", bool),
+    )  # fmt: skip
+
+    def edit(self, graph: LayerGraph, tensors: Tensors, options: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
+        """Scale."""
+        low, high = options["low"], options["high"]
+        if not 0 < low <= high:
+            raise UsageError(f"scale factors need 0 < low <= high, not low={low}, high={high}")
+        before = options["before_norm"]
+        result = edits.scale(graph, tensors, seed=options["seed"], low=low, high=high, before_norm=before)
+        return result, {"where": "before batch-norm" if options["before_norm"] else "after batch-norm"}
+
+
+class SignFlip(_ChannelAttack):
+    """A random fraction of the channels negated through the batch-norm after them."""
+
+    id = "sign-flip"
+    function_preserving = True
+    description = "Negate random channels together with the batch-norm after them (the model computes the same)."
+    paper = "restore spec: sign flip through batch-norm (GR reads it as inverted bits)"
+    params = (Param("fraction", 0.5, "Fraction of each layer's channels to negate.", float),)
+
+    def edit(self, graph: LayerGraph, tensors: Tensors, options: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
+        """Negate."""
+        return edits.negate(graph, tensors, seed=options["seed"], fraction=options["fraction"]), {}
+
+
+class ChannelExpansion(_ChannelAttack):
+    """Extra output channels for one layer whose readers' weights are zero (paper 002, Appendix B)."""
+
+    id = "expand"
+    function_preserving = True
+    description = "Add output channels to a layer with zero weights in the next layer (the model computes the same)."
+    paper = "HufuNet section 5.4 and Appendix B (channel expansion, A_inc * B_inc = 0)"
+    params = (
+        Param("layer", None, "The layer to widen (default: one chosen at random with the seed)."),
+        Param("extra", 0, "Channels to add (default 0: as many as it has, doubling it).", int),
+    )
+
+    def edit(self, graph: LayerGraph, tensors: Tensors, options: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
+        """Expand one space."""
+        producers = [sp.producers[0] for sp in edits.free_spaces(graph)]
+        layer = options["layer"]
+        if layer is None:
+            gen = torch.Generator().manual_seed(options["seed"])
+            layer = producers[int(torch.randint(len(producers), (1,), generator=gen))]
+        space = next((sp for sp in edits.free_spaces(graph) if layer in sp.producers), None)
+        if space is None:
+            raise UsageError(f"cannot widen {layer!r}: layers that can be widened: {', '.join(producers)}")
+        extra = options["extra"] or space.width
+        return edits.expand(graph, tensors, layer, extra, seed=options["seed"]), {"layer": layer, "added": extra}
+
+
+class CutOff(_ChannelAttack):
+    """A random fraction of every free space's channels removed (kernels cut-off)."""
+
+    id = "cut-off"
+    description = "Remove a random fraction of every layer's output channels and its readers' inputs."
+    paper = "HufuNet Table 4 (kernels cut-off, 2.3%-6.75% of the kernels)"
+    params = (Param("fraction", 0.05, "Fraction of each layer's channels to remove (at least one).", float),)
+
+    def edit(self, graph: LayerGraph, tensors: Tensors, options: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
+        """Cut off."""
+        if not 0 < options["fraction"] < 1:
+            raise UsageError(f"the fraction must be between 0 and 1, not {options['fraction']}")
+        result, removed = edits.cut_off(graph, tensors, options["fraction"], seed=options["seed"])
+        return result, {"removed": removed}
+
+
+class Supplement(_ChannelAttack):
+    """New channels in every free space that the next layer reads with random weights (kernels supplement)."""
+
+    id = "supplement"
+    description = "Add random output channels to every layer, read by the next layer with random weights."
+    paper = "HufuNet section 5.3 (kernels supplement)"
+    params = (
+        Param("fraction", 0.05, "Channels to add per layer, as a fraction of its width (at least one).", float),
+        Param("strength", 1.0, "The new input weights' spread, relative to the reader's existing weights.", float),
+    )
+
+    def edit(self, graph: LayerGraph, tensors: Tensors, options: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
+        """Expand every space and give the readers non-zero weights for the new channels."""
+        if not 0 < options["fraction"] < 1:
+            raise UsageError(f"the fraction must be between 0 and 1, not {options['fraction']}")
+        gen = torch.Generator().manual_seed(options["seed"])
+        added: dict[str, int] = {}
+        for producer in [sp.producers[0] for sp in edits.free_spaces(graph)]:
+            space = next(sp for sp in edits.free_spaces(graph) if producer in sp.producers)
+            k = max(1, round(options["fraction"] * space.width))
+            tensors = edits.expand(graph, tensors, producer, k, seed=options["seed"] + len(added))
+            for consumer in space.consumers:
+                for role in input_params(graph.layer(consumer.layer)):
+                    t = tensors[consumer.layer][role].clone()
+                    new = slice(consumer.offset + space.width * consumer.block,
+                                consumer.offset + (space.width + k) * consumer.block)  # fmt: skip
+                    spread = float(t.std()) * options["strength"]
+                    t[:, new] = torch.randn(t[:, new].shape, generator=gen) * spread
+                    tensors[consumer.layer][role] = t
+            graph = graph_with_tensors(graph, tensors)  # the next space sees the new widths
+            added[producer] = k
+        return tensors, {"added": added}
