@@ -40,33 +40,11 @@ from typing import Any
 
 import torch
 from _docs import ROOT, write_section
+from _models import ResNet18
 from safetensors.torch import save_file
 from torch import nn
 
-from auditor.plugins._zoo import BasicBlock
-
 HEADING = "## Restore: a permuted ResNet-18 against its reference"
-
-
-class ResNet18(nn.Module):
-    """ResNet-18 for 32x32 inputs (He et al. 2016; the CIFAR stem used by the paper's experiments)."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        stages, width = [], 64
-        for out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            stages.append(nn.Sequential(BasicBlock(width, out, stride), BasicBlock(out, out)))
-            width = out
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
 
 
 def peak_mib() -> float:

@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 
 from auditor.errors import UsageError
 
-__all__ = ["Dataset", "digits", "from_factory_result", "load_factory", "split", "tensors_sha256"]
+__all__ = ["Dataset", "digits", "from_factory_result", "load_factory", "owner_dataset", "split", "tensors_sha256"]
 
 
 @dataclass
@@ -179,3 +179,11 @@ def from_factory_result(result: Any, *, name: str) -> Dataset:
             raise UsageError(f"data factory {name!r}: the {which} set is empty")
     num_classes = int(max(int(train.tensors[-1].max()), int(test.tensors[-1].max()))) + 1
     return Dataset(name, train, test, num_classes, tuple(train.tensors[0].shape[1:]), None, tensors_sha256(test))
+
+
+def owner_dataset(data_factory: str | None) -> Dataset:
+    """The data an embedder or attack trains on: the owner's factory (``module:function``) if
+    given, else the bundled digits with the fixed split (seed 0), so accuracies compare across runs."""
+    if data_factory:
+        return from_factory_result(load_factory(data_factory)(), name=data_factory)
+    return digits()

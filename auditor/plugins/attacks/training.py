@@ -43,8 +43,7 @@ _TRAIN = (
 def thief_data(options: dict[str, Any]) -> TensorDataset:
     """The thief's training data (see the module docstring)."""
     if options["data_factory"]:
-        spec = options["data_factory"]
-        return _data.from_factory_result(_data.load_factory(spec)(), name=spec).train
+        return _data.owner_dataset(options["data_factory"]).train
     fraction = options["fraction"]
     if fraction >= 1.0:
         return _data.digits().train

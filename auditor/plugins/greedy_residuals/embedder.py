@@ -96,10 +96,7 @@ def embed_greedy_residuals(
     torch_device = _training.resolve_device(device)
     private_key = keys.load_private_key(Path(key), passphrase)
 
-    if data_factory:
-        dataset = _data.from_factory_result(_data.load_factory(data_factory)(), name=data_factory)
-    else:
-        dataset = _data.digits()  # the fixed split (seed 0): accuracies compare across training seeds
+    dataset = _data.owner_dataset(data_factory)
     torch.manual_seed(seed)
     model, architecture = _zoo.owner_model(
         arch, model_factory=model_factory, num_classes=dataset.num_classes, input_shape=dataset.input_shape

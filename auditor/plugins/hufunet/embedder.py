@@ -76,10 +76,7 @@ def embed_hufunet(
     net, secret = load_hufunet(Path(hufunet))
     key = hmac_key(secret, Path(hufunet))
 
-    if data_factory:
-        dataset = _data.from_factory_result(_data.load_factory(data_factory)(), name=data_factory)
-    else:
-        dataset = _data.digits()
+    dataset = _data.owner_dataset(data_factory)
     torch.manual_seed(seed)
     model, architecture = _zoo.owner_model(
         arch, model_factory=model_factory, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
@@ -92,7 +89,7 @@ def embed_hufunet(
     finally:
         embedded.frozen.detach()
     model.to("cpu")
-    if not embedded.frozen.intact():  # the freezing contract; a failure here is a bug, not bad input
+    if not embedded.frozen.intact():  # checked before any file is written; write_bundle checks the release too
         raise RuntimeError("EPH did not come out of training bit-identical")
     test_accuracy = _training.evaluate(model, dataset.test, "cpu")
     paths = _training.save_model(model, out_dir, MODEL_STEM, overwrite=overwrite)
