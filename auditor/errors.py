@@ -22,7 +22,9 @@ EXIT_INTERNAL = 70
 
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success (for an audit: the watermark was found)",
-    EXIT_NOT_FOUND: "audit completed: no watermark found",
+    EXIT_NOT_FOUND: (
+        "audit completed: no watermark found; `report verify`: the report was altered or its signature does not verify"
+    ),
     EXIT_USAGE: "bad command line (unknown option, missing argument)",
     EXIT_INCONCLUSIVE: "audit completed: inconclusive",
     EXIT_INPUT: "input error: a file is missing, unreadable, truncated, malformed or of an unknown format",

@@ -14,8 +14,8 @@ times after one untimed round (warm page cache for everyone):
 * ``auditor audit MODEL --bundle B --out report.html`` in a fresh interpreter:
   load, hash, detect, render and seal the report, write HTML and JSON;
 * ``auditor --version``: the interpreter's, torch's and the plugins' start-up,
-  which every command pays whatever the file, and ``import torch`` and
-  ``import scipy.stats`` alone, its two largest parts;
+  which every command pays whatever the file, and ``import torch`` alone, its
+  largest part;
 * the audit in this process (imports done): ``audit_suspect`` + ``build_report``
   + ``write_report``, with the bytes it read through ``read()`` (from
   ``/proc/self/io``) and the tensors the detector asked for.
@@ -153,7 +153,6 @@ def main() -> None:
             "audit": [*auditor, "audit", str(model), "--bundle", str(bundle), "--out", str(folder / "cli.html")],
             "startup": [*auditor, "--version"],
             "torch": [sys.executable, "-c", "import torch"],
-            "scipy": [sys.executable, "-c", "import scipy.stats"],
         }
         audit_here = in_process(model, bundle, folder)
         times: dict[str, list[float]] = {name: [] for name in [*commands, "in_process", "hashlib"]}
@@ -195,8 +194,6 @@ def main() -> None:
             f"| of which start-up alone (`auditor --version`: Python, torch, plugins) | {s(times['startup'])}"
             f" | {med['startup'] / med['sha256sum']:.2f} |",
             f"| &nbsp; of which `import torch` alone | {s(times['torch'])} | {med['torch'] / med['sha256sum']:.2f} |",
-            "| &nbsp; of which `import scipy.stats` alone (`greedy_residuals.stats` imports it at start-up)"
-            f" | {s(times['scipy'])} | {med['scipy'] / med['sha256sum']:.2f} |",
             "| the same audit in a running process (load, hash, detect, render, seal, write)"
             f" | {s(times['in_process'])} | {ratio_here:.2f} |",
             f"| hashlib SHA-256 of the file alone, in process | {s(times['hashlib'])}"
@@ -205,8 +202,8 @@ def main() -> None:
             f"Target: the audit at most {TARGET:.1f} x `sha256sum`; "
             + ("met" if ratio_cli <= TARGET else "NOT met")
             + f" ({ratio_cli:.2f} for the command, {ratio_here:.2f} in process). The command's time is start-up"
-            f" ({med['startup']:.2f} s, {med['startup'] / med['audit']:.0%} of it: Python, torch, scipy.stats and the"
-            " plugins, paid by every command whatever the file) plus the audit itself. The file is read once: in the"
+            f" ({med['startup']:.2f} s, {med['startup'] / med['audit']:.0%} of it: Python, torch and the plugins,"
+            " paid by every command whatever the file) plus the audit itself. The file is read once: in the"
             f" last in-process run the audit read {details['read'] / size:.2f} x the file's size through `read()`"
             f" (the hash; /proc/self/io), and the detector read only {names} ({tensor_bytes / 1e6:.0f} MB,"
             f" {tensor_bytes / size:.0%} of the file) through the memory map while the hash ran in a background"

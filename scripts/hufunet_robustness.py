@@ -12,6 +12,7 @@ rates, the largest being the "large rate, then anneal" attack (cosine).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import tempfile
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = args.out or Path(tempfile.mkdtemp(prefix="hufunet-robustness-"))
-    generate_hufunet(out=out / "secret.json", seed=0, overwrite=True)
+    key = hashlib.sha256(b"hufunet_robustness owner key").digest()  # fixed, so the figures repeat
+    generate_hufunet(out=out / "secret.json", seed=0, overwrite=True, hmac_key=key)
     embed_hufunet(hufunet=out / "secret.json", out_dir=out / "owner", device="cpu", overwrite=True)
     bundle = load_bundle(out / "owner" / "owner_bundle.json")
     released = load_file(out / "owner" / "model.safetensors")

@@ -12,7 +12,6 @@ bundles with the released model as the restore reference.
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import os
 import platform
@@ -38,10 +37,9 @@ def make_owner(folder: Path, seed: int = 0) -> dict[str, Path]:
     from auditor.plugins.hufunet.owner import plant, write_bundle
 
     folder.mkdir(parents=True, exist_ok=True)
-    generate_hufunet(out=folder / "hufunet_secret.json", seed=seed, overwrite=True)
+    key = hashlib.sha256(f"owner placement key {seed}".encode()).digest()  # fixed, so the figures repeat
+    generate_hufunet(out=folder / "hufunet_secret.json", seed=seed, overwrite=True, hmac_key=key)
     net, secret = load_hufunet(folder / "hufunet_secret.json")
-    key = hashlib.sha256(f"owner placement key {seed}".encode()).digest()
-    secret["hmac_key"] = base64.b64encode(key).decode()
     data = _data.digits()
     torch.manual_seed(seed)
     model = _zoo.build("cnn", width=2)

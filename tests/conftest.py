@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -36,6 +38,9 @@ def one_thread() -> Iterator[None]:
     yield
     torch.set_num_threads(threads)
 
+
+#: The test HufuNet owner's HMAC key: fixed, so that its EPH positions (and every figure) repeat.
+TEST_HMAC_KEY = hashlib.sha256(b"auditor tests: the HufuNet owner's key").digest()
 
 GR_MESSAGE = "(c) 2025 Alice Example Labs: SmallCNN digits model"
 
@@ -85,7 +90,7 @@ def hufunet_owner(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     try:
         out = tmp_path_factory.mktemp("hufunet_owner")
         secret = out / "hufunet_secret.json"
-        generate_hufunet(out=secret, seed=0)
+        generate_hufunet(out=secret, seed=0, hmac_key=TEST_HMAC_KEY)
         summary = embed_hufunet(hufunet=secret, out_dir=out / "owner", epochs=12, seed=0, device="cpu")
         net, payload = load_hufunet(secret)
         return SimpleNamespace(
@@ -95,3 +100,17 @@ def hufunet_owner(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def owner_factories(tmp_path: Path) -> dict[str, str]:
+    """An owner's own model and data (``module:function`` options): a small MLP over 12 features and
+    three separable classes, 60 training and 30 test examples."""
+    (tmp_path / "mine.py").write_text(
+        "import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
+        "def model():\n    return nn.Sequential(nn.Flatten(), nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 3))\n"
+        "def data():\n    g = torch.Generator().manual_seed(0)\n"
+        "    x = torch.randn(90, 12, generator=g); y = torch.arange(90) % 3; x[:, 0] += 3 * y\n"
+        "    return TensorDataset(x[:60], y[:60]), TensorDataset(x[60:], y[60:])\n"
+    )
+    return {"model_factory": f"{tmp_path / 'mine.py'}:model", "data_factory": f"{tmp_path / 'mine.py'}:data"}

@@ -147,7 +147,7 @@ def cnn_secrets(zoo: dict[str, SimpleNamespace], tmp_path_factory: pytest.TempPa
     wm = GreedyResidualsWatermark.create(m.model, private_key=ed25519.Ed25519PrivateKey.from_private_bytes(
         bytes(32)), message="(c) test")  # fmt: skip
     wm.save_bundle(out / "gr.json", m.model, model_file=m.files["safetensors"])
-    generate_hufunet(out=out / "hufunet.json", seed=0, epochs=20)
+    generate_hufunet(out=out / "hufunet.json", seed=0, epochs=20, hmac_key=hashlib.sha256(b"attack tests").digest())
     return SimpleNamespace(gr=out / "gr.json", hufunet=out / "hufunet.json")
 
 

@@ -44,4 +44,4 @@ def test_every_hook_has_a_docstring() -> None:
 def test_readme_lists_every_exit_code() -> None:
     readme = (ROOT / "README.md").read_text()
     rows = dict(re.findall(r"^\| (\d+) \| (.+?) \|$", readme, re.M))
-    assert {int(k) for k in rows} == set(EXIT_CODES)
+    assert {int(k): v for k, v in rows.items()} == EXIT_CODES

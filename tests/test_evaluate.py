@@ -97,3 +97,24 @@ def test_the_full_grid_covers_every_attack() -> None:
     assert "forge-gr" not in {c.attack for c in full_grid()}  # no Greedy Residuals bundle: nothing to forge against
     with pytest.raises(UsageError, match="unknown attack"):
         select(cells, ["no-such-attack"], known)
+
+
+def test_owner_factories_give_the_accuracy_and_the_thiefs_data(tmp_path: Path, owner_factories: dict[str, str]) -> None:
+    """With the owner's own model and data, accuracy is measured on the owner's test split (not on
+    digits) and the fine-tuning attacks train on the owner's data."""
+    from auditor import keys
+    from auditor.plugins.greedy_residuals.embedder import GreedyResidualsEmbedder
+
+    pair = keys.generate_keypair(tmp_path / "keys", passphrase=None)
+    summary = GreedyResidualsEmbedder().embed(
+        out_dir=tmp_path / "owner",
+        options={"key": pair.private, "message": "(c) C", "epochs": 3, "device": "cpu", **owner_factories},
+    )
+    model = tmp_path / "owner" / "model.safetensors"
+    results = evaluate_model(model=model, bundles=[tmp_path / "owner" / "owner_bundle.json"], out_dir=tmp_path / "e",
+                             attacks=["fine-tune"], **owner_factories)  # fmt: skip
+    cells = results["cells"]
+    assert [c["status"] for c in cells] == ["ok"] * len(cells) and len(cells) > 1
+    assert cells[0]["accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert all(round(c["accuracy"] * 30, 4).is_integer() for c in cells), [c["accuracy"] for c in cells]  # 30 tests
+    assert all(c["summary"]["train_size"] == 60 for c in cells[1:]), [c["summary"] for c in cells[1:]]

@@ -349,19 +349,13 @@ def test_embed_cli_wrong_passphrase(
     assert not (tmp_path / "o").exists()
 
 
-def test_embed_with_owner_factories(tmp_path: Path, key_files: keys.KeyPairPaths) -> None:
-    (tmp_path / "mine.py").write_text(
-        "import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
-        "def model():\n    return nn.Sequential(nn.Flatten(), nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 3))\n"
-        "def data():\n    g = torch.Generator().manual_seed(0)\n"
-        "    x = torch.randn(90, 12, generator=g); y = torch.arange(90) % 3; x[:, 0] += 3 * y\n"
-        "    return TensorDataset(x[:60], y[:60]), TensorDataset(x[60:], y[60:])\n"
-    )
+def test_embed_with_owner_factories(
+    tmp_path: Path, key_files: keys.KeyPairPaths, owner_factories: dict[str, str]
+) -> None:
     summary = GreedyResidualsEmbedder().embed(
         out_dir=tmp_path / "out",
         options={"key": key_files.private, "passphrase": PASSPHRASE, "message": "(c) C", "epochs": 2,
-                 "model_factory": f"{tmp_path / 'mine.py'}:model", "data_factory": f"{tmp_path / 'mine.py'}:data",
-                 "device": "cpu"},
+                 "device": "cpu", **owner_factories},
     )  # fmt: skip
     assert list(summary["rates"]) == ["1.weight"]  # 768 weights; the head is excluded
     assert summary["dataset"] == f"{tmp_path / 'mine.py'}:data" and summary["test_size"] == 30

@@ -50,13 +50,15 @@ def test_tail_in_log_space_for_all_bits() -> None:
     assert stats.two_sided_p(4096, 4096).log10 == pytest.approx(-4095 * math.log10(2), rel=1e-12)
 
 
-@pytest.mark.parametrize("k", [0, 5, 48, 88, 127, 128, 129, 168, 208, 251, 256])
-def test_two_sided_p_matches_binomtest(k: int) -> None:
-    p = stats.two_sided_p(k, 256)
-    reference = sps.binomtest(k, 256, 0.5, alternative="two-sided").pvalue
-    assert p.value == pytest.approx(reference, rel=1e-9)
-    assert p.log10 == pytest.approx(math.log10(min(1.0, reference)), abs=1e-9)
-    assert stats.two_sided_p(256 - k, 256).log10 == pytest.approx(p.log10)  # symmetric: inverted counts
+@pytest.mark.parametrize("b", [256, 255, 7, 1])
+def test_two_sided_p_matches_binomtest(b: int) -> None:
+    ks = {0, 1, b // 5, b // 2 - 1, b // 2, (b + 1) // 2, b // 2 + 1, 2 * b // 3, b - 1, b}
+    for k in sorted(ks & set(range(b + 1))):
+        p = stats.two_sided_p(k, b)
+        reference = sps.binomtest(k, b, 0.5, alternative="two-sided").pvalue
+        assert p.value == pytest.approx(reference, rel=1e-9), (k, b)
+        assert p.log10 == pytest.approx(math.log10(min(1.0, reference)), abs=1e-9), (k, b)
+        assert stats.two_sided_p(b - k, b).log10 == pytest.approx(p.log10)  # symmetric: inverted counts
 
 
 def test_threshold_needs_168_of_256_in_one_layer() -> None:

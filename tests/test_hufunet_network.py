@@ -73,6 +73,60 @@ def test_eph_sph_split_and_assemble_round_trip() -> None:
         assemble(kernels, {"weight": torch.zeros(10, 9), "bias": torch.zeros(10)}, DIGITS_WIDTHS, 1)
 
 
+def test_kernel_dropout_acts_only_in_training() -> None:
+    torch.manual_seed(0)
+    plain = HufuNet()
+    dropping = HufuNet(kernel_dropout=0.5)
+    dropping.load_state_dict(plain.state_dict())
+    x = torch.rand(8, 1, 8, 8)
+    plain.eval()
+    dropping.eval()
+    assert torch.equal(dropping(x), plain(x))
+    dropping.train()
+    first, second = dropping(x), dropping(x)
+    assert not torch.allclose(first, second) and not torch.allclose(first, plain(x))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(UsageError, match="kernel dropout"):
+            HufuNet(kernel_dropout=bad)
+
+
+def _zeroed_kernel_accuracies(net: HufuNet, fraction: float, seeds: int = 5) -> list[float]:
+    """Accuracies of ``net`` with a random ``fraction`` of every convolution's kernels zeroed."""
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    out = []
+    for seed in range(seeds):
+        gen_ = torch.Generator().manual_seed(seed)
+        damaged = {
+            k: v * (torch.rand(v.shape[:2], generator=gen_) >= fraction)[..., None, None]
+            if k.startswith("convs")
+            else v
+            for k, v in state.items()
+        }
+        net.load_state_dict(damaged)
+        out.append(accuracy(net, _data.digits()))
+    net.load_state_dict(state)
+    return out
+
+
+def test_kernel_dropout_makes_the_network_tolerate_lost_kernels(
+    owner: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    """A tenth of the kernels zeroed (what a 5% channel cut-off of the host costs EPH, padded
+    back as zeros) keeps the default network within the detector's tau of its accuracy; the same
+    network trained without kernel dropout is not."""
+    from auditor.plugins.hufunet.detector import TAU_ACC
+
+    net, payload = gen.load_hufunet(owner[0])
+    assert payload["training"]["kernel_dropout"] == gen.DEFAULTS["kernel_dropout"] > 0
+    robust = _zeroed_kernel_accuracies(net, 0.1)
+    assert min(robust) >= payload["acc_original"] - TAU_ACC, robust
+    gen.generate_hufunet(out=tmp_path / "plain.json", kernel_dropout=0.0)
+    plain_net, plain = gen.load_hufunet(tmp_path / "plain.json")
+    fragile = _zeroed_kernel_accuracies(plain_net, 0.1)
+    assert plain["training"]["kernel_dropout"] == 0.0
+    assert min(fragile) < plain["acc_original"] - TAU_ACC and sorted(fragile)[2] < sorted(robust)[2], (fragile, robust)
+
+
 @pytest.fixture(scope="module")
 def owner(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Iterator[tuple[Path, dict[str, Any]]]:
     path = tmp_path_factory.mktemp("hufunet") / "hufunet.secret.json"

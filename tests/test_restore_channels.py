@@ -23,7 +23,7 @@ from auditor.bases import Restorer
 from auditor.errors import UsageError
 from auditor.graph import LayerGraph
 from auditor.loading import load_model
-from auditor.plugins.restore import attacks
+from auditor.plugins.restore import attacks, factors
 from auditor.plugins.restore.align import align_layers
 from auditor.plugins.restore.channels import (
     Consumer,
@@ -33,7 +33,7 @@ from auditor.plugins.restore.channels import (
     tensors_of,
 )
 from auditor.plugins.restore.plugin import ChannelRestorer, FoldRestorer, ScaleRestorer
-from auditor.plugins.restore.similarity import assign
+from auditor.plugins.restore.similarity import abs_cosine, assign, masked_abs_cosine
 from auditor.restoration import run_restorers
 
 
@@ -222,3 +222,25 @@ def test_assignment_is_one_to_one_and_rectangular() -> None:
     assert pair.tolist() == pytest.approx([0.95, 0.8, 0.0])
     index, _ = assign(torch.tensor([[0.9], [0.3]]).T, min_pair=0.5)  # 1 suspect, 2 reference: 0.3 is no pair
     assert index.tolist() == [0, -1]
+
+
+def test_zeros_are_no_evidence_of_match_or_scale() -> None:
+    """A pruned row matches its own reference row at exactly 1 and keeps factor 1; dense rows
+    compare as with the plain |cosine|; a scaled pruned row gives its scale."""
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(6, 40, generator=gen)
+    pruned = ref * (torch.rand(6, 40, generator=gen) > 0.8)  # about 80% zeroed
+    masked = masked_abs_cosine(pruned, ref)
+    assert torch.allclose(masked.diagonal(), torch.ones(6))
+    assert float(masked.diagonal().min()) > float((masked - torch.eye(6) * 9).max())  # itself beats the rest
+    assert float(abs_cosine(pruned, ref).diagonal().max()) < 0.9  # plainly compared, pruning looks like a change
+    dense = torch.randn(6, 40, generator=gen)
+    assert torch.allclose(masked_abs_cosine(dense, ref), abs_cosine(dense, ref), atol=1e-6)
+    assert torch.allclose(factors.least_squares_factors(pruned, ref), torch.ones(6, dtype=torch.float64))
+    scale = torch.tensor([0.5, 2.0, -1.0, 3.0, 1.0, 0.25])
+    got = factors.least_squares_factors(pruned * scale[:, None], ref)
+    assert torch.allclose(got, scale.to(torch.float64), atol=1e-6)
+    reader = torch.randn(8, 5, 9, generator=gen)  # a reader's weights: rows x input channels x kernel
+    d = torch.tensor([0.5, 2.0, 1.0, 4.0, 0.8])
+    pruned_reader = reader * d[None, :, None] * (torch.rand(8, 5, 9, generator=gen) > 0.7)
+    assert torch.allclose(factors.column_factors(pruned_reader, reader), d.to(torch.float64), rtol=1e-5)

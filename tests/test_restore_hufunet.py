@@ -1,5 +1,6 @@
 """Restore before retrieve for HufuNet: a permuted, negated and batch-norm-folded copy of the
-owner's model is read back to the owner's EPH after restore, and not before."""
+owner's model is read back to the owner's EPH after restore, and not before; a 5% channel cut-off
+verifies after padding; a pruned copy is left alone."""
 
 from __future__ import annotations
 
@@ -9,16 +10,19 @@ import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from auditor.findings import Verdict
 from auditor.loading import load_model
 from auditor.plugins import _zoo
-from auditor.plugins.hufunet.detector import audit_bundle
+from auditor.plugins.hufunet.detector import TAU_ACC, audit_bundle
+from auditor.plugins.restore import attacks
 from auditor.plugins.restore.attacks import negate, permute
 from auditor.plugins.restore.channels import tensors_of
 from auditor.restoration import run_restorers
+from tests.test_restore_attacks import cnn_from, export, nested
 
 
 def _stolen_onnx(owner: SimpleNamespace, out: Path) -> Path:
@@ -52,3 +56,52 @@ def test_hufunet_is_found_after_restore_and_not_before(tmp_path: Path, hufunet_o
     assert after.metrics["diff_acc"] < 0.01
     # folding and unfolding round floats: the kernels come back close, not necessarily bit for bit
     assert after.metrics["acc_combined"] >= hufunet_owner.payload["acc_original"] - 0.01
+
+
+def _owner_cnn(owner: SimpleNamespace) -> torch.nn.Module:
+    model = _zoo.build("cnn", width=2)
+    model.load_state_dict(load_file(owner.model_file))
+    return model.eval()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_hufunet_verifies_after_a_5_percent_cut_off(
+    tmp_path: Path, hufunet_owner: SimpleNamespace, seed: int
+) -> None:
+    """5% of every layer's channels cut off (the paper's Table 4 cuts 2.3-6.75%): the host's shapes no
+    longer fit the bundle until restore pads the missing channels with zeros; then HufuNet verifies."""
+    model = _owner_cnn(hufunet_owner)
+    graph = load_model(export(model, tmp_path / "unfolded.onnx", fold=False))
+    cut, removed = attacks.cut_off(graph, nested(model), 0.05, seed=seed)
+    path = tmp_path / "cut.safetensors"
+    save_file({k: v.contiguous() for k, v in cnn_from(cut).state_dict().items()}, str(path))
+    suspect = load_model(path)
+    assert audit_bundle(suspect, hufunet_owner.bundle, {}).verdict is Verdict.INCONCLUSIVE
+    restored, log = run_restorers(suspect, load_model(hufunet_owner.model_file))
+    rows = {row["name"]: row for row in log[0]["log"]["layers"]}
+    assert all(rows[layer]["padded_channels"] == channels for layer, channels in removed.items())
+    after = audit_bundle(restored, hufunet_owner.bundle, {})
+    assert after.verdict is Verdict.DETECTED, after.summary
+    assert after.metrics["diff_acc"] <= TAU_ACC
+
+
+def test_restore_leaves_a_pruned_copy_alone(tmp_path: Path, hufunet_owner: SimpleNamespace) -> None:
+    """Magnitude pruning (80% of every convolution) is not a permutation nor a scaling: zeroed weights
+    are no evidence against a channel's match nor of its scale, so restore moves and rescales nothing
+    and HufuNet reads the same kernels after it as before."""
+    state = {k: v.clone() for k, v in _owner_cnn(hufunet_owner).state_dict().items()}
+    for key, value in state.items():
+        if value.ndim == 4:
+            cut = value.abs().flatten().kthvalue(int(0.8 * value.numel())).values
+            value[value.abs() <= cut] = 0.0
+    path = tmp_path / "pruned.safetensors"
+    save_file(state, str(path))
+    suspect = load_model(path)
+    before = audit_bundle(suspect, hufunet_owner.bundle, {})
+    restored, log = run_restorers(suspect, load_model(hufunet_owner.model_file))
+    assert {e["restorer"]: e["log"]["acted"] for e in log} == dict.fromkeys(
+        ("restore-channels", "restore-fold", "restore-scale"), False
+    )
+    after = audit_bundle(restored, hufunet_owner.bundle, {})
+    assert before.verdict is after.verdict is Verdict.DETECTED
+    assert after.metrics["acc_combined"] == before.metrics["acc_combined"]

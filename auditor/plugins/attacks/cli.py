@@ -121,6 +121,7 @@ def evaluate(  # noqa: PLR0917
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for state.json and the robustness table.")] = Path(
         "robustness"),
     model_factory: opt.ModelFactory = None,
+    data_factory: opt.DataFactory = None,
     seed: opt.Seed = 0,
     restart: Annotated[bool, typer.Option("--restart", help="Forget the progress saved in --out.")] = False,
     no_progress: opt.NoProgress = False,
@@ -133,7 +134,8 @@ def evaluate(  # noqa: PLR0917
 
     chosen = [a.strip() for item in attacks or [] for a in item.split(",") if a.strip()]
     results = evaluate_model(model=model, bundles=bundle, out_dir=out_dir, reference=reference, attacks=chosen,
-                             grid=grid, model_factory=model_factory, seed=seed, restart=restart,
+                             grid=grid, model_factory=model_factory, data_factory=data_factory, seed=seed,
+                             restart=restart,
                              progress=not no_progress)  # fmt: skip
     if as_json:
         _emit_json({k: v for k, v in results.items() if k != "cells"} | {"summary": summary(results)})

@@ -3,7 +3,9 @@
 Per cell: the attack writes the attacked model to a temporary file; the file
 is loaded with the safe loaders, audited by every detector (``direct``) and,
 with a reference model, again after the restore stage (``restored``); its
-accuracy is measured on the digits test split when it can be run. Each
+accuracy is measured on the test split of ``data_factory`` (the owner's data)
+or of the bundled digits when it can be run; attacks that train are given
+the same factory (the thief's data is the owner's train split). Each
 finished cell is written at once to ``state.json`` in the output folder, so an
 interrupted run picks up where it stopped; ``robustness.json``, ``.md`` and
 ``.html`` are written at the end (:mod:`.render`).
@@ -65,16 +67,23 @@ def _write_json(path: Path, data: Any) -> None:
 class _Context:
     """What every cell needs, loaded once."""
 
-    def __init__(self, model: Path, bundles: Sequence[Path], reference: Path | None, model_factory: str | None):
+    def __init__(
+        self,
+        model: Path,
+        bundles: Sequence[Path],
+        reference: Path | None,
+        model_factory: str | None,
+        data_factory: str | None = None,
+    ):
         from auditor.bundle import load_bundle
         from auditor.loading import load_model
         from auditor.plugins import _data
         from auditor.plugins.attacks.model_io import predictor
 
-        self.model, self.model_factory = model, model_factory
+        self.model, self.model_factory, self.data_factory = model, model_factory, data_factory
         self.bundles = [load_bundle(Path(b)) for b in bundles]
         self.reference = load_model(reference) if reference is not None else None
-        self.test = _data.digits().test
+        self.test = _data.owner_dataset(data_factory).test
         run = predictor(model, model_factory=model_factory)
         self.original = run(self.test.tensors[0]) if run is not None else None
 
@@ -122,6 +131,8 @@ def _run_cell(cell: Cell, ctx: _Context, work: Path, seed: int) -> dict[str, Any
             options = {"seed": seed, **cell.options, "overwrite": True}
             if ctx.model_factory:
                 options["model_factory"] = ctx.model_factory
+            if ctx.data_factory and any(p.name == "data_factory" for p in getattr(attack, "params", ())):
+                options["data_factory"] = ctx.data_factory
             summary = attack.apply(ctx.model, target, options=options)
             record["summary"] = {k: v for k, v in summary.items() if k not in ("input", "out", "attack", "options")}
         record.update(ctx.audit(target), status="ok")
@@ -158,6 +169,7 @@ def evaluate_model(
     attacks: list[str] | None = None,
     grid: str = "full",
     model_factory: str | None = None,
+    data_factory: str | None = None,
     seed: int = 0,
     restart: bool = False,
     progress: bool = False,
@@ -174,14 +186,14 @@ def evaluate_model(
     if grid not in ("full", "quick"):
         raise UsageError(f"unknown grid {grid!r}; full or quick")
     model, out_dir = Path(model), Path(out_dir)
-    ctx = _Context(model, bundles, reference, model_factory)
+    ctx = _Context(model, bundles, reference, model_factory, data_factory)
     gr = next((str(Path(p).resolve()) for p, b in zip(bundles, ctx.bundles, strict=True)
                if b.scheme == "greedy-residuals"), None)  # fmt: skip
     cells = select((full_grid if grid == "full" else quick_grid)(gr_bundle=gr), attacks, registered("attacks"))
     identity = {
         "model_sha256": _sha256(model), "bundles_sha256": sorted(b.sha256 for b in ctx.bundles),
         "reference_sha256": _sha256(reference) if reference is not None else None, "seed": seed,
-        "model_factory": model_factory,
+        "model_factory": model_factory, "data_factory": data_factory,
     }  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / STATE_FILE

@@ -193,12 +193,10 @@ class OverwriteHufuNet(BuiltinAttack):
         found = _stolen(model, options, "overwriting")
         with tempfile.TemporaryDirectory(prefix="auditor-adversary-") as tmp:
             secret_file = Path(options["hufunet"] or Path(tmp) / "adversary_hufunet.json")
-            if not options["hufunet"]:
-                generate_hufunet(out=secret_file, seed=options["seed"] + 1)
-            net, secret = load_hufunet(secret_file)
             if not options["hufunet"]:  # a key from the seed, so the attack is repeatable
                 derived = hashlib.sha256(f"adversary {options['seed']}".encode()).digest()
-                secret["hmac_key"] = base64.b64encode(derived).decode()
+                generate_hufunet(out=secret_file, seed=options["seed"] + 1, hmac_key=derived)
+            net, secret = load_hufunet(secret_file)
             key = base64.b64decode(secret["hmac_key"])
             embedded = plant(found.module, net, key)
             try:

@@ -63,22 +63,23 @@ def binomial_tail(k: int, b: int) -> Probability:
 
 
 def two_sided_p(k: int, b: int) -> Probability:
-    """Two-sided binomial test of k matches out of b against p = 1/2.
+    """Two-sided binomial test of k matches out of b against p = 1/2, exact.
 
-    The float is scipy's ``binomtest(k, b, 0.5, alternative="two-sided")``; the
-    log10 is exact: for p = 1/2 the test is symmetric, so the p-value is
-    ``min(1, 2 * P(X >= max(k, b - k)))``.
+    For p = 1/2 the distribution is symmetric, so the p-value (the probability
+    of an outcome no more likely than k) is ``min(1, 2 * P(X >= max(k, b - k)))``,
+    and exactly 1 when k = b / 2. It equals scipy's
+    ``binomtest(k, b, 0.5, alternative="two-sided").pvalue`` (tested), without
+    scipy.stats' second of import time.
     """
     if not 0 <= k <= b:
         raise ValueError(f"k={k} is not between 0 and b={b}")
-    from scipy import stats  # imported here: scipy.stats costs about a second of every command's start-up
-
-    value = float(stats.binomtest(k, b, 0.5, alternative="two-sided").pvalue)
     extreme = max(k, b - k)
     if 2 * extreme == b:
-        return Probability(min(1.0, value), 0.0)
-    log10 = min(0.0, _LOG10_2 + binomial_tail(extreme, b).log10)
-    return Probability(min(1.0, value), log10)
+        return Probability(1.0, 0.0)
+    count = 2 * _tail_count(extreme, b)
+    if count >= 2**b:
+        return Probability(1.0, 0.0)
+    return Probability(value=float(Fraction(count, 2**b)), log10=math.log10(count) - b * _LOG10_2)
 
 
 def forging_bound(k: int, b: int, *, layers: int, cells: int) -> Probability:

@@ -75,13 +75,28 @@ def eph_count(widths: Sequence[int], in_channels: int = 1) -> int:
 
 class HufuNet(nn.Module):
     """Five bias-free 3x3 convolutions with ReLU (``convs``), max-pooling after conv2 and
-    conv3, global average pooling, and one fully connected layer with bias (``fc``)."""
+    conv3, global average pooling, and one fully connected layer with bias (``fc``).
 
-    def __init__(self, widths: Sequence[int] = DIGITS_WIDTHS, *, in_channels: int = 1, num_classes: int = 10) -> None:
+    ``kernel_dropout`` is the chance that a 3x3 kernel is zeroed in a training step (the
+    kept ones scaled up to match); it does nothing in evaluation. A network trained so
+    tolerates kernels lost from the host: a cut-off channel comes back from restore as zero
+    kernels, and pruning zeroes weights (docs/hufunet.md, "Kernel dropout")."""
+
+    def __init__(
+        self,
+        widths: Sequence[int] = DIGITS_WIDTHS,
+        *,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        kernel_dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.widths = check_shape(widths, in_channels, num_classes)
+        if not 0.0 <= kernel_dropout < 1.0:
+            raise UsageError(f"kernel dropout must be in [0, 1), not {kernel_dropout}")
         self.in_channels = in_channels
         self.num_classes = num_classes
+        self.kernel_dropout = kernel_dropout
         chans = (in_channels, *self.widths)
         self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1, bias=False) for a, b in itertools.pairwise(chans))
         self.fc = nn.Linear(self.widths[-1], num_classes)
@@ -92,8 +107,12 @@ class HufuNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits of a batch ``(B, in_channels, H, W)``; H and W at least 4."""
-        for i, conv in enumerate(self.convs):
-            x = F.relu(conv(x))
+        for i, conv in enumerate(self.conv_layers()):
+            weight = conv.weight
+            if self.training and self.kernel_dropout > 0:
+                keep = torch.rand(weight.shape[:2], device=weight.device) >= self.kernel_dropout
+                weight = weight * (keep.to(weight.dtype) / (1.0 - self.kernel_dropout))[..., None, None]
+            x = F.relu(F.conv2d(x, weight, padding=1))
             if i in POOL_AFTER:
                 x = F.max_pool2d(x, 2)
         return self.fc(x.mean(dim=(2, 3)))

@@ -16,28 +16,20 @@ import torch
 
 __all__ = [
     "ALS_ROUNDS", "channel_shape", "column_factors", "combine", "least_squares_factors", "log_entry",
-    "merge_entries", "row_factors", "significant",
+    "merge_entries", "significant",
 ]  # fmt: skip
 
 
 def least_squares_factors(suspect_rows: torch.Tensor, reference_rows: torch.Tensor) -> torch.Tensor:
-    """Per row, the factor ``a`` minimising ``|s - a r|``; NaN where either row is zero."""
+    """Per row, the factor ``a`` minimising ``|s - a r|`` over the suspect's non-zero entries; NaN where
+    either row is zero. A zero says nothing about scale: a pruned weight or a cut-off input is zero
+    whatever the channel's factor, and counting it would pull every factor towards 0 (a pruned
+    model's rows would look shrunk, and be blown up by their kept fraction)."""
     s = suspect_rows.reshape(suspect_rows.shape[0], -1).to(torch.float64)
-    r = reference_rows.reshape(reference_rows.shape[0], -1).to(torch.float64)
+    r = reference_rows.reshape(reference_rows.shape[0], -1).to(torch.float64) * (s != 0)
     rr, ss = (r * r).sum(1), (s * s).sum(1)
     a = (s * r).sum(1) / rr.clamp_min(1e-300)
     return torch.where((rr > 1e-24) & (ss > 1e-24), a, torch.full_like(a, float("nan")))
-
-
-def row_factors(suspect_weight: torch.Tensor, reference_weight: torch.Tensor) -> torch.Tensor:
-    """Per output row, the least-squares factor against the reference over the input channels the
-    suspect still has: a cut-off input (a zero column after padding) would otherwise pull every
-    row's factor towards 0."""
-    r = reference_weight
-    if suspect_weight.ndim >= 2:
-        present = suspect_weight.transpose(0, 1).reshape(suspect_weight.shape[1], -1).abs().sum(1) > 0
-        r = r * present.reshape((1, -1) + (1,) * (r.ndim - 2)).to(r.dtype)
-    return least_squares_factors(suspect_weight, r)
 
 
 #: Alternating least-squares rounds at most for a reader's column factors (it stops once they settle;
@@ -48,7 +40,8 @@ ALS_ROUNDS = 500
 def column_factors(s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Per input channel ``j`` the factor ``d_j`` in ``s[i, j] ~ a_i * d_j * r[i, j]``, the row factors ``a_i``
     (the reader's own, not yet restored) solved for alongside and normalised to a geometric mean of 1."""
-    s, r = s.to(torch.float64), r.to(torch.float64)
+    s = s.to(torch.float64)
+    r = r.to(torch.float64) * (s != 0)  # zeros (pruned, cut off) say nothing about scale
     a = torch.ones(s.shape[0], dtype=torch.float64)
     d = torch.ones(s.shape[1], dtype=torch.float64)
     rs, rr = (r * s).sum(2), (r * r).sum(2)  # (rows, channels)

@@ -28,7 +28,7 @@ import torch
 from auditor.graph import Edge, EdgeSource, Layer, LayerGraph, LayerKind, TensorRef
 from auditor.plugins.restore.align import per_channel_edges
 from auditor.plugins.restore.channels import PRODUCER_KINDS, is_pass_through
-from auditor.plugins.restore.factors import row_factors
+from auditor.plugins.restore.factors import least_squares_factors
 from auditor.plugins.restore.plan import Plan
 
 __all__ = ["DEFAULT_EPS", "unfold"]
@@ -67,7 +67,7 @@ def unfold(suspect: LayerGraph, reference: LayerGraph, plan: Plan) -> tuple[Laye
             continue
         w = layer.params["weight"].read(float32=True)
         b = layer.params["bias"].read(float32=True)
-        a = row_factors(w, ref_layer.params["weight"].read(float32=True))
+        a = least_squares_factors(w, ref_layer.params["weight"].read(float32=True))
         zero = torch.isnan(a)  # a padded (cut-off) channel: nothing to divide, and it stays silent
         a = torch.where(zero, torch.ones_like(a), a)
         eps = float(ref_bn.attrs.get("eps", DEFAULT_EPS))

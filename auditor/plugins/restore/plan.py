@@ -127,13 +127,16 @@ class _Matcher:
         w = apply_channel_maps(self.suspect, {name: {"weight": self.weights[name]}}, spaces, use)[name]["weight"]
         return w, tuple(w.shape[1:]) == tuple(self.ref_weights[name].shape[1:])
 
-    def similarity(self, name: str, maps: Mapping[int, torch.Tensor], sources: list[Source] | None = None) -> tuple[
-        torch.Tensor, bool]:  # fmt: skip
+    def similarity(
+        self, name: str, maps: Mapping[int, torch.Tensor], sources: list[Source] | None = None, *, plain: bool = False
+    ) -> tuple[torch.Tensor, bool]:
         """``name``'s rows against the reference's (suspect x reference), and whether inputs were aligned.
 
-        Cached by the input order used: a later pass, or the report, asks again for most of them."""
+        With inputs aligned the rows are compared over the suspect's non-zero weights (pruning is
+        no evidence against a match), or by the plain |cosine| with ``plain`` (the guard's evidence,
+        as calibrated). Cached by the input order used: a later pass, or the report, asks again."""
         sources = self.sources.get(name, []) if sources is None else sources
-        key = (name, tuple((sp.id, c.offset, c.block, _digest(maps.get(sp.id))) for sp, c in sources))
+        key = (name, plain, tuple((sp.id, c.offset, c.block, _digest(maps.get(sp.id))) for sp, c in sources))
         if key not in self._cache:
             w, ok = self.aligned(name, maps, sources)
             if name not in self._ref_unit:
@@ -143,7 +146,8 @@ class _Matcher:
             # cut off, or fine-tuned to another size) then leaves the rows' directions alone.
             w = similarity.unit_inputs(w)
             if ok:
-                self._cache[key] = similarity.abs_cosine(similarity.rows(w), similarity.rows(ref)), True
+                cosine = similarity.abs_cosine if plain else similarity.masked_abs_cosine
+                self._cache[key] = cosine(similarity.rows(w), similarity.rows(ref)), True
             else:
                 self._cache[key] = similarity.order_free_similarity(w, ref), False
         return self._cache[key]
@@ -286,7 +290,7 @@ def _report(matcher: _Matcher, space: Space, name: str) -> LayerMatch:
         a, b = similarity.rows(raw), similarity.rows(ref)
         cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
         before = float(cos.abs().mean())
-    sim, ok = matcher.similarity(name, plan.maps)
+    sim, ok = matcher.similarity(name, plan.maps, plain=True)
     match = LayerMatch(
         name, plan.alignment.pairs[name], raw.numel(), ref[0].numel() if len(ref) else 0, before, 0.0, ok,
         frozen=space.frozen,

@@ -72,7 +72,7 @@ def _pre_norm(w: _Weights, plan: Plan, space: Space, deadband: float) -> list[di
         ref = plan.alignment.reference_of(name)
         if bn is None or ref is None or "running_var" not in w.suspect.layer(bn).params:
             continue
-        a = factors.row_factors(w.s(name)["weight"], w.r(ref)["weight"]).to(torch.float32)
+        a = factors.least_squares_factors(w.s(name)["weight"], w.r(ref)["weight"]).to(torch.float32)
         # The fold restorer measured its factors before the inputs' scale was restored: what is
         # left of them is its estimation error, not fine-tuning noise, so no dead band here.
         unfolded = w.suspect.layer(bn).attrs.get("restored") == "unfolded"
@@ -111,9 +111,6 @@ def _output_side(w: _Weights, plan: Plan, space: Space) -> tuple[list[tuple[str,
                 # |gamma|: its sign belongs to the pre-norm stage (a channel negated through the
                 # batch-norm), which may not have run yet; the output factor is positive.
                 sv, rv = sv.abs(), rv.abs()
-            if r == "weight" and bn is None and sv.ndim >= 2:  # the cut-off inputs of a row say nothing
-                present = sv.transpose(0, 1).reshape(sv.shape[1], -1).abs().sum(1) > 0
-                rv = rv * present.reshape((1, -1) + (1,) * (rv.ndim - 2)).to(rv.dtype)
             s_vals.append(sv.reshape(space.width, -1))
             r_vals.append(rv.reshape(space.width, -1))
     p = factors.least_squares_factors(torch.cat(s_vals, 1), torch.cat(r_vals, 1)) if s_vals else None

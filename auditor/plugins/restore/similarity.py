@@ -1,7 +1,8 @@
 """Channel similarities and the one-to-one assignment of suspect channels to reference channels.
 
 Each output channel is a row of its layer's weight (``out x in*k*k``). Rows
-are compared by |cosine|, so a channel scaled by any factor, negative
+are compared by |cosine| (over the suspect row's non-zero weights, so that
+pruning is no evidence against a match), so a channel scaled by any factor, negative
 included, still matches itself: scale and sign are restored afterwards,
 never before. Until a layer's input channels are aligned, its rows are
 compared by features that do not depend on the input order (their sorted
@@ -17,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["QUANTILES", "abs_cosine", "assign", "order_free_similarity", "rows", "unit_inputs"]
+__all__ = ["QUANTILES", "abs_cosine", "assign", "masked_abs_cosine", "order_free_similarity", "rows", "unit_inputs"]
 
 #: Quantiles of a row's sorted values that stand for it while its input order is unknown.
 QUANTILES = 64
@@ -43,6 +44,19 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 def abs_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|cosine| between every row of ``a`` and every row of ``b`` (``len(a) x len(b)``); a zero row gives 0."""
     return (_unit(a.to(torch.float32)) @ _unit(b.to(torch.float32)).T).abs()
+
+
+def masked_abs_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`abs_cosine` with each reference row ``b_j`` seen only where the suspect row ``a_i`` is not zero.
+
+    A pruned weight is zero whatever the reference had there, so it is no evidence against a
+    match: a channel pruned to a few weights then matches its own reference channel at exactly 1,
+    where the plain cosine would see a short, noisy row. For rows without zeros it is the plain
+    |cosine|. Used to choose the assignment; the guard's evidence stays the plain |cosine|."""
+    a, b = a.to(torch.float32), b.to(torch.float32)
+    support = (a != 0).to(torch.float32)
+    seen = (support @ (b * b).T).clamp_min(0.0).sqrt()  # |b_j| over a_i's support, every pair
+    return (a @ b.T).abs() / (a.norm(dim=1, keepdim=True) * seen).clamp_min(1e-12)
 
 
 def _quantiles(r: torch.Tensor, q: int) -> torch.Tensor:
