@@ -33,6 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = args.out or Path(tempfile.mkdtemp(prefix="hufunet-robustness-"))
+    out.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(b"hufunet_robustness owner key").digest()  # fixed, so the figures repeat
     generate_hufunet(out=out / "secret.json", seed=0, overwrite=True, hmac_key=key)
     embed_hufunet(hufunet=out / "secret.json", out_dir=out / "owner", device="cpu", overwrite=True)

@@ -1,12 +1,13 @@
-"""Restore against each function-preserving edit of the watermarked SmallCNN (the ``gr_owner`` fixture).
+"""Restore against each function-preserving edit of the watermarked SmallCNN, for each scheme's owner
+(the ``gr_owner`` and ``hufunet_owner`` fixtures).
 
 Each edit is made with the same channel operations restore uses (their graph
 from an unfolded ONNX export, so that its edges are real), saved the way a
 thief would publish it (safetensors, or ONNX for batch-norm folding) and
 loaded with ``load_model``. The reference is the owner's released
 safetensors file. Every edit must keep the model's outputs (max logit
-difference below 1e-4), and after restore the Greedy Residuals detector must
-give the verdict it gives on the unattacked model, with the weights back.
+difference below 1e-4), and after restore the owner's detector must
+give the verdict it gives on the unattacked model (detected), with the weights back.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from auditor.detection import run_detectors
 from auditor.findings import Verdict
 from auditor.formats._statedict import split_key
 from auditor.graph import LayerGraph
 from auditor.loading import load_model
 from auditor.plugins import _zoo
-from auditor.plugins.greedy_residuals.detector import GreedyResidualsDetector
 from auditor.plugins.restore import attacks
 from auditor.plugins.restore.channels import Tensors, graph_with_tensors
 from auditor.plugins.restore.plugin import ChannelRestorer, FoldRestorer, ScaleRestorer
@@ -71,20 +72,28 @@ def cnn_from(tensors: Tensors) -> nn.Module:
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def case(gr_owner: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+@pytest.fixture(scope="module", params=["greedy-residuals", "hufunet"])
+def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The watermarked SmallCNN of either scheme's owner (``gr_owner``: width 1; ``hufunet_owner``: width 2)."""
+    if request.param == "greedy-residuals":
+        owner = request.getfixturevalue("gr_owner")
+        model, released = owner.model, owner.files["safetensors"]
+    else:
+        owner = request.getfixturevalue("hufunet_owner")
+        model, released = _zoo.build("cnn", width=2), owner.model_file
+        model.load_state_dict(load_file(released))
     out = tmp_path_factory.mktemp("restore_attacks")
-    graph = load_model(export(gr_owner.model, out / "unfolded.onnx", fold=False))
-    x = gr_owner.data.test.tensors[0]
+    graph = load_model(export(model, out / "unfolded.onnx", fold=False))
+    x = owner.data.test.tensors[0]
     with torch.no_grad():
-        logits = gr_owner.model(x)
-    reference = load_model(gr_owner.files["safetensors"])
-    return SimpleNamespace(owner=gr_owner, out=out, graph=graph, x=x, logits=logits, reference=reference,
-                           baseline=verdict(reference, gr_owner))  # fmt: skip
+        logits = model.eval()(x)
+    reference = load_model(released)
+    return SimpleNamespace(owner=owner, model=model, out=out, graph=graph, x=x, logits=logits, reference=reference,
+                           baseline=verdict(reference, owner))  # fmt: skip
 
 
 def verdict(graph: LayerGraph, owner: SimpleNamespace) -> Verdict:
-    (finding,) = GreedyResidualsDetector().detect(graph, bundle=owner.bundle, context={})
+    (finding,) = run_detectors(graph, bundles=[owner.bundle])
     return finding.verdict
 
 
@@ -120,7 +129,7 @@ ATTACKS: dict[str, tuple[Callable[[LayerGraph, Tensors], Tensors], bool, float]]
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_edit_keeps_the_function_and_restore_brings_the_watermark_back(case: SimpleNamespace, name: str) -> None:
     edit, defeats, tolerance = ATTACKS[name]
-    suspect, diff = publish(case, edit(case.graph, nested(case.owner.model)), name.replace(" ", "_").replace(",", ""))
+    suspect, diff = publish(case, edit(case.graph, nested(case.model)), name.replace(" ", "_").replace(",", ""))
     assert diff < 1e-4
     assert case.baseline is Verdict.DETECTED
     if defeats:
@@ -135,21 +144,21 @@ def test_edit_keeps_the_function_and_restore_brings_the_watermark_back(case: Sim
 
 
 def test_positive_scaling_is_logged_per_channel(case: SimpleNamespace) -> None:
-    suspect, _ = publish(case, attacks.scale(case.graph, nested(case.owner.model), seed=2, low=2.0, high=4.0), "scaled")
+    suspect, _ = publish(case, attacks.scale(case.graph, nested(case.model), seed=2, low=2.0, high=4.0), "scaled")
     _, log = run_restorers(suspect, case.reference, restorers=RESTORERS)
     scale_log = log[2]["log"]
     assert scale_log["acted"] and scale_log["evidence"]["derived"]
     rows = {row["name"]: row for row in scale_log["layers"]}
     assert set(rows) == {"bn1", "bn2", "bn3"}  # the space outputs; readers were compensated
-    assert rows["bn2"]["scaled"] == 32 and rows["bn2"]["negated"] == 0
+    assert rows["bn2"]["scaled"] == weights(case.reference, "conv2").shape[0] and rows["bn2"]["negated"] == 0
     assert 2.0 - 1e-3 <= rows["bn2"]["scale"]["min"] <= rows["bn2"]["scale"]["max"] <= 4.0 + 1e-3
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
 def test_batch_norm_folding_by_the_onnx_exporter_is_undone(case: SimpleNamespace, dynamo: bool) -> None:
     # The legacy export also carries a permutation and negated channels, which make some folded factors negative.
-    edited = attacks.negate(case.graph, attacks.permute(case.graph, nested(case.owner.model), seed=5)[0], seed=6)
-    model = cnn_from(edited) if not dynamo else case.owner.model
+    edited = attacks.negate(case.graph, attacks.permute(case.graph, nested(case.model), seed=5)[0], seed=6)
+    model = cnn_from(edited) if not dynamo else case.model
     path = export(model, case.out / f"folded_{dynamo}.onnx", fold=True, dynamo=dynamo)
     suspect = load_model(path)
     assert not [x for x in suspect.layers if x.kind.value == "batch-norm"], "the exporter was expected to fold"
@@ -170,7 +179,7 @@ def test_batch_norm_folding_by_the_onnx_exporter_is_undone(case: SimpleNamespace
 
 
 def test_cut_off_channels_are_padded_and_still_verify(case: SimpleNamespace) -> None:
-    cut, removed = attacks.cut_off(case.graph, nested(case.owner.model), 0.05, seed=7)
+    cut, removed = attacks.cut_off(case.graph, nested(case.model), 0.05, seed=7)
     suspect, _ = publish(case, cut, "cut_off")
     assert verdict(suspect, case.owner) is not Verdict.DETECTED  # layers no longer match the bundle's shapes
     restored, log = run_restorers(suspect, case.reference, restorers=RESTORERS)
