@@ -1,6 +1,6 @@
 """Restore on a residual network: both branches of an add share one channel order and scale.
 
-A watermarked SmallResNet (trained once per module) is permuted, rescaled and
+A SmallResNet carrying both watermarks (trained once per module) is permuted, rescaled and
 negated channel by channel: the stem and the first block's second
 convolution feed one add, the second block's convolution and its projection
 shortcut another, so each pair must move together. The reference is the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import warnings
 from pathlib import Path
@@ -24,13 +25,15 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from torch import nn
 
 from auditor.bundle import load_bundle
+from auditor.detection import run_detectors
 from auditor.findings import Verdict
 from auditor.formats._statedict import split_key
 from auditor.graph import LayerGraph
 from auditor.loading import load_model
 from auditor.plugins import _data, _training, _zoo
-from auditor.plugins.greedy_residuals.detector import GreedyResidualsDetector
 from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
+from auditor.plugins.hufunet.generate import generate_hufunet, load_hufunet
+from auditor.plugins.hufunet.owner import plant, write_bundle
 from auditor.plugins.restore import attacks
 from auditor.plugins.restore.channels import Tensors, channel_spaces
 from auditor.plugins.restore.plugin import ChannelRestorer, FoldRestorer, ScaleRestorer
@@ -51,15 +54,24 @@ def export(model: nn.Module, path: Path, *, fold: bool) -> Path:
 
 @pytest.fixture(scope="module")
 def owner(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    out = tmp_path_factory.mktemp("gr_resnet")
+    out = tmp_path_factory.mktemp("resnet_owner")
     key = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+    hmac_key = hashlib.sha256(b"restore resnet test: HufuNet key").digest()
+    generate_hufunet(out=out / "hufunet_secret.json", seed=0, hmac_key=hmac_key)
+    net, secret = load_hufunet(out / "hufunet_secret.json")
     data = _data.digits(split_seed=0)
     model = _zoo.build("resnet", seed=0)
     wm = GreedyResidualsWatermark.create(model, private_key=key, message="(c) 2025 Alice: SmallResNet")
-    _training.train(model, data.train, _training.TrainConfig(epochs=6, lr=1e-2, seed=0), penalty=wm.penalty)
+    hufunet = plant(model, net, hmac_key)
+    try:
+        config = _training.TrainConfig(epochs=6, lr=1e-2, seed=0)
+        _training.train(model, data.train, config, penalty=wm.penalty, after_step=hufunet.frozen.after_step)
+    finally:
+        hufunet.frozen.detach()
     model.eval()
     files = _training.save_model(model, out, "model")
-    wm.save_bundle(out / "owner_bundle.json", model, model_file=files["safetensors"], architecture="resnet")
+    wm.save_bundle(out / "gr_bundle.json", model, model_file=files["safetensors"], architecture="resnet")
+    write_bundle(out / "hufunet_bundle.json", model, hufunet, net, secret, files=files, architecture="resnet")
     graph = load_model(export(model, out / "model.onnx", fold=False))
     edited: Tensors = {}
     for k, v in model.state_dict().items():
@@ -71,13 +83,17 @@ def owner(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     thief.load_state_dict({f"{m}.{r}": t.to(model.state_dict()[f"{m}.{r}"].dtype) for m, p in edited.items()
                            for r, t in p.items()})  # fmt: skip
     stolen = _training.save_model(thief.eval(), out, "stolen")
+    bundles = [load_bundle(out / "gr_bundle.json"), load_bundle(out / "hufunet_bundle.json")]
     return SimpleNamespace(model=model, thief=thief, out=out, files=files, graph=graph, data=data, stolen=stolen,
-                           bundle=load_bundle(out / "owner_bundle.json"))  # fmt: skip
+                           bundles=bundles)  # fmt: skip
 
 
-def verdict(graph: LayerGraph, owner: SimpleNamespace) -> Verdict:
-    (finding,) = GreedyResidualsDetector().detect(graph, bundle=owner.bundle, context={})
-    return finding.verdict
+def verdicts(graph: LayerGraph, owner: SimpleNamespace) -> dict[str, Verdict]:
+    """Each scheme's verdict (Greedy Residuals and HufuNet)."""
+    return {f.detector: f.verdict for f in run_detectors(graph, bundles=owner.bundles)}
+
+
+DETECTED = {"greedy-residuals": Verdict.DETECTED, "hufunet": Verdict.DETECTED}
 
 
 def test_the_residual_adds_share_channel_spaces(owner: SimpleNamespace) -> None:
@@ -89,8 +105,8 @@ def test_the_edits_keep_the_function_and_hide_the_watermark(owner: SimpleNamespa
     x = owner.data.test.tensors[0]
     with torch.no_grad():
         assert float((owner.thief(x) - owner.model(x)).abs().max()) < 1e-4
-    assert verdict(load_model(owner.files["safetensors"]), owner) is Verdict.DETECTED
-    assert verdict(load_model(owner.stolen["safetensors"]), owner) is not Verdict.DETECTED
+    assert verdicts(load_model(owner.files["safetensors"]), owner) == DETECTED
+    assert Verdict.DETECTED not in verdicts(load_model(owner.stolen["safetensors"]), owner).values()
 
 
 @pytest.mark.parametrize("reference_form", ["safetensors", "onnx"])
@@ -100,7 +116,7 @@ def test_restore_brings_back_every_convolution(owner: SimpleNamespace, reference
     expected = "the reference's inferred edges" if reference_form == "safetensors" else "the reference's graph"
     assert log[0]["log"]["edges_from"] == expected
     assert [e["log"]["acted"] for e in log] == [True, False, True]
-    assert verdict(restored, owner) is Verdict.DETECTED
+    assert verdicts(restored, owner) == DETECTED
     released = load_model(owner.files["safetensors"])
     for name in CONVS:
         got, want = (g.layer(name).params["weight"].read(float32=True) for g in (restored, released))
@@ -112,7 +128,7 @@ def test_restore_of_a_folded_onnx_export(owner: SimpleNamespace) -> None:
     restored, log = run_restorers(suspect, load_model(owner.files["safetensors"]), restorers=RESTORERS)
     assert log[0]["log"]["edges_from"] == "the suspect's own graph"
     assert sum(row["unfolded"] for row in log[1]["log"]["layers"]) == len(CONVS)
-    assert verdict(restored, owner) is Verdict.DETECTED
+    assert verdicts(restored, owner) == DETECTED
     released = load_model(owner.files["safetensors"])
     convs = [x for x in restored.layers if x.kind.value == "conv2d"]
     for layer in convs:

@@ -54,7 +54,10 @@ def masked_abs_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     where the plain cosine would see a short, noisy row. For rows without zeros it is the plain
     |cosine|. Used to choose the assignment; the guard's evidence stays the plain |cosine|."""
     a, b = a.to(torch.float32), b.to(torch.float32)
-    support = (a != 0).to(torch.float32)
+    nonzero = a != 0
+    if bool(nonzero.all()):  # nothing pruned: the plain |cosine|, without the second product
+        return abs_cosine(a, b)
+    support = nonzero.to(torch.float32)
     seen = (support @ (b * b).T).clamp_min(0.0).sqrt()  # |b_j| over a_i's support, every pair
     return (a @ b.T).abs() / (a.norm(dim=1, keepdim=True) * seen).clamp_min(1e-12)
 
