@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,27 +12,17 @@ from typing import Any
 import pytest
 import test_audit_cli as shared
 from test_audit_cli import ANALYST, CASE_ID, clean_model, run_cli
+from test_plugins import plugin
 
 from auditor import Detector, Finding, LayerGraph, Restorer, Verdict, hookimpl
 from auditor.bundle import load_bundle
 from auditor.errors import EXIT_INCONCLUSIVE, EXIT_INPUT, EXIT_INTERNAL, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNSAFE
-from auditor.plugin_manager import get_plugin_manager
 from auditor.report import jsonable
 from auditor.report_audit import batch_exit_code, report_names
 from auditor.report_guard import SecretGuard
 
 # Shared fixtures (see test_audit_cli.once).
 gr_reports = shared.gr_reports
-
-
-@contextmanager
-def plugin(obj: object, name: str) -> Iterator[None]:
-    pm = get_plugin_manager()
-    pm.register(obj, name=name)
-    try:
-        yield
-    finally:
-        pm.unregister(name=name)
 
 
 def audit(*args: str | Path) -> tuple[int, dict[str, Any], str]:

@@ -26,7 +26,6 @@ from torch import nn
 
 from auditor.detection import run_detectors
 from auditor.findings import Verdict
-from auditor.formats._statedict import split_key
 from auditor.graph import LayerGraph
 from auditor.loading import load_model
 from auditor.plugins import _zoo
@@ -50,14 +49,6 @@ def export(model: nn.Module, path: Path, *, fold: bool, dynamo: bool = False) ->
             model.eval(), (torch.zeros(1, 1, 8, 8),), str(path), dynamo=dynamo, do_constant_folding=fold, **options
         )
     return path
-
-
-def nested(model: nn.Module) -> Tensors:
-    out: Tensors = {}
-    for key, value in model.state_dict().items():
-        module, role = split_key(key)
-        out.setdefault(module, {})[role] = value.detach().clone()
-    return out
 
 
 def cnn_from(tensors: Tensors) -> nn.Module:
@@ -129,7 +120,8 @@ ATTACKS: dict[str, tuple[Callable[[LayerGraph, Tensors], Tensors], bool, float]]
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_edit_keeps_the_function_and_restore_brings_the_watermark_back(case: SimpleNamespace, name: str) -> None:
     edit, defeats, tolerance = ATTACKS[name]
-    suspect, diff = publish(case, edit(case.graph, nested(case.model)), name.replace(" ", "_").replace(",", ""))
+    edited = edit(case.graph, attacks.module_tensors(case.model))
+    suspect, diff = publish(case, edited, name.replace(" ", "_").replace(",", ""))
     assert diff < 1e-4
     assert case.baseline is Verdict.DETECTED
     if defeats:
@@ -144,7 +136,8 @@ def test_edit_keeps_the_function_and_restore_brings_the_watermark_back(case: Sim
 
 
 def test_positive_scaling_is_logged_per_channel(case: SimpleNamespace) -> None:
-    suspect, _ = publish(case, attacks.scale(case.graph, nested(case.model), seed=2, low=2.0, high=4.0), "scaled")
+    scaled = attacks.scale(case.graph, attacks.module_tensors(case.model), seed=2, low=2.0, high=4.0)
+    suspect, _ = publish(case, scaled, "scaled")
     _, log = run_restorers(suspect, case.reference, restorers=RESTORERS)
     scale_log = log[2]["log"]
     assert scale_log["acted"] and scale_log["evidence"]["derived"]
@@ -157,7 +150,8 @@ def test_positive_scaling_is_logged_per_channel(case: SimpleNamespace) -> None:
 @pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
 def test_batch_norm_folding_by_the_onnx_exporter_is_undone(case: SimpleNamespace, dynamo: bool) -> None:
     # The legacy export also carries a permutation and negated channels, which make some folded factors negative.
-    edited = attacks.negate(case.graph, attacks.permute(case.graph, nested(case.model), seed=5)[0], seed=6)
+    permuted, _ = attacks.permute(case.graph, attacks.module_tensors(case.model), seed=5)
+    edited = attacks.negate(case.graph, permuted, seed=6)
     model = cnn_from(edited) if not dynamo else case.model
     path = export(model, case.out / f"folded_{dynamo}.onnx", fold=True, dynamo=dynamo)
     suspect = load_model(path)
@@ -179,7 +173,7 @@ def test_batch_norm_folding_by_the_onnx_exporter_is_undone(case: SimpleNamespace
 
 
 def test_cut_off_channels_are_padded_and_still_verify(case: SimpleNamespace) -> None:
-    cut, removed = attacks.cut_off(case.graph, nested(case.model), 0.05, seed=7)
+    cut, removed = attacks.cut_off(case.graph, attacks.module_tensors(case.model), 0.05, seed=7)
     suspect, _ = publish(case, cut, "cut_off")
     assert verdict(suspect, case.owner) is not Verdict.DETECTED  # layers no longer match the bundle's shapes
     restored, log = run_restorers(suspect, case.reference, restorers=RESTORERS)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_restore_attacks import cnn_from, export
 
 from auditor.findings import Verdict
 from auditor.loading import load_model
@@ -22,7 +23,6 @@ from auditor.plugins.restore import attacks
 from auditor.plugins.restore.attacks import negate, permute
 from auditor.plugins.restore.channels import tensors_of
 from auditor.restoration import run_restorers
-from tests.test_restore_attacks import cnn_from, export, nested
 
 
 def _stolen_onnx(owner: SimpleNamespace, out: Path) -> Path:
@@ -72,7 +72,7 @@ def test_hufunet_verifies_after_a_5_percent_cut_off(
     longer fit the bundle until restore pads the missing channels with zeros; then HufuNet verifies."""
     model = _owner_cnn(hufunet_owner)
     graph = load_model(export(model, tmp_path / "unfolded.onnx", fold=False))
-    cut, removed = attacks.cut_off(graph, nested(model), 0.05, seed=seed)
+    cut, removed = attacks.cut_off(graph, attacks.module_tensors(model), 0.05, seed=seed)
     path = tmp_path / "cut.safetensors"
     save_file({k: v.contiguous() for k, v in cnn_from(cut).state_dict().items()}, str(path))
     suspect = load_model(path)

@@ -27,7 +27,6 @@ from torch import nn
 from auditor.bundle import load_bundle
 from auditor.detection import run_detectors
 from auditor.findings import Verdict
-from auditor.formats._statedict import split_key
 from auditor.graph import LayerGraph
 from auditor.loading import load_model
 from auditor.plugins import _data, _training, _zoo
@@ -35,7 +34,7 @@ from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
 from auditor.plugins.hufunet.generate import generate_hufunet, load_hufunet
 from auditor.plugins.hufunet.owner import plant, write_bundle
 from auditor.plugins.restore import attacks
-from auditor.plugins.restore.channels import Tensors, channel_spaces
+from auditor.plugins.restore.channels import channel_spaces
 from auditor.plugins.restore.plugin import ChannelRestorer, FoldRestorer, ScaleRestorer
 from auditor.restoration import run_restorers
 
@@ -73,11 +72,7 @@ def owner(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     wm.save_bundle(out / "gr_bundle.json", model, model_file=files["safetensors"], architecture="resnet")
     write_bundle(out / "hufunet_bundle.json", model, hufunet, net, secret, files=files, architecture="resnet")
     graph = load_model(export(model, out / "model.onnx", fold=False))
-    edited: Tensors = {}
-    for k, v in model.state_dict().items():
-        module, role = split_key(k)
-        edited.setdefault(module, {})[role] = v.detach().clone()
-    edited = attacks.permute(graph, edited, seed=1)[0]
+    edited = attacks.permute(graph, attacks.module_tensors(model), seed=1)[0]
     edited = attacks.negate(graph, attacks.scale(graph, edited, seed=2), seed=3)
     thief = copy.deepcopy(model)
     thief.load_state_dict({f"{m}.{r}": t.to(model.state_dict()[f"{m}.{r}"].dtype) for m, p in edited.items()

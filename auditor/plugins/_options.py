@@ -1,9 +1,12 @@
-"""Command-line options the embedders share (typer ``Annotated`` types), so each says its help once."""
+"""Options the embedders share: command-line ones (typer ``Annotated`` types), so each says its help
+once, and the check of the options an :class:`~auditor.bases.Embedder` is given."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -20,6 +23,7 @@ __all__ = [
     "OutDir",
     "Overwrite",
     "Seed",
+    "refuse_unknown_options",
     "split_names",
 ]
 
@@ -46,3 +50,13 @@ def split_names(text: str | None) -> list[str] | None:
     """``"a, b"`` as ``["a", "b"]``; None or blank as None."""
     names = [n.strip() for n in (text or "").split(",") if n.strip()]
     return names or None
+
+
+def refuse_unknown_options(scheme: str, embed: Callable[..., Any], options: Mapping[str, Any]) -> None:
+    """Raise :class:`~auditor.errors.UsageError` for options that ``embed`` (the scheme's embedding
+    function, whose ``out_dir`` is given apart) does not take."""
+    from auditor.errors import UsageError
+
+    unknown = sorted(set(options) - (set(inspect.signature(embed).parameters) - {"out_dir"}))
+    if unknown:
+        raise UsageError(f"unknown {scheme} option(s): {', '.join(unknown)}")

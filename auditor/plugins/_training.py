@@ -12,7 +12,7 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,6 +229,18 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def model_files(out_dir: Path, stem: str = "model") -> dict[str, Path]:
+    """The files :func:`save_model` writes: ``out_dir/stem.safetensors`` and ``out_dir/stem.pt``."""
+    return {"safetensors": Path(out_dir) / f"{stem}.safetensors", "pt": Path(out_dir) / f"{stem}.pt"}
+
+
+def refuse_existing(paths: Iterable[Path], *, overwrite: bool, hint: str) -> None:
+    """Raise :class:`~auditor.errors.UsageError` naming those of ``paths`` that exist, unless ``overwrite``."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise UsageError(f"{', '.join(existing)} already exists; {hint}")
+
+
 def save_model(model: nn.Module, out_dir: Path, stem: str = "model", *, overwrite: bool = False) -> dict[str, Path]:
     """Write ``model``'s state dict as ``out_dir/stem.safetensors`` and ``out_dir/stem.pt``
     (a plain state dict, loadable with ``torch.load(..., weights_only=True)``).
@@ -239,11 +251,8 @@ def save_model(model: nn.Module, out_dir: Path, stem: str = "model", *, overwrit
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    paths = {"safetensors": out_dir / f"{stem}.safetensors", "pt": out_dir / f"{stem}.pt"}
-    if not overwrite:
-        existing = [str(p) for p in paths.values() if p.exists()]
-        if existing:
-            raise UsageError(f"{', '.join(existing)} already exists; choose another folder or overwrite")
+    paths = model_files(out_dir, stem)
+    refuse_existing(paths.values(), overwrite=overwrite, hint="choose another folder or overwrite")
     out_dir.mkdir(parents=True, exist_ok=True)
     # Clones: safetensors refuses tensors that share storage (tied weights), and CUDA tensors come home.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}

@@ -86,9 +86,8 @@ def embed_greedy_residuals(
     from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
 
     out_dir = Path(out_dir)
-    targets = [out_dir / f"{MODEL_STEM}.safetensors", out_dir / f"{MODEL_STEM}.pt", out_dir / BUNDLE_FILE]
-    if not overwrite and (existing := [str(p) for p in targets if p.exists()]):
-        raise UsageError(f"{', '.join(existing)} already exists; choose another --out folder or --overwrite")
+    targets = [*_training.model_files(out_dir, MODEL_STEM).values(), out_dir / BUNDLE_FILE]
+    _training.refuse_existing(targets, overwrite=overwrite, hint="choose another --out folder or --overwrite")
     # Checked before the key is read and before any training: fail fast and cheaply.
     config = _training.TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device
@@ -149,12 +148,7 @@ class GreedyResidualsEmbedder(Embedder):
     def embed(self, *, out_dir: Path, options: Mapping[str, Any]) -> dict[str, Any]:
         """``options`` are the keyword arguments of :func:`embed_greedy_residuals`
         (``key`` and ``message`` required)."""
-        import inspect
-
-        allowed = set(inspect.signature(embed_greedy_residuals).parameters) - {"out_dir"}
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            raise UsageError(f"unknown greedy-residuals option(s): {', '.join(unknown)}")
+        opt.refuse_unknown_options("greedy-residuals", embed_greedy_residuals, options)
         missing = [name for name in ("key", "message") if name not in options]
         if missing:
             raise UsageError(f"greedy-residuals needs the option(s): {', '.join(missing)}")

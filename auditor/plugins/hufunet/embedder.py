@@ -66,9 +66,8 @@ def embed_hufunet(
     from auditor.plugins.hufunet.owner import BUNDLE_FILE, MODEL_STEM, plant, write_bundle
 
     out_dir = Path(out_dir)
-    targets = [out_dir / f"{MODEL_STEM}.safetensors", out_dir / f"{MODEL_STEM}.pt", out_dir / BUNDLE_FILE]
-    if not overwrite and (existing := [str(p) for p in targets if p.exists()]):
-        raise UsageError(f"{', '.join(existing)} already exists; choose another --out folder or --overwrite")
+    targets = [*_training.model_files(out_dir, MODEL_STEM).values(), out_dir / BUNDLE_FILE]
+    _training.refuse_existing(targets, overwrite=overwrite, hint="choose another --out folder or --overwrite")
     config = _training.TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device
     )
@@ -132,12 +131,7 @@ class HufuNetEmbedder(Embedder):
 
     def embed(self, *, out_dir: Path, options: Mapping[str, Any]) -> dict[str, Any]:
         """``options`` are the keyword arguments of :func:`embed_hufunet` (``hufunet`` required)."""
-        import inspect
-
-        allowed = set(inspect.signature(embed_hufunet).parameters) - {"out_dir"}
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            raise UsageError(f"unknown hufunet option(s): {', '.join(unknown)}")
+        opt.refuse_unknown_options("hufunet", embed_hufunet, options)
         if "hufunet" not in options:
             raise UsageError("hufunet needs the option: hufunet (the secret HufuNet file)")
         return embed_hufunet(out_dir=Path(out_dir), **dict(options))

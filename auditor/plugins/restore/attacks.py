@@ -20,15 +20,26 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch import nn
 
 from auditor.errors import UsageError
+from auditor.formats._statedict import split_key
 from auditor.graph import LayerGraph
 from auditor.plugins.restore.channels import Space, Tensors, apply_channel_maps, channel_spaces, input_params
 from auditor.plugins.restore.fold import DEFAULT_EPS
 
-__all__ = ["cut_off", "expand", "free_spaces", "negate", "permute", "scale"]
+__all__ = ["cut_off", "expand", "free_spaces", "module_tensors", "negate", "permute", "scale"]
 
 Input = Mapping[str, Mapping[str, torch.Tensor]]
+
+
+def module_tensors(model: nn.Module) -> Tensors:
+    """A module's state dict as the edits take it, ``{layer: {role: tensor}}``, detached copies."""
+    out: Tensors = {}
+    for key, value in model.state_dict().items():
+        layer, role = split_key(key)
+        out.setdefault(layer, {})[role] = value.detach().clone()
+    return out
 
 
 def free_spaces(graph: LayerGraph) -> list[Space]:

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from auditor.formats._statedict import split_key
 from auditor.loading import load_model
 from auditor.plugins import _data, _training, _zoo
 from auditor.plugins.restore import attacks, guard
@@ -40,14 +39,6 @@ def score(model: nn.Module, reference_file: Path, folder: Path, stem: str) -> fl
     plan = make_plan(load_model(files["safetensors"]), load_model(reference_file))
     evidence = guard.assess(plan.matches.values())
     return float("nan") if evidence.score is None else evidence.score
-
-
-def _nested(model: nn.Module) -> Tensors:
-    out: Tensors = {}
-    for key, value in model.state_dict().items():
-        module, role = split_key(key)
-        out.setdefault(module, {})[role] = value.detach().clone()
-    return out
 
 
 def _load(model: nn.Module, tensors: Tensors) -> nn.Module:
@@ -83,7 +74,7 @@ def calibrate(arch: str, models: int, epochs: int, folder: Path, log: Callable[[
         onnx = Path(tmp) / "graph.onnx"
         _export(reference, onnx)
         graph = load_model(onnx)
-        permuted, _ = attacks.permute(graph, _nested(reference), seed=5)
+        permuted, _ = attacks.permute(graph, attacks.module_tensors(reference), seed=5)
         edited = attacks.negate(graph, attacks.scale(graph, permuted, seed=6), seed=7)
     s = score(_load(reference, edited), ref_file, folder, f"{arch}_edited")
     scores["derived"].append(s)
