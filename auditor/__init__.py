@@ -4,7 +4,7 @@ Plugins write ``from auditor import hookimpl`` and subclass one of the base
 classes re-exported here.
 """
 
-from auditor.bases import Attack, Detector, Embedder, Format, PluginComponent, Restorer
+from auditor.bases import Attack, Detector, Embedder, Format, Param, PluginComponent, Presentable, Restorer
 from auditor.findings import Finding, Verdict
 from auditor.graph import Edge, EdgeSource, Layer, LayerGraph, LayerKind, TensorRef
 from auditor.hookspecs import hookimpl
@@ -22,7 +22,9 @@ __all__ = [
     "Layer",
     "LayerGraph",
     "LayerKind",
+    "Param",
     "PluginComponent",
+    "Presentable",
     "Restorer",
     "TensorRef",
     "Verdict",

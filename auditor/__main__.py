@@ -1,6 +1,6 @@
 """``python -m auditor``."""
 
-from auditor.cli import main
+from auditor.cli.root import main
 
 if __name__ == "__main__":
     main()

@@ -186,9 +186,7 @@ class TensorRef:
         if self._transform is not None:
             tensor = self._transform(tensor)
         if tuple(tensor.shape) != self.shape:
-            raise ValueError(
-                f"tensor {self.name!r}: read shape {tuple(tensor.shape)} but {self.shape} was declared"
-            )
+            raise ValueError(f"tensor {self.name!r}: read shape {tuple(tensor.shape)} but {self.shape} was declared")
         if float32:
             if self.quantization is not None:
                 tensor = self.quantization.dequantize(tensor)

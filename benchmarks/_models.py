@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from auditor.plugins._zoo import BasicBlock
+from auditor.toolkit.models import BasicBlock
 
 __all__ = ["ResNet18"]
 

@@ -95,9 +95,9 @@ def rchar() -> int:
 
 def in_process(model: Path, bundle: Path, out: Path) -> Callable[[], dict[str, Any]]:
     """One audit in this process; returns its wall time, bytes read with read() and tensors read."""
+    from auditor.audit.pipeline import audit_suspect, load_inputs
     from auditor.graph import TensorRef
-    from auditor.report import build_report, run_block, write_report
-    from auditor.report_audit import audit_suspect, load_inputs
+    from auditor.report.document import build_report, run_block, write_report
 
     inputs = load_inputs(bundles=[bundle], reference=None, p_threshold=1e-6)
     original = TensorRef.read

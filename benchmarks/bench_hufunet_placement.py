@@ -25,7 +25,7 @@ import torch
 from _docs import ROOT, write_section
 from safetensors.torch import save_file
 
-from auditor.loading import load_model
+from auditor.audit.load import load_model
 from auditor.plugins.hufunet.network import HufuNet
 from auditor.plugins.hufunet.placement import HostView, embed, eph_kernels, place, retrieve
 

@@ -138,15 +138,24 @@ def write_onnx(folder: Path, specs: list[tuple[str, tuple[int, ...]]]) -> Path:
     convs = [n[: -len(".weight")] for n, s in specs if n.endswith(".weight") and len(s) == 4]
     gemms = [n[: -len(".weight")] for n, s in specs if n.endswith(".weight") and len(s) == 2]
     for i, layer in enumerate(convs):
-        nodes.append(helper.make_node("Conv", [x, f"{layer}.weight", f"{layer}.bias"], [f"conv{i}"],
-                                      name=layer, kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, f"{layer}.weight", f"{layer}.bias"],
+                [f"conv{i}"],
+                name=layer,
+                kernel_shape=[3, 3],
+                pads=[1, 1, 1, 1],
+            )
+        )
         nodes.append(helper.make_node("Relu", [f"conv{i}"], [f"relu_c{i}"]))
         x = f"relu_c{i}"
     nodes.append(helper.make_node("Flatten", [x], ["flat"], axis=1))
     x = "flat"
     for i, layer in enumerate(gemms):
-        nodes.append(helper.make_node("Gemm", [x, f"{layer}.weight", f"{layer}.bias"], [f"gemm{i}"],
-                                      name=layer, transB=1))
+        nodes.append(
+            helper.make_node("Gemm", [x, f"{layer}.weight", f"{layer}.bias"], [f"gemm{i}"], name=layer, transB=1)
+        )
         if i < len(gemms) - 1:
             nodes.append(helper.make_node("Relu", [f"gemm{i}"], [f"relu_g{i}"]))
             x = f"relu_g{i}"
@@ -217,7 +226,7 @@ def run_model(label: str, model: Path, hashed: list[Path], runs: int) -> dict[st
 
 def baseline(runs: int) -> dict[str, object]:
     """Start-up alone: the imports ``inspect`` needs (torch among them), no model."""
-    code = "import auditor.cli, auditor.loading, auditor.formats.safetensors"
+    code = "import auditor.cli.root, auditor.audit.load, auditor.formats.safetensors"
     return bench([sys.executable, "-c", code], runs)
 
 

@@ -53,9 +53,9 @@ def peak_mib() -> float:
 
 def prepare(folder: Path) -> dict[str, float]:
     """Write reference.safetensors, reference.onnx and suspect.safetensors; return facts about them."""
-    from auditor.loading import load_model
-    from auditor.plugins.restore import attacks
-    from auditor.plugins.restore.channels import tensors_of
+    from auditor.audit.load import load_model
+    from auditor.toolkit import edits as attacks
+    from auditor.toolkit.channels import tensors_of
 
     torch.manual_seed(0)
     model = ResNet18()
@@ -93,9 +93,9 @@ def prepare(folder: Path) -> dict[str, float]:
 
 def child(folder: Path, reference_form: str) -> None:
     """One timed restore in this process; prints a JSON line."""
-    from auditor.loading import load_model
+    from auditor.audit.load import load_model
+    from auditor.audit.restore import run_restorers
     from auditor.plugins.restore.plugin import ChannelRestorer, FoldRestorer, ScaleRestorer
-    from auditor.restoration import run_restorers
 
     suspect = load_model(folder / "suspect.safetensors")
     reference = load_model(folder / f"reference.{reference_form}")

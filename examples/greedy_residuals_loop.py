@@ -8,10 +8,10 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from auditor import keys
-from auditor.plugins._data import digits
-from auditor.plugins._training import evaluate
-from auditor.plugins._zoo import SmallCNN
 from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
+from auditor.toolkit.data import digits
+from auditor.toolkit.models import SmallCNN
+from auditor.toolkit.training import evaluate
 
 out = Path("gr_example")
 if not (out / "keys" / keys.PRIVATE_FILE).exists():

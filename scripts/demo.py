@@ -56,10 +56,12 @@ def run(args: list[str], *, quiet: bool = False) -> subprocess.CompletedProcess[
 def owner() -> Path:
     """Train the owner's model with both watermarks; return the folder of its files."""
     from auditor import keys
-    from auditor.plugins import _data, _training, _zoo
     from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
     from auditor.plugins.hufunet.generate import generate_hufunet, hmac_key, load_hufunet
     from auditor.plugins.hufunet.owner import plant, write_bundle
+    from auditor.toolkit import data as datasets
+    from auditor.toolkit import models as zoo
+    from auditor.toolkit import training
 
     folder = OUT / "owner"
     step("Owner: a signing key, a secret HufuNet, one model trained with both watermarks")
@@ -67,26 +69,26 @@ def owner() -> Path:
     summary = generate_hufunet(out=folder / "hufunet_secret.json", seed=0, overwrite=True)
     print(f"  HufuNet: {summary['eph_kernels']} EPH kernels, {summary['accuracy']:.2%} on the digits test split")
     net, secret = load_hufunet(folder / "hufunet_secret.json")
-    data = _data.digits()
+    data = datasets.digits()
     torch.manual_seed(0)
-    model = _zoo.build("cnn", width=2)
+    model = zoo.build("cnn", width=2)
     private_key = keys.load_private_key(folder / "keys" / keys.PRIVATE_FILE)
     gr = GreedyResidualsWatermark.create(model, private_key=private_key, message=MESSAGE)
     del private_key
     hufunet = plant(model, net, hmac_key(secret))
     try:
-        _training.train(model, data.train, _training.TrainConfig(epochs=20, lr=1e-2, seed=0),
+        training.train(model, data.train, training.TrainConfig(epochs=20, lr=1e-2, seed=0),
                         penalty=gr.penalty, after_step=hufunet.frozen.after_step)  # fmt: skip
     finally:
         hufunet.frozen.detach()
     model.eval()
-    released = _training.save_model(model, folder / "released", "model", overwrite=True)
+    released = training.save_model(model, folder / "released", "model", overwrite=True)
     gr.save_bundle(folder / "greedy_residuals_bundle.json", model, model_file=released["safetensors"],
                    architecture="cnn-width2")  # fmt: skip
     write_bundle(folder / "hufunet_bundle.json", model, hufunet, net, secret, files=released,
                  architecture="cnn", width=2)  # fmt: skip
     rates = ", ".join(f"{name} {rate:.0%}" for name, rate in gr.rates(model).items())
-    print(f"  released model: {_training.evaluate(model, data.test):.2%} test accuracy; "
+    print(f"  released model: {training.evaluate(model, data.test):.2%} test accuracy; "
           f"signature bits embedded: {rates}; EPH frozen bit-identical: {hufunet.frozen.intact()}")  # fmt: skip
     print(f"  released: {released['safetensors']}; owner bundles: {folder}/*_bundle.json (HufuNet's is secret)")
     return folder
@@ -94,15 +96,17 @@ def owner() -> Path:
 
 def thief(released: Path) -> Path:
     """Fine-tune, prune, permute and export the released model; return the ONNX file."""
-    from auditor.plugins import _data, _training, _zoo
-    from auditor.plugins.restore.attacks import permute
-    from auditor.plugins.restore.channels import tensors_of
+    from auditor.toolkit import data as datasets
+    from auditor.toolkit import models as zoo
+    from auditor.toolkit import training
+    from auditor.toolkit.channels import tensors_of
+    from auditor.toolkit.edits import permute
 
     step("Thief: fine-tune on their own data, prune 20%, permute every channel, export to ONNX")
-    model = _zoo.build("cnn", width=2)
+    model = zoo.build("cnn", width=2)
     model.load_state_dict(load_file(released))
-    theirs = _data.digits(split_seed=7)
-    _training.train(model, theirs.train, _training.TrainConfig(epochs=3, lr=1e-3, seed=7))
+    theirs = datasets.digits(split_seed=7)
+    training.train(model, theirs.train, training.TrainConfig(epochs=3, lr=1e-3, seed=7))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 4:
@@ -110,14 +114,14 @@ def thief(released: Path) -> Path:
     model.eval()
     folder = OUT / "thief"
     folder.mkdir(parents=True, exist_ok=True)
-    graph = _zoo.model_graph(model)  # module order: conv1 -> bn1 -> conv2 ... (edges inferred from it)
+    graph = zoo.model_graph(model)  # module order: conv1 -> bn1 -> conv2 ... (edges inferred from it)
     permuted, _ = permute(graph, tensors_of(graph), seed=7)
     state = {f"{layer}.{role}": t for layer, params in permuted.items() for role, t in params.items()}
     with torch.no_grad():
         before = model(theirs.test.tensors[0])
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
         after = model(theirs.test.tensors[0])
-    print(f"  accuracy after the attacks: {_training.evaluate(model, theirs.test):.2%} on the thief's test split; "
+    print(f"  accuracy after the attacks: {training.evaluate(model, theirs.test):.2%} on the thief's test split; "
           f"permutation changed the outputs by at most {float((before - after).abs().max()):.1e}")  # fmt: skip
     stolen = folder / "stolen.onnx"
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -129,15 +133,17 @@ def thief(released: Path) -> Path:
 
 def innocent() -> Path:
     """An independent model of the same architecture: the control."""
-    from auditor.plugins import _data, _training, _zoo
+    from auditor.toolkit import data as datasets
+    from auditor.toolkit import models as zoo
+    from auditor.toolkit import training
 
     step("Control: an innocent developer trains the same architecture independently")
     torch.manual_seed(123)
-    model = _zoo.build("cnn", width=2)
-    data = _data.digits(split_seed=3)
-    _training.train(model, data.train, _training.TrainConfig(epochs=10, lr=1e-2, seed=123))
-    path = _training.save_model(model.eval(), OUT / "innocent", "model", overwrite=True)["safetensors"]
-    print(f"  innocent model: {path} ({_training.evaluate(model, data.test):.2%} test accuracy)")
+    model = zoo.build("cnn", width=2)
+    data = datasets.digits(split_seed=3)
+    training.train(model, data.train, training.TrainConfig(epochs=10, lr=1e-2, seed=123))
+    path = training.save_model(model.eval(), OUT / "innocent", "model", overwrite=True)["safetensors"]
+    print(f"  innocent model: {path} ({training.evaluate(model, data.test):.2%} test accuracy)")
     return path
 
 

@@ -20,11 +20,13 @@ import torch
 from safetensors.torch import load_file
 
 from auditor.bundle import load_bundle
-from auditor.plugins import _data, _training, _zoo
-from auditor.plugins._zoo import model_graph
 from auditor.plugins.hufunet.detector import audit_bundle
 from auditor.plugins.hufunet.embedder import embed_hufunet
 from auditor.plugins.hufunet.generate import generate_hufunet
+from auditor.toolkit import data as datasets
+from auditor.toolkit import models as zoo
+from auditor.toolkit import training
+from auditor.toolkit.models import model_graph
 
 
 def main() -> None:
@@ -39,17 +41,17 @@ def main() -> None:
     embed_hufunet(hufunet=out / "secret.json", out_dir=out / "owner", device="cpu", overwrite=True)
     bundle = load_bundle(out / "owner" / "owner_bundle.json")
     released = load_file(out / "owner" / "model.safetensors")
-    data = _data.digits()
+    data = datasets.digits()
 
     def stolen() -> torch.nn.Module:
-        model = _zoo.build("cnn", width=2)
+        model = zoo.build("cnn", width=2)
         model.load_state_dict(released)
         return model
 
     def row(attack: str, model: torch.nn.Module) -> str:
         f = audit_bundle(model_graph(model), bundle, {})
         m = f.metrics
-        return (f"| {attack} | {_training.evaluate(model, data.test):.2%} | {m['acc_combined']:.2%} "
+        return (f"| {attack} | {training.evaluate(model, data.test):.2%} | {m['acc_combined']:.2%} "
                 f"| {m['diff_acc']:.3f} | {m['bit_identical_fraction']:.1%} | {f.verdict.value} |")  # fmt: skip
 
     print("| attack | host accuracy | Acc_combined | DiffAcc | EPH bit-identical | verdict |")
@@ -64,8 +66,8 @@ def main() -> None:
         print(row(f"magnitude pruning {rate:.0%} of every conv", model))
     for lr, schedule in ((1e-3, "constant"), (1e-2, "constant"), (5e-2, "cosine")):
         model = stolen()
-        config = _training.TrainConfig(epochs=10, lr=lr, seed=7, schedule=schedule)
-        _training.train(model, data.train, config)
+        config = training.TrainConfig(epochs=10, lr=lr, seed=7, schedule=schedule)
+        training.train(model, data.train, config)
         print(row(f"fine-tune all layers, Adam {lr:g} ({schedule}), 10 epochs", model))
 
 

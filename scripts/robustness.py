@@ -31,28 +31,30 @@ def make_owner(folder: Path, seed: int = 0) -> dict[str, Path]:
     """Train the two-watermark owner under ``folder``; return the released model and both bundles."""
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from auditor.plugins import _data, _training, _zoo
     from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
     from auditor.plugins.hufunet.generate import generate_hufunet, load_hufunet
     from auditor.plugins.hufunet.owner import plant, write_bundle
+    from auditor.toolkit import data as datasets
+    from auditor.toolkit import models as zoo
+    from auditor.toolkit import training
 
     folder.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(f"owner placement key {seed}".encode()).digest()  # fixed, so the figures repeat
     generate_hufunet(out=folder / "hufunet_secret.json", seed=seed, overwrite=True, hmac_key=key)
     net, secret = load_hufunet(folder / "hufunet_secret.json")
-    data = _data.digits()
+    data = datasets.digits()
     torch.manual_seed(seed)
-    model = _zoo.build("cnn", width=2)
+    model = zoo.build("cnn", width=2)
     signing = ed25519.Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"owner {seed}".encode()).digest())
     gr = GreedyResidualsWatermark.create(model, private_key=signing, message=MESSAGE)
     hufunet = plant(model, net, key)
     try:
-        config = _training.TrainConfig(epochs=20, lr=1e-2, seed=seed)
-        _training.train(model, data.train, config, penalty=gr.penalty, after_step=hufunet.frozen.after_step)
+        config = training.TrainConfig(epochs=20, lr=1e-2, seed=seed)
+        training.train(model, data.train, config, penalty=gr.penalty, after_step=hufunet.frozen.after_step)
     finally:
         hufunet.frozen.detach()
     model.eval()
-    released = _training.save_model(model, folder / "released", "model", overwrite=True)
+    released = training.save_model(model, folder / "released", "model", overwrite=True)
     gr.save_bundle(folder / "gr_bundle.json", model, model_file=released["safetensors"], architecture="cnn-width2")
     write_bundle(folder / "hufunet_bundle.json", model, hufunet, net, secret, files=released, architecture="cnn",
                  width=2)  # fmt: skip

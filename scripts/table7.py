@@ -21,13 +21,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from auditor.audit.detect import run_detectors
+from auditor.audit.load import load_model
+from auditor.audit.restore import run_restorers
 from auditor.bundle import load_bundle
-from auditor.detection import run_detectors
-from auditor.loading import load_model
-from auditor.plugins import _data, _training, _zoo
-from auditor.plugins.restore.attacks import expand, permute, scale
-from auditor.plugins.restore.channels import graph_with_tensors, tensors_of
-from auditor.restoration import run_restorers
+from auditor.toolkit import data as datasets
+from auditor.toolkit import models as zoo
+from auditor.toolkit import training
+from auditor.toolkit.channels import graph_with_tensors, tensors_of
+from auditor.toolkit.edits import expand, permute, scale
 
 
 def main() -> None:
@@ -39,10 +41,10 @@ def main() -> None:
     bundles = [load_bundle(args.owner / f"{name}_bundle.json") for name in ("greedy_residuals", "hufunet")]
     reference = load_model(reference_file)
 
-    model = _zoo.build("cnn", width=2)
+    model = zoo.build("cnn", width=2)
     model.load_state_dict(load_file(reference_file))
-    _training.train(model, _data.digits(split_seed=7).train, _training.TrainConfig(epochs=3, lr=1e-3, seed=7))
-    graph = _zoo.model_graph(model.eval())
+    training.train(model, datasets.digits(split_seed=7).train, training.TrainConfig(epochs=3, lr=1e-3, seed=7))
+    graph = zoo.model_graph(model.eval())
     tensors = tensors_of(graph)
     extra = tensors["conv2"]["weight"].shape[0] // 10
     tensors = expand(graph, tensors, "conv2", extra, seed=7)

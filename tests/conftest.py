@@ -52,8 +52,10 @@ def gr_owner(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     from auditor.bundle import load_bundle
-    from auditor.plugins import _data, _training, _zoo
     from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
+    from auditor.toolkit import data as datasets
+    from auditor.toolkit import models as zoo
+    from auditor.toolkit import training
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -61,16 +63,16 @@ def gr_owner(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         torch.manual_seed(0)
         out = tmp_path_factory.mktemp("gr_owner")
         key = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))  # a fixed key: same bits every run
-        data = _data.digits(split_seed=0)
-        model = _zoo.build("cnn", seed=0)
+        data = datasets.digits(split_seed=0)
+        model = zoo.build("cnn", seed=0)
         wm = GreedyResidualsWatermark.create(model, private_key=key, message=GR_MESSAGE)
-        _training.train(model, data.train, _training.TrainConfig(epochs=8, lr=1e-2, seed=0), penalty=wm.penalty)
+        training.train(model, data.train, training.TrainConfig(epochs=8, lr=1e-2, seed=0), penalty=wm.penalty)
         model.eval()
-        files = _training.save_model(model, out, "model")
+        files = training.save_model(model, out, "model")
         wm.save_bundle(out / "owner_bundle.json", model, model_file=files["safetensors"], architecture="cnn")
         return SimpleNamespace(
             model=model, wm=wm, data=data, out=out, files=files, bundle=load_bundle(out / "owner_bundle.json"),
-            accuracy=_training.evaluate(model, data.test),
+            accuracy=training.evaluate(model, data.test),
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
@@ -81,9 +83,9 @@ def hufunet_owner(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A HufuNet owner, trained once per test run: the secret HufuNet (digits, seed 0), a
     width-2 SmallCNN host trained with EPH frozen, its files and its secret bundle."""
     from auditor.bundle import load_bundle
-    from auditor.plugins import _data
     from auditor.plugins.hufunet.embedder import embed_hufunet
     from auditor.plugins.hufunet.generate import generate_hufunet, load_hufunet
+    from auditor.toolkit import data as datasets
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -96,7 +98,7 @@ def hufunet_owner(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         return SimpleNamespace(
             secret=secret, net=net, payload=payload, out=out / "owner", summary=summary,
             model_file=out / "owner" / "model.safetensors", pt_file=out / "owner" / "model.pt",
-            bundle=load_bundle(out / "owner" / "owner_bundle.json"), data=_data.digits(),
+            bundle=load_bundle(out / "owner" / "owner_bundle.json"), data=datasets.digits(),
         )  # fmt: skip
     finally:
         torch.set_num_threads(threads)

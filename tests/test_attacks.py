@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from auditor.audit.load import load_model
 from auditor.bases import Attack
 from auditor.errors import InputError, UsageError
-from auditor.loading import load_model
 from auditor.plugin_manager import registered
-from auditor.plugins import _training, _zoo
-from auditor.plugins.attacks.model_io import predictor, read_model, runnable
+from auditor.toolkit import training
+from auditor.toolkit.modelio import predictor, read_model, runnable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,8 +46,8 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SimpleNamespace]:
     out = tmp_path_factory.mktemp("zoo")
     models = {}
     for i, arch in enumerate(("cnn", "resnet", "lstm")):
-        model = _randomise_norms(_zoo.build(arch, seed=i), seed=i)
-        files = _training.save_model(model, out / arch, "model")
+        model = _randomise_norms(models.build(arch, seed=i), seed=i)
+        files = training.save_model(model, out / arch, "model")
         x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(i))
         with torch.no_grad():
             models[arch] = SimpleNamespace(model=model, files=files, x=x, y=model(x), out=out / arch)
@@ -300,7 +300,7 @@ def build():
 
 def test_models_that_are_no_built_in_need_their_factory(tmp_path: Path) -> None:
     """A conv, a batch-norm and a linear layer under names no built-in uses."""
-    from auditor.plugins._data import load_factory
+    from auditor.toolkit.data import load_factory
 
     (tmp_path / "custom_factory.py").write_text(CUSTOM)
     factory = f"{tmp_path / 'custom_factory.py'}:build"

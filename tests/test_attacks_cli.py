@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from safetensors.torch import load_file
 
-from auditor import cli
+from auditor.cli import root as cli
 from auditor.errors import EXIT_USAGE
 from auditor.plugin_manager import registered
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from auditor.audit.detect import run_detectors
+from auditor.audit.load import load_model
 from auditor.bases import Attack
 from auditor.bundle import load_bundle
-from auditor.detection import run_detectors
 from auditor.findings import Finding, Verdict
-from auditor.loading import load_model
 from auditor.plugin_manager import registered
 from auditor.plugins.attacks.forging import MATCH_RANGES
-from auditor.plugins.attacks.model_io import predictor
+from auditor.toolkit.modelio import predictor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

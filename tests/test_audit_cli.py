@@ -41,7 +41,7 @@ def once(name: str, factory: pytest.TempPathFactory, build: Callable[[], Any]) -
 
 def run_cli(*args: str | Path) -> tuple[int, str, str]:
     """The CLI in this process: exit code, stdout, stderr (a fresh interpreter costs seconds)."""
-    from auditor import cli
+    from auditor.cli import root as cli
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -55,9 +55,9 @@ def run_cli(*args: str | Path) -> tuple[int, str, str]:
 
 def clean_model(path: Path, seed: int = 1) -> Path:
     """An unwatermarked SmallCNN with the owner's architecture (what an innocent suspect looks like)."""
-    from auditor.plugins import _zoo
+    from auditor.toolkit import models as zoo
 
-    model = _zoo.build("cnn", seed=seed)
+    model = zoo.build("cnn", seed=seed)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
 

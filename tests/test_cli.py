@@ -14,7 +14,7 @@ import typer
 from safetensors.torch import save_file
 
 import auditor
-from auditor import cli
+from auditor.cli import root as cli
 from auditor.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_PLUGIN, PluginError
 
 

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from auditor.audit.load import load_model
 from auditor.graph import LayerGraph, LayerKind
-from auditor.loading import load_model
 
 WEIGHTED = (LayerKind.CONV2D, LayerKind.LINEAR, LayerKind.LSTM)
 
@@ -80,9 +80,7 @@ def files(net: Net, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
                 key = f"onnx_{'dynamo' if dynamo else 'legacy'}_{'folded' if fold else 'unfolded'}"
                 # The dynamo exporter folds in its optimizer pass; the legacy one in do_constant_folding.
                 options = {"optimize": fold} if dynamo else {}
-                torch.onnx.export(
-                    net, (example,), str(paths[key]), dynamo=dynamo, do_constant_folding=fold, **options
-                )
+                torch.onnx.export(net, (example,), str(paths[key]), dynamo=dynamo, do_constant_folding=fold, **options)
     return paths
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from auditor.detection import overall_verdict
+from auditor.audit.detect import overall_verdict
 from auditor.findings import Finding, Verdict
 
 D, N, INC, E = Verdict.DETECTED, Verdict.NOT_DETECTED, Verdict.INCONCLUSIVE, Verdict.ERROR

@@ -12,9 +12,7 @@ from auditor import hookspecs
 from auditor.errors import EXIT_CODES
 
 ROOT = Path(__file__).resolve().parent.parent
-HOOKS = sorted(
-    name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(fn, "auditor_spec")
-)
+HOOKS = sorted(name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(fn, "auditor_spec"))
 
 
 def test_hooks_are_found() -> None:

@@ -19,10 +19,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from auditor.audit.load import detect_format, load_model
 from auditor.errors import InputError, UnsafeInputError
 from auditor.formats import onnx as onnx_format
 from auditor.graph import EdgeSource, LayerKind
-from auditor.loading import detect_format, load_model
 
 ASSETS = Path(__file__).parent / "assets"
 

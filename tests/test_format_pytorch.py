@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
+from auditor.audit.load import detect_format, load_model
 from auditor.errors import InputError, UnsafeInputError
 from auditor.formats import pytorch
 from auditor.graph import LayerKind
-from auditor.loading import detect_format, load_model
 
 ASSETS = Path(__file__).parent / "assets"
 _spec = importlib.util.spec_from_file_location("make_pt_assets", ASSETS / "make_pt_assets.py")
@@ -299,8 +299,11 @@ class Evil:
 def test_torch_saved_reduce_payload_is_refused(tmp_path: Path, legacy: bool) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save({"state_dict": assets.tiny_model().state_dict(), "x": Evil(marker)}, path,
-               _use_new_zipfile_serialization=not legacy)
+    torch.save(
+        {"state_dict": assets.tiny_model().state_dict(), "x": Evil(marker)},
+        path,
+        _use_new_zipfile_serialization=not legacy,
+    )
     with pytest.raises(UnsafeInputError) as err:
         pytorch.load(path)
     assert f"{os.system.__module__}.system, which auditor will not rebuild" in str(err.value)
@@ -519,14 +522,20 @@ def test_missing_storage_entry(tmp_path: Path) -> None:
             pickle.dumps({"epoch": 1}, protocol=2),
             "holds no state dict: no dict of tensors at the top level or under its keys ('epoch')",
         ),
-        (b"\x80\x02}q\x00(X\x01\x00\x00\x00wq\x01(X\x07\x00\x00\x00storageq\x02tQu.",
-         "data.pkl is malformed: a storage persistent id has 1 fields, not 5"),
-        (b"\x80\x02cbuiltins\neval\nX\x01\x00\x00\x001\x85R.",
-         "refused: the pickle references builtins.eval, which auditor will not rebuild "
-         "(only tensors, storages and plain containers are read)"),
-        (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\n.",
-         "refused: the pickle references numpy.core.multiarray._reconstruct, which auditor will not rebuild "
-         "(only tensors, storages and plain containers are read)"),
+        (
+            b"\x80\x02}q\x00(X\x01\x00\x00\x00wq\x01(X\x07\x00\x00\x00storageq\x02tQu.",
+            "data.pkl is malformed: a storage persistent id has 1 fields, not 5",
+        ),
+        (
+            b"\x80\x02cbuiltins\neval\nX\x01\x00\x00\x001\x85R.",
+            "refused: the pickle references builtins.eval, which auditor will not rebuild "
+            "(only tensors, storages and plain containers are read)",
+        ),
+        (
+            b"\x80\x02cnumpy.core.multiarray\n_reconstruct\n.",
+            "refused: the pickle references numpy.core.multiarray._reconstruct, which auditor will not rebuild "
+            "(only tensors, storages and plain containers are read)",
+        ),
         (b"\x80\x02}q\x00.junk", "data.pkl has 4 bytes after its STOP opcode"),
         (  # BUILD on one of auditor's constructors would set attributes that outlive the load
             b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n}X\x01\x00\x00\x00aK\x01sb.",
@@ -589,8 +598,10 @@ def test_unknown_compression_method(tmp_path: Path) -> None:
     data = bytearray((ASSETS / "pt_clean.pt").read_bytes())
     name = b"pt_clean/data/0"
     central = data.index(b"PK\x01\x02")  # the central directory, where zipfile reads the method
-    while not (int.from_bytes(data[central + 28 : central + 30], "little") == len(name)
-               and data[central + 46 : central + 46 + len(name)] == name):
+    while not (
+        int.from_bytes(data[central + 28 : central + 30], "little") == len(name)
+        and data[central + 46 : central + 46 + len(name)] == name
+    ):
         central = data.index(b"PK\x01\x02", central + 4)
     data[central + 10 : central + 12] = (99).to_bytes(2, "little")
     path = tmp_path / "method.pt"

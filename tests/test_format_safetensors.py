@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from auditor.audit.load import load_model
 from auditor.errors import InputError, UnsafeInputError
 from auditor.formats import safetensors as st
 from auditor.graph import LayerGraph, LayerKind
-from auditor.loading import load_model
 
 ASSETS = Path(__file__).parent / "assets"
 REPO = Path(__file__).resolve().parents[1]
@@ -271,9 +271,7 @@ def test_index_that_is_a_link_out_of_the_folder_is_unsafe(tmp_path: Path) -> Non
     (folder / "model.safetensors.index.json").symlink_to(tmp_path / "elsewhere.json")
     with pytest.raises(UnsafeInputError) as info:
         st.load(folder)
-    assert info.value.problem == (
-        "index 'model.safetensors.index.json' is a link that leaves the model's folder"
-    )
+    assert info.value.problem == ("index 'model.safetensors.index.json' is a link that leaves the model's folder")
 
 
 def test_tensor_mapped_to_the_wrong_shard(sharded: tuple[Path, dict[str, torch.Tensor]]) -> None:
@@ -368,28 +366,55 @@ def test_deep_nesting_is_an_input_error_not_a_recursion_error(tmp_path: Path) ->
 @pytest.mark.parametrize(
     ("header", "message"),
     [
-        (b'{"w": {"dtype": "F32", "shape": [' + b"1" * 5000 + b'], "data_offsets": [0, 4]}}',
-         "the header is not valid JSON (ValueError)"),
-        (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "w": {}}',
-         "the header names the key 'w' twice"),
-        ({"w": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}},
-         "tensor 'w': shape [0, 1000000000000000000000000000000] is too large to address"),
-        ({"w": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}},
-         "tensor 'w': shape has 65 dimensions, more than 64"),
-        ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}},
-         "tensor 'w': data_offsets [4, 0] are not [begin, end]"),
-        ({"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}},
-         "tensor 'w': shape [True] is not a list of non-negative integers"),
+        (
+            b'{"w": {"dtype": "F32", "shape": [' + b"1" * 5000 + b'], "data_offsets": [0, 4]}}',
+            "the header is not valid JSON (ValueError)",
+        ),
+        (
+            b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "w": {}}',
+            "the header names the key 'w' twice",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [0, 10**30], "data_offsets": [0, 0]}},
+            "tensor 'w': shape [0, 1000000000000000000000000000000] is too large to address",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}},
+            "tensor 'w': shape has 65 dimensions, more than 64",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}},
+            "tensor 'w': data_offsets [4, 0] are not [begin, end]",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}},
+            "tensor 'w': shape [True] is not a list of non-negative integers",
+        ),
         ({"w": [1, 2]}, "tensor 'w': entry is not an object"),
-        ({"__metadata__": [], "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
-         "__metadata__ must map strings to strings"),
-        ({"x" * 1000: {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},
-         f"tensor '{'x' * 37}...{'x' * 38}': shape [2] of F32 needs 8 bytes, offsets span 4"),
-        (b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}\xff',
-         "the header is not valid JSON (UnicodeDecodeError)"),
+        (
+            {"__metadata__": [], "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+            "__metadata__ must map strings to strings",
+        ),
+        (
+            {"x" * 1000: {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},
+            f"tensor '{'x' * 37}...{'x' * 38}': shape [2] of F32 needs 8 bytes, offsets span 4",
+        ),
+        (
+            b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}\xff',
+            "the header is not valid JSON (UnicodeDecodeError)",
+        ),
     ],
     ids=[
-        "huge-int", "duplicate", "huge-empty", "rank", "offsets", "bool-shape", "entry", "metadata", "long-name", "utf8"
+        "huge-int",
+        "duplicate",
+        "huge-empty",
+        "rank",
+        "offsets",
+        "bool-shape",
+        "entry",
+        "metadata",
+        "long-name",
+        "utf8",
     ],
 )
 def test_hostile_header_exact_message(tmp_path: Path, header: object, message: str) -> None:

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from auditor.audit.load import load_model
 from auditor.errors import InputError
 from auditor.formats import onnx as onnx_format
-from auditor.loading import load_model
 
 TINY = (Path(__file__).parent / "assets" / "onnx_tiny.onnx").read_bytes()
 FUZZ = settings(

@@ -12,9 +12,9 @@ from pathlib import Path
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 
+from auditor.audit.load import load_model
 from auditor.errors import InputError
 from auditor.formats import pytorch
-from auditor.loading import load_model
 
 ASSETS = Path(__file__).parent / "assets"
 CLEAN_ZIP = (ASSETS / "pt_clean.pt").read_bytes()

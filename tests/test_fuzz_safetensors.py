@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
+from auditor.audit.load import load_model
 from auditor.errors import InputError
 from auditor.formats import safetensors as st_format
-from auditor.loading import load_model
 
 FUZZ = settings(
     max_examples=1000,
@@ -36,9 +36,26 @@ FUZZ = settings(
 CODES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "U16", "C64", "f32", ""]
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 NAMES = [
-    "conv.weight", "conv.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "fc.weight", "fc.bias",
-    "emb.weight", "ln.weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.bias_ih_l0", "rnn.weight_ih_l0_reverse",
-    "0.weight", "10.weight", "2.weight", "__metadata__", "weight", "",
+    "conv.weight",
+    "conv.bias",
+    "bn.weight",
+    "bn.bias",
+    "bn.running_mean",
+    "bn.running_var",
+    "fc.weight",
+    "fc.bias",
+    "emb.weight",
+    "ln.weight",
+    "rnn.weight_ih_l0",
+    "rnn.weight_hh_l0",
+    "rnn.bias_ih_l0",
+    "rnn.weight_ih_l0_reverse",
+    "0.weight",
+    "10.weight",
+    "2.weight",
+    "__metadata__",
+    "weight",
+    "",
 ]
 
 json_values = st.recursive(

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from auditor import keys
+from auditor.audit.detect import run_detectors
+from auditor.audit.load import load_model
 from auditor.bundle import load_bundle
-from auditor.detection import run_detectors
 from auditor.findings import Verdict
-from auditor.loading import load_model
 from auditor.plugins.greedy_residuals.embedder import embed_greedy_residuals
 
 

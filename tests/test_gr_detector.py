@@ -15,12 +15,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from auditor.detection import run_detectors
+from auditor.audit.detect import run_detectors
+from auditor.audit.load import load_model
 from auditor.findings import Finding, Verdict
 from auditor.graph import LayerGraph
-from auditor.loading import load_model
-from auditor.plugins import _training, _zoo
 from auditor.plugins.greedy_residuals.detector import GreedyResidualsDetector, forging_check
+from auditor.toolkit import models as zoo
+from auditor.toolkit import training
 
 INNOCENTS = 20
 
@@ -56,11 +57,11 @@ def test_owner_bundle_detects_the_released_model(owner: SimpleNamespace) -> None
 def test_innocent_models_never_reach_the_threshold(owner: SimpleNamespace) -> None:
     rates, ps, accuracies = [], [], []
     for seed in range(1, INNOCENTS + 1):
-        model = _zoo.build("cnn", seed=1000 + seed)
+        model = zoo.build("cnn", seed=1000 + seed)
         # The owner's recipe without the penalty: real, independently trained competitors.
-        _training.train(model, owner.data.train, _training.TrainConfig(epochs=8, lr=1e-2, seed=seed))
-        accuracies.append(_training.evaluate(model, owner.data.test))
-        files = _training.save_model(model, owner.out / "innocents", f"innocent{seed}")
+        training.train(model, owner.data.train, training.TrainConfig(epochs=8, lr=1e-2, seed=seed))
+        accuracies.append(training.evaluate(model, owner.data.test))
+        files = training.save_model(model, owner.out / "innocents", f"innocent{seed}")
         finding = detect(load_model(files["safetensors"]), owner)
         assert finding.verdict is Verdict.NOT_DETECTED, finding.summary
         assert "negated" not in finding.summary  # a rate under 0.5 by chance is no negation story

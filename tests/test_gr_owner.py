@@ -17,10 +17,12 @@ from auditor import keys
 from auditor.bases import Detector
 from auditor.bundle import load_bundle
 from auditor.errors import EXIT_USAGE, UsageError
-from auditor.plugins import _data, _training, _zoo
 from auditor.plugins.greedy_residuals.embedder import DEFAULTS, GreedyResidualsEmbedder
 from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark, default_layers
 from auditor.plugins.greedy_residuals.scheme import GRParams, alpha_from_signature, penalty_term
+from auditor.toolkit import data as datasets
+from auditor.toolkit import models as zoo
+from auditor.toolkit import training
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSPHRASE = b"correct horse battery staple"
@@ -67,12 +69,12 @@ class Tiny(nn.Module):
 
 def test_default_layers_cnn() -> None:
     # conv1 has 144 < 256 weights, the head is excluded
-    assert default_layers(_zoo.SmallCNN()) == ["conv2.weight", "conv3.weight"]
+    assert default_layers(zoo.SmallCNN()) == ["conv2.weight", "conv3.weight"]
 
 
 def test_default_layers_resnet() -> None:
     # the three largest; layer1.conv1 and layer1.conv2 tie and the earlier wins
-    assert default_layers(_zoo.SmallResNet()) == ["layer1.conv1.weight", "layer2.conv1.weight", "layer2.conv2.weight"]
+    assert default_layers(zoo.SmallResNet()) == ["layer1.conv1.weight", "layer2.conv1.weight", "layer2.conv2.weight"]
 
 
 def test_default_layers_mlp() -> None:
@@ -81,7 +83,7 @@ def test_default_layers_mlp() -> None:
 
 def test_default_layers_lstm() -> None:
     # the recurrent module's largest matrix (16,384 hidden-to-hidden over 2,048 input-to-hidden)
-    assert default_layers(_zoo.RowLSTM()) == ["lstm.weight_hh_l0"]
+    assert default_layers(zoo.RowLSTM()) == ["lstm.weight_hh_l0"]
     stacked = nn.Sequential(nn.GRU(16, 16, num_layers=2), nn.Linear(16, 2))
     assert default_layers(stacked) == ["0.weight_ih_l0"]  # ties: the first matrix
 
@@ -108,7 +110,7 @@ def test_default_layers_small_and_degenerate_models() -> None:
 
 
 def test_create_with_named_layers(private_key: Any) -> None:
-    model = _zoo.SmallResNet()
+    model = zoo.SmallResNet()
     wm = GreedyResidualsWatermark.create(model, private_key=private_key, message="(c) A", layers=["stem.weight"])
     assert wm.layer_names == ["stem.weight"]
     assert (wm.layers[0].kind, wm.layers[0].kind_index, wm.layers[0].shape) == ("conv2d", 0, (32, 1, 3, 3))
@@ -123,7 +125,7 @@ def test_create_with_named_layers(private_key: Any) -> None:
 
 
 def test_penalty_and_rates(private_key: Any) -> None:
-    model = _zoo.RowLSTM()
+    model = zoo.RowLSTM()
     wm = GreedyResidualsWatermark.create(model, private_key=private_key, message="(c) A")
     penalty = wm.penalty(model)
     expected = penalty_term(model.get_parameter("lstm.weight_hh_l0"), wm.alpha, wm.params)
@@ -137,7 +139,7 @@ def test_penalty_and_rates(private_key: Any) -> None:
 def test_ed25519_keys_work(tmp_path: Path) -> None:
     pair = keys.generate_keypair(tmp_path, algorithm="ed25519")
     wm = GreedyResidualsWatermark.create(
-        _zoo.SmallCNN(), private_key=keys.load_private_key(pair.private), message="(c) B"
+        zoo.SmallCNN(), private_key=keys.load_private_key(pair.private), message="(c) B"
     )
     assert wm.signature_algorithm == "ed25519" and len(wm.signature) == 64
 
@@ -148,22 +150,22 @@ def test_ed25519_keys_work(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def trained(private_key: Any) -> dict[str, Any]:
     """SmallCNN on digits with the embedder's defaults, once with and once without the watermark."""
-    data = _data.digits()
-    config = _training.TrainConfig(
+    data = datasets.digits()
+    config = training.TrainConfig(
         epochs=DEFAULTS["epochs"], lr=DEFAULTS["lr"], batch_size=DEFAULTS["batch_size"], seed=0, device="cpu"
     )
-    clean = _zoo.build("cnn", seed=0)
-    _training.train(clean, data.train, config)
-    marked = _zoo.build("cnn", seed=0)
+    clean = zoo.build("cnn", seed=0)
+    training.train(clean, data.train, config)
+    marked = zoo.build("cnn", seed=0)
     wm = GreedyResidualsWatermark.create(marked, private_key=private_key, message="(c) 2025 Alice Example Ltd.")
-    _training.train(marked, data.train, config, penalty=wm.penalty)
+    training.train(marked, data.train, config, penalty=wm.penalty)
     return {
         "data": data,
         "clean": clean,
         "model": marked,
         "wm": wm,
-        "clean_acc": _training.evaluate(clean, data.test),
-        "acc": _training.evaluate(marked, data.test),
+        "clean_acc": training.evaluate(clean, data.test),
+        "acc": training.evaluate(marked, data.test),
     }
 
 
@@ -182,7 +184,7 @@ def test_fidelity(trained: dict[str, Any]) -> None:
 
 def test_payload(trained: dict[str, Any], tmp_path: Path, key_files: keys.KeyPairPaths) -> None:
     model, wm = trained["model"], trained["wm"]
-    files = _training.save_model(model, tmp_path)
+    files = training.save_model(model, tmp_path)
     payload = wm.payload(model, model_file=files["safetensors"], architecture="cnn")
     assert set(payload) == {"params", "message", "signature", "signature_algorithm", "public_key", "layers", "model"}
     assert payload["params"] == GRParams().to_dict()
@@ -206,8 +208,8 @@ def test_payload(trained: dict[str, Any], tmp_path: Path, key_files: keys.KeyPai
         "parameters": sum(p.numel() for p in model.parameters()),
         "architecture": "cnn",
     }
-    training = {"dataset": trained["data"].describe()}
-    assert wm.payload(model, model_file=files["pt"], training=training)["training"] == training
+    recipe = {"dataset": trained["data"].describe()}
+    assert wm.payload(model, model_file=files["pt"], training=recipe)["training"] == recipe
 
     sha = wm.save_bundle(tmp_path / "owner_bundle.json", model, model_file=files["safetensors"])
     bundle = load_bundle(tmp_path / "owner_bundle.json")
@@ -219,10 +221,10 @@ def test_payload(trained: dict[str, Any], tmp_path: Path, key_files: keys.KeyPai
 
 def test_bundle_is_detected(trained: dict[str, Any], tmp_path: Path) -> None:
     """The detector reads the payload as written (a smoke test across the two halves)."""
-    from auditor.loading import load_model
+    from auditor.audit.load import load_model
     from auditor.plugin_manager import registered
 
-    files = _training.save_model(trained["model"], tmp_path)
+    files = training.save_model(trained["model"], tmp_path)
     trained["wm"].save_bundle(tmp_path / "b.json", trained["model"], model_file=files["safetensors"])
     detector = registered("detectors")["greedy-residuals"].component
     assert isinstance(detector, Detector)
@@ -283,7 +285,7 @@ def test_embed_cli_end_to_end(tmp_path: Path, key_files: keys.KeyPairPaths) -> N
     bundle = load_bundle(out / "owner_bundle.json")
     assert bundle.payload["model"]["sha256"] == _sha(out / "model.safetensors")
     assert bundle.payload["model"]["architecture"] == "cnn"
-    assert bundle.payload["training"]["dataset"]["test_sha256"] == _data.digits().test_sha256
+    assert bundle.payload["training"]["dataset"]["test_sha256"] == datasets.digits().test_sha256
     everything = result.stdout + result.stderr + (out / "owner_bundle.json").read_text()
     assert "PRIVATE" not in everything and PASSPHRASE.decode() not in everything
     assert not any(line in everything for line in _private_lines(key_files))
@@ -302,7 +304,7 @@ def _sha(path: Path) -> str:
 
 def run_here(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     """The CLI in this process (a fresh interpreter costs seconds): exit code, stdout, stderr."""
-    from auditor import cli
+    from auditor.cli import root as cli
 
     with pytest.raises(SystemExit) as info:
         cli.main(args)

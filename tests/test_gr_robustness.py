@@ -14,10 +14,12 @@ import pytest
 import torch
 from torch import nn
 
+from auditor.audit.load import load_model
 from auditor.findings import Finding, Verdict
-from auditor.loading import load_model
-from auditor.plugins import _data, _training, _zoo
 from auditor.plugins.greedy_residuals.detector import GreedyResidualsDetector
+from auditor.toolkit import data as datasets
+from auditor.toolkit import models as zoo
+from auditor.toolkit import training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,7 +34,7 @@ _counter = iter(range(1_000_000))
 
 def audit(model: nn.Module, owner: SimpleNamespace) -> Finding:
     """Save ``model`` as a suspect file, load it as auditor would, and detect."""
-    files = _training.save_model(model, owner.out / "suspects", f"suspect{next(_counter)}")
+    files = training.save_model(model, owner.out / "suspects", f"suspect{next(_counter)}")
     (finding,) = GreedyResidualsDetector().detect(load_model(files["safetensors"]), bundle=owner.bundle, context={})
     return finding
 
@@ -62,9 +64,9 @@ def test_fine_tuning_with_a_new_head_on_another_split(owner: SimpleNamespace) ->
     model = copy.deepcopy(owner.model)
     torch.manual_seed(11)
     model.head = nn.Linear(model.head.in_features, 10)  # transfer learning replaces the output layer
-    attacker_train, _ = _data.split(_data.digits(split_seed=1), 0.5, seed=7)
-    _training.train(model, attacker_train, _training.TrainConfig(epochs=10, lr=1e-3, seed=11))
-    accuracy = _training.evaluate(model, owner.data.test)
+    attacker_train, _ = datasets.split(datasets.digits(split_seed=1), 0.5, seed=7)
+    training.train(model, attacker_train, training.TrainConfig(epochs=10, lr=1e-3, seed=11))
+    accuracy = training.evaluate(model, owner.data.test)
     finding = audit(model, owner)
     print(
         f"\nfine-tune (all layers, new head, 10 epochs on half of another split): acc {accuracy:.3f}, {rates(finding)}"
@@ -89,14 +91,14 @@ def test_pruning_half_of_each_marked_layer(owner: SimpleNamespace) -> None:
     marked = owner.wm.layer_names
     model = _prune(owner.model, 0.5, marked)
     finding = audit(model, owner)
-    accuracy = _training.evaluate(model, owner.data.test)
+    accuracy = training.evaluate(model, owner.data.test)
     deep = rates(audit(_prune(owner.model, 0.9, marked), owner))
     print(f"\nprune 50% per marked layer: acc {accuracy:.3f}, {rates(finding)}; 90%: {deep}")
     assert finding.verdict is Verdict.DETECTED
     assert all(r >= 0.95 for r in rates(finding).values())
 
 
-def _rescale(model: _zoo.SmallCNN, out_factors: torch.Tensor, in_factors: torch.Tensor) -> _zoo.SmallCNN:
+def _rescale(model: zoo.SmallCNN, out_factors: torch.Tensor, in_factors: torch.Tensor) -> zoo.SmallCNN:
     """conv2's output channels times ``out_factors`` and conv3's input channels divided by
     ``in_factors`` (all > 0), with bn2 adjusted so that the function is unchanged."""
     scaled = copy.deepcopy(model)

@@ -14,7 +14,7 @@ import torch
 from scipy import stats as sps
 
 from auditor import keys
-from auditor.detection import run_detectors
+from auditor.audit.detect import run_detectors
 from auditor.findings import Finding, Verdict
 from auditor.graph import Edge, Layer, LayerGraph, LayerKind, TensorRef
 from auditor.plugins.greedy_residuals import stats

@@ -13,14 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from auditor.detection import run_detectors
+from auditor.audit.detect import run_detectors
+from auditor.audit.load import load_model
 from auditor.findings import Verdict
-from auditor.loading import load_model
-from auditor.plugins import _training, _zoo
-from auditor.plugins._zoo import model_graph
 from auditor.plugins.hufunet.detector import TAU_ACC, audit_bundle
 from auditor.plugins.hufunet.forging import correlated_kernels, forge
 from auditor.plugins.hufunet.owner import host_layers, host_view
+from auditor.toolkit import models as zoo
+from auditor.toolkit import training
+from auditor.toolkit.models import model_graph
 
 
 def _bundle_for(owner: SimpleNamespace, model: torch.nn.Module, architecture: str) -> dict[str, Any]:
@@ -37,8 +38,8 @@ def innocents(hufunet_owner: SimpleNamespace, one_thread: None) -> list[torch.nn
     models = []
     for seed in range(1, 11):
         torch.manual_seed(seed)
-        model = _zoo.build("cnn", width=2)
-        _training.train(model, hufunet_owner.data.train, _training.TrainConfig(epochs=3, lr=1e-2, seed=seed))
+        model = zoo.build("cnn", width=2)
+        training.train(model, hufunet_owner.data.train, training.TrainConfig(epochs=3, lr=1e-2, seed=seed))
         models.append(model.eval())
     return models
 
@@ -48,7 +49,7 @@ def test_innocent_hosts_of_the_same_architecture_are_never_claimed(
 ) -> None:
     accs = []
     for model in innocents:
-        assert _training.evaluate(model, hufunet_owner.data.test) > 0.9  # real, working innocents
+        assert training.evaluate(model, hufunet_owner.data.test) > 0.9  # real, working innocents
         finding = audit_bundle(model_graph(model), hufunet_owner.bundle, {})
         assert finding.verdict is Verdict.NOT_DETECTED, finding.summary
         assert finding.metrics["bit_identical_fraction"] < 0.01
@@ -64,8 +65,8 @@ def test_innocents_of_other_architectures_are_never_claimed(
 ) -> None:
     for seed in (1, 2):
         torch.manual_seed(seed)
-        model = _zoo.build(arch, width=2)
-        _training.train(model, hufunet_owner.data.train, _training.TrainConfig(epochs=2, lr=1e-2, seed=seed))
+        model = zoo.build(arch, width=2)
+        training.train(model, hufunet_owner.data.train, training.TrainConfig(epochs=2, lr=1e-2, seed=seed))
         finding = audit_bundle(model_graph(model.eval()), _bundle_for(hufunet_owner, model, arch), {})
         assert finding.verdict is Verdict.NOT_DETECTED, finding.summary
         assert finding.metrics["acc_combined"] < 0.3
@@ -74,7 +75,7 @@ def test_innocents_of_other_architectures_are_never_claimed(
 def test_forging_with_100_random_keys_finds_a_handful_of_kernels_and_no_claim(
     hufunet_owner: SimpleNamespace, one_thread: None
 ) -> None:
-    model = _zoo.build("cnn", width=2)
+    model = zoo.build("cnn", width=2)
     model.load_state_dict(load_file(hufunet_owner.model_file))
     view = host_view(model, host_layers(model))
     attempts = forge(view, widths=hufunet_owner.net.widths, data=hufunet_owner.data, keys=100, epochs=5)
@@ -89,7 +90,7 @@ def test_forging_with_100_random_keys_finds_a_handful_of_kernels_and_no_claim(
 def test_correlation_is_the_placement_rule(hufunet_owner: SimpleNamespace) -> None:
     from auditor.plugins.hufunet.placement import kernel_message, position
 
-    model = _zoo.build("cnn", width=2)
+    model = zoo.build("cnn", width=2)
     model.load_state_dict(load_file(hufunet_owner.model_file))
     view = host_view(model, host_layers(model))
     key = bytes(range(32))
@@ -164,7 +165,7 @@ def test_host_layers_read_in_the_bundles_order_whatever_the_file_order(
 
 
 def test_public_data_option_reaches_the_detector_and_the_reproduce_command(tmp_path: Path) -> None:
-    from auditor.report_audit import AuditInputs
+    from auditor.audit.pipeline import AuditInputs
 
     inputs = AuditInputs(bundles=[], public_data=tmp_path / "fmnist")
     assert inputs.context["hufunet.fashion_mnist"] == str(tmp_path / "fmnist")

@@ -12,15 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from auditor import cli
+from auditor.audit.load import load_model
+from auditor.cli import root as cli
 from auditor.errors import UsageError
 from auditor.findings import Verdict
-from auditor.loading import load_model
-from auditor.plugins import _training, _zoo
 from auditor.plugins.hufunet.detector import audit_bundle
 from auditor.plugins.hufunet.embedder import embed_hufunet
 from auditor.plugins.hufunet.owner import host_layers, host_view, plant
 from auditor.plugins.hufunet.placement import eph_kernels, place, retrieve
+from auditor.toolkit import models as zoo
+from auditor.toolkit import training
 
 
 @pytest.mark.parametrize("which", ["model_file", "pt_file"])
@@ -40,15 +41,15 @@ def test_fidelity_within_one_point_of_the_same_training_without_eph(
     hufunet_owner: SimpleNamespace, one_thread: None
 ) -> None:
     torch.manual_seed(0)
-    clean = _zoo.build("cnn", width=2)
-    _training.train(clean, hufunet_owner.data.train, _training.TrainConfig(epochs=12, lr=1e-2, seed=0))
-    clean_acc = _training.evaluate(clean, hufunet_owner.data.test)
+    clean = zoo.build("cnn", width=2)
+    training.train(clean, hufunet_owner.data.train, training.TrainConfig(epochs=12, lr=1e-2, seed=0))
+    clean_acc = training.evaluate(clean, hufunet_owner.data.test)
     marked = hufunet_owner.summary["test_accuracy"]
     assert abs(marked - clean_acc) <= 0.01, (marked, clean_acc)
 
 
 def test_released_model_has_exactly_the_plain_architectures_keys(hufunet_owner: SimpleNamespace) -> None:
-    plain = _zoo.build("cnn", width=2).state_dict()
+    plain = zoo.build("cnn", width=2).state_dict()
     released = load_file(hufunet_owner.model_file)
     assert sorted(released) == sorted(plain)
     assert {k: tuple(v.shape) for k, v in released.items()} == {k: tuple(v.shape) for k, v in plain.items()}
@@ -57,7 +58,7 @@ def test_released_model_has_exactly_the_plain_architectures_keys(hufunet_owner: 
 
 
 def test_eph_sits_at_the_keyed_positions_in_the_released_weights(hufunet_owner: SimpleNamespace) -> None:
-    model = _zoo.build("cnn", width=2)
+    model = zoo.build("cnn", width=2)
     model.load_state_dict(load_file(hufunet_owner.model_file))
     key = base64.b64decode(hufunet_owner.payload["hmac_key"])
     eph = eph_kernels([c.weight for c in hufunet_owner.net.conv_layers()])
@@ -108,13 +109,13 @@ def test_lstm_host_verifies(tmp_path: Path, hufunet_owner: SimpleNamespace, one_
 
 def test_plant_freezes_through_training(hufunet_owner: SimpleNamespace, one_thread: None) -> None:
     torch.manual_seed(3)
-    model = _zoo.build("resnet")
+    model = zoo.build("resnet")
     key = base64.b64decode(hufunet_owner.payload["hmac_key"])
     embedded = plant(model, hufunet_owner.net, key)
     assert embedded.n == 32 + 1024 + 1024 + 2048 + 4096
     data = hufunet_owner.data
     small = torch.utils.data.TensorDataset(*(t[:256] for t in data.train.tensors))
-    _training.train(model, small, _training.TrainConfig(epochs=1, optimizer="sgd", lr=0.1, weight_decay=1e-3),
+    training.train(model, small, training.TrainConfig(epochs=1, optimizer="sgd", lr=0.1, weight_decay=1e-3),
                     after_step=embedded.frozen.after_step)  # fmt: skip
     embedded.frozen.detach()
     assert embedded.frozen.intact()

@@ -11,9 +11,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from auditor.errors import UsageError
-from auditor.plugins._training import TrainConfig, train
 from auditor.plugins.hufunet.freezing import FrozenKernels
 from auditor.plugins.hufunet.placement import HostSlot, HostView, place, retrieve
+from auditor.toolkit.training import TrainConfig, train
 
 KEY = bytes(range(32))
 

@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 
 from auditor.bundle import load_bundle, save_bundle
 from auditor.errors import InputError, UsageError
-from auditor.plugins import _data
 from auditor.plugins.hufunet import generate as gen
 from auditor.plugins.hufunet.network import (
     DIGITS_WIDTHS,
@@ -29,6 +28,7 @@ from auditor.plugins.hufunet.network import (
     sph_of,
 )
 from auditor.plugins.hufunet.placement import eph_kernels
+from auditor.toolkit import data as datasets
 
 
 @pytest.mark.parametrize(("side", "channels"), [(8, 1), (28, 1), (28, 3)])
@@ -103,7 +103,7 @@ def _zeroed_kernel_accuracies(net: HufuNet, fraction: float, seeds: int = 5) -> 
             for k, v in state.items()
         }
         net.load_state_dict(damaged)
-        out.append(accuracy(net, _data.digits()))
+        out.append(accuracy(net, datasets.digits()))
     net.load_state_dict(state)
     return out
 
@@ -142,7 +142,7 @@ def test_generate_on_digits_writes_a_secret_file(owner: tuple[Path, dict[str, An
     p = bundle.payload
     assert p["widths"] == [4, 8, 16, 16, 8] and p["in_channels"] == 1 and p["num_classes"] == 10
     assert p["dataset"]["name"] == "digits" and p["dataset"]["split_seed"] == 0
-    assert p["dataset"]["test_sha256"] == _data.digits().test_sha256 and p["dataset"]["test_size"] == 359
+    assert p["dataset"]["test_sha256"] == datasets.digits().test_sha256 and p["dataset"]["test_size"] == 359
     assert len(gen.hmac_key(p)) == 32
     assert "hmac_key" not in json.dumps(summary) and p["hmac_key"] not in json.dumps(summary)
 
@@ -150,10 +150,10 @@ def test_generate_on_digits_writes_a_secret_file(owner: tuple[Path, dict[str, An
 def test_load_hufunet_round_trips_weights_and_accuracy(owner: tuple[Path, dict[str, Any]]) -> None:
     path, summary = owner
     net, payload = gen.load_hufunet(path)
-    assert accuracy(net, _data.digits()) == payload["acc_original"] == summary["accuracy"]
+    assert accuracy(net, datasets.digits()) == payload["acc_original"] == summary["accuracy"]
     # rebuilding from the flat EPH kernels (what the detector does) gives the same network
     rebuilt = assemble(eph_kernels(eph_of(net)), sph_of(net), payload["widths"], payload["in_channels"])
-    x = _data.digits().test.tensors[0]
+    x = datasets.digits().test.tensors[0]
     assert torch.equal(rebuilt(x), net(x))
     raw = base64.b64decode(payload["eph"]["data"])
     assert raw == b"".join(w.numpy().astype("<f4").tobytes() for w in eph_of(net))

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from typer.testing import CliRunner
 
 from auditor import keys
-from auditor.cli_keys import keys_app
+from auditor.cli.keys import keys_app
 from auditor.errors import EXIT_INPUT, EXIT_USAGE, InputError, UsageError
 
 MESSAGE = "© 2024 Example Owner. All rights reserved.".encode()

@@ -32,11 +32,11 @@ from auditor import (
     Verdict,
     hookimpl,
 )
-from auditor.detection import run_detectors
+from auditor.audit.detect import run_detectors
+from auditor.audit.load import load_model
 from auditor.errors import PluginError
-from auditor.loading import load_model
 from auditor.plugin_manager import DEFAULT_PLUGINS, get_plugin_manager, registered, reset_plugin_manager
-from auditor.reporting import jinja_environment
+from auditor.report.html import jinja_environment
 
 
 @contextmanager
@@ -265,7 +265,7 @@ def test_hook_register_commands() -> None:
                 """Say hello."""
                 typer.echo(f"hello {name}")
 
-    from auditor import cli
+    from auditor.cli import root as cli
 
     app = typer.Typer()
 
@@ -283,7 +283,7 @@ def test_hook_register_commands() -> None:
 
 @pytest.mark.parametrize("clash", ["inspect", "keys"])
 def test_plugin_command_clashing_with_builtin_is_refused(monkeypatch: pytest.MonkeyPatch, clash: str) -> None:
-    from auditor import cli
+    from auditor.cli import root as cli
 
     class Plugin:
         @hookimpl
@@ -308,8 +308,9 @@ def test_plugin_command_clashing_with_builtin_is_refused(monkeypatch: pytest.Mon
 
     app.add_typer(typer.Typer(), name="keys")  # built-in groups come before plugin commands too
     monkeypatch.setattr(cli, "app", app)
-    with plugin(Plugin(), "zz-test-plugin"), pytest.raises(
-        PluginError, match=f"plugin 'zz-test-plugin' adds command '{clash}', which already exists"
+    with (
+        plugin(Plugin(), "zz-test-plugin"),
+        pytest.raises(PluginError, match=f"plugin 'zz-test-plugin' adds command '{clash}', which already exists"),
     ):
         cli._add_plugin_commands()
     names = cli._command_names(app)

@@ -15,11 +15,11 @@ from test_audit_cli import ANALYST, CASE_ID, clean_model, run_cli
 from test_plugins import plugin
 
 from auditor import Detector, Finding, LayerGraph, Restorer, Verdict, hookimpl
+from auditor.audit.pipeline import batch_exit_code, report_names
 from auditor.bundle import load_bundle
 from auditor.errors import EXIT_INCONCLUSIVE, EXIT_INPUT, EXIT_INTERNAL, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNSAFE
-from auditor.report import jsonable
-from auditor.report_audit import batch_exit_code, report_names
-from auditor.report_guard import SecretGuard
+from auditor.report.document import jsonable
+from auditor.report.guard import SecretGuard
 
 # Shared fixtures (see test_audit_cli.once).
 gr_reports = shared.gr_reports

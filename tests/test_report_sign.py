@@ -11,7 +11,7 @@ import test_audit_cli as shared
 
 from auditor import keys
 from auditor.errors import InputError
-from auditor.report_sign import seal, verify_document, verify_report
+from auditor.report.seal import seal, verify_document, verify_report
 
 # Shared fixtures (see test_audit_cli.once).
 gr_reports = shared.gr_reports

@@ -24,15 +24,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from auditor.detection import run_detectors
+from auditor.audit.detect import run_detectors
+from auditor.audit.load import load_model
+from auditor.audit.restore import run_restorers
 from auditor.findings import Verdict
 from auditor.graph import LayerGraph
-from auditor.loading import load_model
-from auditor.plugins import _zoo
-from auditor.plugins.restore import attacks
-from auditor.plugins.restore.channels import Tensors, graph_with_tensors
 from auditor.plugins.restore.plugin import ChannelRestorer, FoldRestorer, ScaleRestorer
-from auditor.restoration import run_restorers
+from auditor.toolkit import edits as attacks
+from auditor.toolkit import models as zoo
+from auditor.toolkit.channels import Tensors, graph_with_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +53,7 @@ def export(model: nn.Module, path: Path, *, fold: bool, dynamo: bool = False) ->
 
 def cnn_from(tensors: Tensors) -> nn.Module:
     """A SmallCNN whose layers take the (possibly resized) shapes of ``tensors``."""
-    model = _zoo.SmallCNN()
+    model = zoo.SmallCNN()
     for i in (1, 2, 3):
         out_c, in_c = tensors[f"conv{i}"]["weight"].shape[:2]
         setattr(model, f"conv{i}", nn.Conv2d(in_c, out_c, 3, padding=1, bias=False))
@@ -71,7 +71,7 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         model, released = owner.model, owner.files["safetensors"]
     else:
         owner = request.getfixturevalue("hufunet_owner")
-        model, released = _zoo.build("cnn", width=2), owner.model_file
+        model, released = zoo.build("cnn", width=2), owner.model_file
         model.load_state_dict(load_file(released))
     out = tmp_path_factory.mktemp("restore_attacks")
     graph = load_model(export(model, out / "unfolded.onnx", fold=False))

@@ -19,22 +19,23 @@ import pytest
 import torch
 from torch import nn
 
+from auditor.audit.load import load_model
+from auditor.audit.restore import run_restorers
 from auditor.bases import Restorer
 from auditor.errors import UsageError
 from auditor.graph import LayerGraph
-from auditor.loading import load_model
-from auditor.plugins.restore import attacks, factors
+from auditor.plugins.restore import factors
 from auditor.plugins.restore.align import align_layers
-from auditor.plugins.restore.channels import (
+from auditor.plugins.restore.plugin import ChannelRestorer, FoldRestorer, ScaleRestorer
+from auditor.plugins.restore.similarity import abs_cosine, assign, masked_abs_cosine
+from auditor.toolkit import edits as attacks
+from auditor.toolkit.channels import (
     Consumer,
     apply_channel_maps,
     channel_spaces,
     graph_with_tensors,
     tensors_of,
 )
-from auditor.plugins.restore.plugin import ChannelRestorer, FoldRestorer, ScaleRestorer
-from auditor.plugins.restore.similarity import abs_cosine, assign, masked_abs_cosine
-from auditor.restoration import run_restorers
 
 
 class Tiny(nn.Module):

@@ -20,17 +20,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from auditor.audit.load import load_model
+from auditor.audit.restore import run_restorers
 from auditor.findings import Finding, Verdict
-from auditor.formats._statedict import graph_from_tensors
+from auditor.formats.statedict import graph_from_tensors
 from auditor.graph import LayerGraph, TensorRef
-from auditor.loading import load_model
 from auditor.plugin_manager import registered
-from auditor.plugins import _data, _training, _zoo
 from auditor.plugins.greedy_residuals.detector import GreedyResidualsDetector
-from auditor.plugins.restore import attacks, guard
-from auditor.plugins.restore.channels import tensors_of
+from auditor.plugins.restore import guard
 from auditor.plugins.restore.plugin import ChannelRestorer, FoldRestorer, ScaleRestorer
-from auditor.restoration import run_restorers
+from auditor.toolkit import data as datasets
+from auditor.toolkit import edits as attacks
+from auditor.toolkit import models as zoo
+from auditor.toolkit import training
+from auditor.toolkit.channels import tensors_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,11 +45,11 @@ def innocents(tmp_path_factory: pytest.TempPathFactory) -> list[LayerGraph]:
     out = tmp_path_factory.mktemp("innocents")
     graphs = []
     for i in range(INNOCENTS):
-        model = _zoo.build("cnn", seed=100 + i)
-        data = _data.digits(split_seed=i + 1)
-        _training.train(model, data.train, _training.TrainConfig(epochs=2, lr=1e-2, seed=100 + i))
-        assert _training.evaluate(model, data.test) > 0.9  # a real model, not noise
-        files = _training.save_model(model.eval(), out, f"innocent{i}")
+        model = zoo.build("cnn", seed=100 + i)
+        data = datasets.digits(split_seed=i + 1)
+        training.train(model, data.train, training.TrainConfig(epochs=2, lr=1e-2, seed=100 + i))
+        assert training.evaluate(model, data.test) > 0.9  # a real model, not noise
+        files = training.save_model(model.eval(), out, f"innocent{i}")
         graphs.append(load_model(files["safetensors"]))
     return graphs
 
@@ -120,15 +123,15 @@ def test_a_derived_model_passes_the_guard(
     gr_owner: SimpleNamespace, reference: LayerGraph, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     model = copy.deepcopy(gr_owner.model).train()
-    theirs, _ = _data.split(_data.digits(split_seed=1), 0.5, seed=7)
-    _training.train(model, theirs, _training.TrainConfig(epochs=5, lr=1e-3, seed=11))
+    theirs, _ = datasets.split(datasets.digits(split_seed=1), 0.5, seed=7)
+    training.train(model, theirs, training.TrainConfig(epochs=5, lr=1e-3, seed=11))
     state = [(k, TensorRef.from_tensor(k, v.detach())) for k, v in model.eval().state_dict().items()]
     graph = graph_from_tensors("test", Path("in-memory"), state, files=[], order="module order")
     permuted, _ = attacks.permute(graph, tensors_of(graph), seed=12)
     with torch.no_grad():
         model.load_state_dict({f"{m}.{r}": t.to(model.state_dict()[f"{m}.{r}"].dtype)
                                for m, params in permuted.items() for r, t in params.items()})  # fmt: skip
-    files = _training.save_model(model, tmp_path_factory.mktemp("derived"), "derived")
+    files = training.save_model(model, tmp_path_factory.mktemp("derived"), "derived")
     suspect = load_model(files["safetensors"])
     assert finding(suspect, gr_owner).verdict is not Verdict.DETECTED
     restored, log = run_restorers(suspect, reference, restorers=[ChannelRestorer(), FoldRestorer(), ScaleRestorer()])

@@ -15,21 +15,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_restore_attacks import cnn_from, export
 
+from auditor.audit.load import load_model
+from auditor.audit.restore import run_restorers
 from auditor.findings import Verdict
-from auditor.loading import load_model
-from auditor.plugins import _zoo
 from auditor.plugins.hufunet.detector import TAU_ACC, audit_bundle
-from auditor.plugins.restore import attacks
-from auditor.plugins.restore.attacks import negate, permute
-from auditor.plugins.restore.channels import tensors_of
-from auditor.restoration import run_restorers
+from auditor.toolkit import edits as attacks
+from auditor.toolkit import models as zoo
+from auditor.toolkit.channels import tensors_of
+from auditor.toolkit.edits import negate, permute
 
 
 def _stolen_onnx(owner: SimpleNamespace, out: Path) -> Path:
-    model = _zoo.build("cnn", width=2)
+    model = zoo.build("cnn", width=2)
     model.load_state_dict(load_file(owner.model_file))
     model.eval()
-    graph = _zoo.model_graph(model)
+    graph = zoo.model_graph(model)
     edited, _ = permute(graph, tensors_of(graph), seed=11)
     edited = negate(graph, edited, seed=11)
     state = {f"{layer}.{role}": t for layer, params in edited.items() for role, t in params.items()}
@@ -59,15 +59,13 @@ def test_hufunet_is_found_after_restore_and_not_before(tmp_path: Path, hufunet_o
 
 
 def _owner_cnn(owner: SimpleNamespace) -> torch.nn.Module:
-    model = _zoo.build("cnn", width=2)
+    model = zoo.build("cnn", width=2)
     model.load_state_dict(load_file(owner.model_file))
     return model.eval()
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_hufunet_verifies_after_a_5_percent_cut_off(
-    tmp_path: Path, hufunet_owner: SimpleNamespace, seed: int
-) -> None:
+def test_hufunet_verifies_after_a_5_percent_cut_off(tmp_path: Path, hufunet_owner: SimpleNamespace, seed: int) -> None:
     """5% of every layer's channels cut off (the paper's Table 4 cuts 2.3-6.75%): the host's shapes no
     longer fit the bundle until restore pads the missing channels with zeros; then HufuNet verifies."""
     model = _owner_cnn(hufunet_owner)

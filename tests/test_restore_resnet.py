@@ -24,19 +24,21 @@ import torch
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from torch import nn
 
+from auditor.audit.detect import run_detectors
+from auditor.audit.load import load_model
+from auditor.audit.restore import run_restorers
 from auditor.bundle import load_bundle
-from auditor.detection import run_detectors
 from auditor.findings import Verdict
 from auditor.graph import LayerGraph
-from auditor.loading import load_model
-from auditor.plugins import _data, _training, _zoo
 from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
 from auditor.plugins.hufunet.generate import generate_hufunet, load_hufunet
 from auditor.plugins.hufunet.owner import plant, write_bundle
-from auditor.plugins.restore import attacks
-from auditor.plugins.restore.channels import channel_spaces
 from auditor.plugins.restore.plugin import ChannelRestorer, FoldRestorer, ScaleRestorer
-from auditor.restoration import run_restorers
+from auditor.toolkit import data as datasets
+from auditor.toolkit import edits as attacks
+from auditor.toolkit import models as zoo
+from auditor.toolkit import training
+from auditor.toolkit.channels import channel_spaces
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,17 +60,17 @@ def owner(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     hmac_key = hashlib.sha256(b"restore resnet test: HufuNet key").digest()
     generate_hufunet(out=out / "hufunet_secret.json", seed=0, hmac_key=hmac_key)
     net, secret = load_hufunet(out / "hufunet_secret.json")
-    data = _data.digits(split_seed=0)
-    model = _zoo.build("resnet", seed=0)
+    data = datasets.digits(split_seed=0)
+    model = zoo.build("resnet", seed=0)
     wm = GreedyResidualsWatermark.create(model, private_key=key, message="(c) 2025 Alice: SmallResNet")
     hufunet = plant(model, net, hmac_key)
     try:
-        config = _training.TrainConfig(epochs=6, lr=1e-2, seed=0)
-        _training.train(model, data.train, config, penalty=wm.penalty, after_step=hufunet.frozen.after_step)
+        config = training.TrainConfig(epochs=6, lr=1e-2, seed=0)
+        training.train(model, data.train, config, penalty=wm.penalty, after_step=hufunet.frozen.after_step)
     finally:
         hufunet.frozen.detach()
     model.eval()
-    files = _training.save_model(model, out, "model")
+    files = training.save_model(model, out, "model")
     wm.save_bundle(out / "gr_bundle.json", model, model_file=files["safetensors"], architecture="resnet")
     write_bundle(out / "hufunet_bundle.json", model, hufunet, net, secret, files=files, architecture="resnet")
     graph = load_model(export(model, out / "model.onnx", fold=False))
@@ -77,7 +79,7 @@ def owner(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     thief = copy.deepcopy(model)
     thief.load_state_dict({f"{m}.{r}": t.to(model.state_dict()[f"{m}.{r}"].dtype) for m, p in edited.items()
                            for r, t in p.items()})  # fmt: skip
-    stolen = _training.save_model(thief.eval(), out, "stolen")
+    stolen = training.save_model(thief.eval(), out, "stolen")
     bundles = [load_bundle(out / "gr_bundle.json"), load_bundle(out / "hufunet_bundle.json")]
     return SimpleNamespace(model=model, thief=thief, out=out, files=files, graph=graph, data=data, stolen=stolen,
                            bundles=bundles)  # fmt: skip

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from auditor.formats import safetensors as st
-from auditor.formats._statedict import graph_from_tensors, infer_kind, split_key
+from auditor.formats.statedict import graph_from_tensors, infer_kind, split_key
 from auditor.graph import EdgeSource, LayerGraph, LayerKind, TensorRef
 
 
@@ -31,7 +31,12 @@ def test_split_key() -> None:
 
 def test_sequential_cnn_kinds_and_chain(tmp_path: Path) -> None:
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(),
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3),
+        nn.ReLU(),
+        nn.Flatten(),
         nn.Linear(16 * 4 * 4, 10),
     )
     graph = through_file(tmp_path, model.state_dict())

@@ -249,8 +249,12 @@ _SAFE: dict[tuple[str, str], Any] = {
     **{
         ("torch.jit._pickle", f): _SafeCall(_passthrough)
         for f in (
-            "build_intlist", "build_tensorlist", "build_doublelist", "build_boollist",
-            "build_tensor_from_id", "restore_type_tag",
+            "build_intlist",
+            "build_tensorlist",
+            "build_doublelist",
+            "build_boollist",
+            "build_tensor_from_id",
+            "restore_type_tag",
         )
     },
 }

@@ -27,7 +27,6 @@ import torch
 from auditor.bases import Format
 from auditor.errors import AuditorError, InputError, UnsafeInputError
 from auditor.formats._io import NUMPY_DTYPES, mmap_tensor, read_exact
-from auditor.formats._statedict import graph_from_tensors
 from auditor.formats._unpickle import (
     STORAGE_ITEMSIZE,
     Malformed,
@@ -40,6 +39,7 @@ from auditor.formats._unpickle import (
     survey,
     unpickle,
 )
+from auditor.formats.statedict import graph_from_tensors
 from auditor.graph import LayerGraph, LayerKind, TensorRef, torch_dtype
 from auditor.hookspecs import hookimpl
 
@@ -166,9 +166,7 @@ def _verify_crc(path: Path, blob: _Blob) -> None:
         data = np.memmap(path, dtype=np.uint8, mode="r", offset=blob.offset, shape=(blob.nbytes,))
         crc = zlib.crc32(data)  # type: ignore[arg-type]  # numpy arrays are buffers; the stubs disagree
     if crc != blob.crc:
-        raise InputError(
-            path, f"{blob.what} was altered: its CRC-32 is {crc:08x}, the archive records {blob.crc:08x}"
-        )
+        raise InputError(path, f"{blob.what} was altered: its CRC-32 is {crc:08x}, the archive records {blob.crc:08x}")
 
 
 def _tensor_ref(
@@ -236,8 +234,11 @@ def _select_state_dict(path: Path, root: Any) -> tuple[str | None, list[tuple[st
         if isinstance(value, dict) and _tensor_items(value):
             return key, _tensor_items(value)
     for key, value in root.items():
-        if isinstance(key, str) and isinstance(value, dict) and value and all(
-            isinstance(v, TensorRecord) for v in value.values()
+        if (
+            isinstance(key, str)
+            and isinstance(value, dict)
+            and value
+            and all(isinstance(v, TensorRecord) for v in value.values())
         ):
             return key, _tensor_items(value)
     if _tensor_items(root):

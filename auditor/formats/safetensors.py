@@ -19,7 +19,7 @@ from typing import Any
 from auditor.bases import Format
 from auditor.errors import InputError
 from auditor.formats._io import NUMPY_DTYPES, inside_folder, mmap_tensor, read_exact
-from auditor.formats._statedict import graph_from_tensors, split_key
+from auditor.formats.statedict import graph_from_tensors, split_key
 from auditor.graph import LayerGraph, TensorRef
 from auditor.hookspecs import hookimpl
 from auditor.strictjson import DuplicateKeyError, unique_keys
@@ -259,9 +259,7 @@ def _load_sharded(folder: Path, index: Path) -> LayerGraph:
                 f"(first: {_show(unlisted[0])})"
             )
     ordered.sort(key=_sort_key)
-    return graph_from_tensors(
-        "safetensors", folder, ordered, files=files, metadata=metadata, notes=notes, order=_ORDER
-    )
+    return graph_from_tensors("safetensors", folder, ordered, files=files, metadata=metadata, notes=notes, order=_ORDER)
 
 
 def load(path: Path) -> LayerGraph:

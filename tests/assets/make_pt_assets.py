@@ -88,7 +88,7 @@ def saved(obj: object, archive: str, **kwargs: object) -> bytes:
     if data.startswith(b"PK"):
         # torch names the archive after the file; from a buffer it is "archive"
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            renamed = {archive + i.filename[i.filename.index("/"):]: zf.read(i) for i in zf.infolist()}
+            renamed = {archive + i.filename[i.filename.index("/") :]: zf.read(i) for i in zf.infolist()}
         tmp = io.BytesIO()
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
             for name, body in renamed.items():
@@ -146,7 +146,7 @@ def scripted(model: nn.Module, archive: str) -> bytes:
     torch.jit.save(torch.jit.script(model), buf)
     data = buf.getvalue()
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        renamed = {archive + i.filename[i.filename.index("/"):]: zf.read(i) for i in zf.infolist()}
+        renamed = {archive + i.filename[i.filename.index("/") :]: zf.read(i) for i in zf.infolist()}
     tmp = io.BytesIO()
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
         for name, body in renamed.items():
@@ -167,7 +167,9 @@ def huge_storage_pickle(numel: int) -> bytes:
     body = (
         b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n"
         b"((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu"
-        + b"\x8a" + bytes([len(_long(numel))]) + _long(numel)
+        + b"\x8a"
+        + bytes([len(_long(numel))])
+        + _long(numel)
         + b"tQK\x00K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRs."
     )
     return body

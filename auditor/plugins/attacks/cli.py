@@ -10,7 +10,7 @@ import typer
 from auditor import hookimpl
 from auditor.bases import Attack
 from auditor.errors import UsageError
-from auditor.plugins import _options as opt
+from auditor.toolkit import options as opt
 
 __all__ = ["attack_catalogue", "parse_params", "register_commands"]
 
@@ -46,7 +46,7 @@ def parse_params(pairs: list[str] | None) -> dict[str, str]:
 
 
 def _print_catalogue(as_json: bool) -> None:
-    from auditor.cli import _emit_json, out, shown
+    from auditor.cli.root import _emit_json, out, shown
 
     rows = attack_catalogue()
     if as_json:
@@ -65,13 +65,18 @@ def _print_catalogue(as_json: bool) -> None:
 
 def attack(  # noqa: PLR0917 (typer passes options positionally)
     name: Annotated[str | None, typer.Argument(help="The attack (see --list).", show_default=False)] = None,
-    model: Annotated[Path | None, typer.Argument(help="Model file or folder to attack; it is never changed.",
-                                                 show_default=False)] = None,
-    out_path: Annotated[Path | None, typer.Option("--out", help="The attacked model to write: .safetensors, .pt "
-                                                  "(a state dict) or .onnx.")] = None,
+    model: Annotated[
+        Path | None, typer.Argument(help="Model file or folder to attack; it is never changed.", show_default=False)
+    ] = None,
+    out_path: Annotated[
+        Path | None,
+        typer.Option("--out", help="The attacked model to write: .safetensors, .pt (a state dict) or .onnx."),
+    ] = None,
     list_attacks: Annotated[bool, typer.Option("--list", help="List the attacks and their options.")] = False,
-    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="An attack option as KEY=VALUE "
-                                                    "(repeatable; --list shows each attack's).")] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="An attack option as KEY=VALUE (repeatable; --list shows each attack's)."),
+    ] = None,
     rate: Annotated[float | None, typer.Option("--rate", help="Shortcut for -p rate=R (pruning).")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Shortcut for -p epochs=N (training).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Shortcut for -p lr=F (training).")] = None,
@@ -81,7 +86,7 @@ def attack(  # noqa: PLR0917 (typer passes options positionally)
     as_json: opt.Json = False,
 ) -> None:
     """Attack a model and write the result to a new file (the input is never changed); --list shows the attacks."""
-    from auditor.cli import _emit_json, out, shown
+    from auditor.cli.root import _emit_json, out, shown
     from auditor.plugin_manager import registered
 
     if list_attacks:
@@ -113,13 +118,20 @@ def attack(  # noqa: PLR0917 (typer passes options positionally)
 def evaluate(  # noqa: PLR0917
     bundle: Annotated[list[Path], typer.Option("--bundle", help="Owner bundle (repeatable: one per scheme).")],
     model: Annotated[Path, typer.Option("--model", help="The watermarked model as released.")],
-    reference: Annotated[Path | None, typer.Option("--reference", help="The owner's reference model: every "
-                                                   "attacked model is also audited after restore.")] = None,
-    attacks: Annotated[list[str] | None, typer.Option("--attacks", help="Only these attacks (repeatable or "
-                                                      "comma-separated; default: the whole grid).")] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            "--reference", help="The owner's reference model: every attacked model is also audited after restore."
+        ),
+    ] = None,
+    attacks: Annotated[
+        list[str] | None,
+        typer.Option("--attacks", help="Only these attacks (repeatable or comma-separated; default: the whole grid)."),
+    ] = None,
     grid: Annotated[str, typer.Option("--grid", help="full (the papers' strengths) or quick (a smoke test).")] = "full",
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for state.json and the robustness table.")] = Path(
-        "robustness"),
+        "robustness"
+    ),
     model_factory: opt.ModelFactory = None,
     data_factory: opt.DataFactory = None,
     seed: opt.Seed = 0,
@@ -128,7 +140,7 @@ def evaluate(  # noqa: PLR0917
     as_json: opt.Json = False,
 ) -> None:
     """Attack the model across a grid of attacks and strengths and audit each result; resumable."""
-    from auditor.cli import _emit_json, out, shown
+    from auditor.cli.root import _emit_json, out, shown
     from auditor.plugins.attacks.evaluate import evaluate_model
     from auditor.plugins.attacks.render import summary
 

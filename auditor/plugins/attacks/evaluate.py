@@ -75,24 +75,24 @@ class _Context:
         model_factory: str | None,
         data_factory: str | None = None,
     ):
+        from auditor.audit.load import load_model
         from auditor.bundle import load_bundle
-        from auditor.loading import load_model
-        from auditor.plugins import _data
-        from auditor.plugins.attacks.model_io import predictor
+        from auditor.toolkit import data as datasets
+        from auditor.toolkit.modelio import predictor
 
         self.model, self.model_factory, self.data_factory = model, model_factory, data_factory
         self.bundles = [load_bundle(Path(b)) for b in bundles]
         self.reference = load_model(reference) if reference is not None else None
-        self.test = _data.owner_dataset(data_factory).test
+        self.test = datasets.owner_dataset(data_factory).test
         run = predictor(model, model_factory=model_factory)
         self.original = run(self.test.tensors[0]) if run is not None else None
 
     def audit(self, path: Path) -> dict[str, Any]:
         """Accuracy, change of outputs, and the detectors' rows before and after restore."""
-        from auditor.detection import run_detectors
-        from auditor.loading import load_model
-        from auditor.plugins.attacks.model_io import predictor
-        from auditor.restoration import run_restorers
+        from auditor.audit.detect import run_detectors
+        from auditor.audit.load import load_model
+        from auditor.audit.restore import run_restorers
+        from auditor.toolkit.modelio import predictor
 
         result: dict[str, Any] = {"accuracy": None, "max_output_change": None}
         run = predictor(path, model_factory=self.model_factory)

@@ -15,10 +15,10 @@ import torch
 
 from auditor.errors import UsageError
 from auditor.graph import LayerGraph, LayerKind
-from auditor.plugins.attacks._base import BuiltinAttack, Param
-from auditor.plugins.attacks.model_io import read_model, runnable, save, working_graph
-from auditor.plugins.restore.channels import Tensors, is_pass_through
 from auditor.plugins.restore.fold import DEFAULT_EPS
+from auditor.toolkit.attack import BuiltinAttack, Param
+from auditor.toolkit.channels import Tensors, is_pass_through
+from auditor.toolkit.modelio import read_model, runnable, save, working_graph
 
 __all__ = ["BatchNormFolding", "OnnxExport", "fold_batch_norm"]
 

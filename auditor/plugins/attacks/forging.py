@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from auditor.errors import UsageError
-from auditor.plugins.attacks._base import BuiltinAttack, Param
-from auditor.plugins.attacks.model_io import read_model, save
+from auditor.toolkit.attack import BuiltinAttack, Param
+from auditor.toolkit.modelio import read_model, save
 
 __all__ = ["MATCH_RANGES", "ForgeGreedyResiduals", "ForgeHufuNet", "closest_kernels"]
 
@@ -92,25 +92,29 @@ class ForgeHufuNet(BuiltinAttack):
     description = "HufuNet forging: keys tried for the placement correlation, or own kernels searched (unchanged)."
     paper = "HufuNet section 5.7 and Table 8"
     params = (
-        Param("method", "correlation", "correlation: 'first correlation then accuracy'; accuracy: 'first accuracy "
-              "then correlation'.", choices=("correlation", "accuracy")),
+        Param(
+            "method",
+            "correlation",
+            "correlation: 'first correlation then accuracy'; accuracy: 'first accuracy then correlation'.",
+            choices=("correlation", "accuracy"),
+        ),
         Param("keys", 100, "Random keys to try (correlation).", int),
         Param("epochs", 10, "Epochs to train the forged fully connected layer (correlation).", int),
     )
 
     def run(self, model: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
         """Forge, write the model back unchanged."""
-        from auditor.plugins import _data
         from auditor.plugins.hufunet.detector import TAU_ACC
         from auditor.plugins.hufunet.generate import MIN_DIGITS_ACCURACY
         from auditor.plugins.hufunet.placement import HostView
+        from auditor.toolkit import data as datasets
 
         source = read_model(model)
         try:
             view = HostView.from_graph(source.graph)
         except (UsageError, ValueError) as exc:
             raise UsageError(f"{model}: no host kernels to forge from: {exc}") from None
-        data = _data.digits()
+        data = datasets.digits()
         if options["method"] == "correlation":
             summary = self._correlation(view, data, options)
         else:

@@ -77,8 +77,9 @@ def full_grid(*, gr_bundle: str | None = None) -> list[Cell]:
     cells += [
         Cell("permute", "permutation of every layer's channels", "function-preserving"),
         Cell("scale", "per-channel scaling in [1/4, 4], before batch-norm", "function-preserving"),
-        Cell("scale", "per-channel scaling in [1/4, 4], after batch-norm", "function-preserving",
-             {"before_norm": False}),
+        Cell(
+            "scale", "per-channel scaling in [1/4, 4], after batch-norm", "function-preserving", {"before_norm": False}
+        ),
         Cell("sign-flip", "sign flip of half the channels through batch-norm", "function-preserving"),
         Cell("expand", "channel expansion (one layer doubled)", "function-preserving"),
         Cell("bn-fold", "batch-norm folded", "function-preserving"),

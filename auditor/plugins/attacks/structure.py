@@ -1,6 +1,6 @@
 """Channel attacks: the restore stage's function-preserving edits, kernel cut-off and supplement.
 
-The edits themselves are :mod:`auditor.plugins.restore.attacks`' (the very
+The edits themselves are :mod:`auditor.toolkit.edits`' (the very
 operations restore undoes); this module reads the file, finds a graph with
 real edges for them (:func:`~.model_io.working_graph`) and writes the result.
 Permutation, scaling, sign flips and expansion keep the model's function;
@@ -17,10 +17,10 @@ import torch
 
 from auditor.errors import UsageError
 from auditor.graph import LayerGraph
-from auditor.plugins.attacks._base import BuiltinAttack, Param
-from auditor.plugins.attacks.model_io import Source, read_model, runnable, save, working_graph
-from auditor.plugins.restore import attacks as edits
-from auditor.plugins.restore.channels import Tensors, graph_with_tensors, input_params
+from auditor.toolkit import edits
+from auditor.toolkit.attack import BuiltinAttack, Param
+from auditor.toolkit.channels import Tensors, graph_with_tensors, input_params
+from auditor.toolkit.modelio import Source, read_model, runnable, save, working_graph
 
 __all__ = ["ChannelExpansion", "CutOff", "Permutation", "Scaling", "SignFlip", "Supplement"]
 

@@ -19,9 +19,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from auditor.errors import UsageError
-from auditor.plugins import _data, _training
-from auditor.plugins.attacks._base import BuiltinAttack, Param
-from auditor.plugins.attacks.model_io import Runnable, read_model, require_runnable, write_model
+from auditor.toolkit import data as datasets
+from auditor.toolkit import training
+from auditor.toolkit.attack import BuiltinAttack, Param
+from auditor.toolkit.modelio import Runnable, read_model, require_runnable, write_model
 
 __all__ = ["FineTune", "FineTuneAnneal", "OverwriteGreedyResiduals", "OverwriteHufuNet", "thief_data"]
 
@@ -34,8 +35,12 @@ _TRAIN = (
     Param("lr", 1e-3, "Initial learning rate.", float),
     Param("optimizer", "sgd", "sgd (momentum 0.9), adam or adamw.", choices=("sgd", "adam", "adamw")),
     Param("weight_decay", 5e-4, "Weight decay (the HufuNet paper's 'decay factor' 0.0005).", float),
-    Param("schedule", "constant", "Learning-rate schedule: constant, or cosine annealing to zero.",
-          choices=("constant", "cosine")),
+    Param(
+        "schedule",
+        "constant",
+        "Learning-rate schedule: constant, or cosine annealing to zero.",
+        choices=("constant", "cosine"),
+    ),
     Param("batch_size", 64, "Batch size.", int),
 )
 
@@ -43,15 +48,15 @@ _TRAIN = (
 def thief_data(options: dict[str, Any]) -> TensorDataset:
     """The thief's training data (see the module docstring)."""
     if options["data_factory"]:
-        return _data.owner_dataset(options["data_factory"]).train
+        return datasets.owner_dataset(options["data_factory"]).train
     fraction = options["fraction"]
     if fraction >= 1.0:
-        return _data.digits().train
-    return _data.split(_data.digits(), fraction, seed=options["seed"])[0]
+        return datasets.digits().train
+    return datasets.split(datasets.digits(), fraction, seed=options["seed"])[0]
 
 
-def _config(options: dict[str, Any]) -> _training.TrainConfig:
-    return _training.TrainConfig(
+def _config(options: dict[str, Any]) -> training.TrainConfig:
+    return training.TrainConfig(
         epochs=options["epochs"], batch_size=options["batch_size"], lr=options["lr"], optimizer=options["optimizer"],
         weight_decay=options["weight_decay"], seed=options["seed"], schedule=options["schedule"], device="cpu",
     )  # fmt: skip
@@ -99,7 +104,7 @@ class FineTune(BuiltinAttack):
         config = _config(options)
         head = _new_head(found.module, options["seed"]) if options["new_head"] else None
         data = thief_data(options)
-        result = _training.train(found.module, data, config)
+        result = training.train(found.module, data, config)
         _write(found, out)
         return {"model": found.name, "new_head": head, "train_size": len(data), "steps": result.steps,
                 "final_loss": result.losses[-1] if result.losses else None}  # fmt: skip
@@ -131,8 +136,12 @@ class OverwriteGreedyResiduals(BuiltinAttack):
     description = "Re-embed a Greedy Residuals watermark of the adversary's own key, with or without training data."
     paper = "GR Table 7 (overwriting, train with and without data)"
     params = (
-        Param("with_data", True, "Train on the thief's data with the embedding term (else on noise images "
-              "labelled by the stolen model).", bool),
+        Param(
+            "with_data",
+            True,
+            "Train on the thief's data with the embedding term (else on noise images labelled by the stolen model).",
+            bool,
+        ),
         Param("message", "(c) the adversary", "The adversary's copyright statement."),
         Param("layers", None, "Parameters to mark, comma-separated (default: the owner-side rule)."),
         Param("adversary_bundle", None, "Also write the adversary's owner bundle to this path."),
@@ -150,7 +159,7 @@ class OverwriteGreedyResiduals(BuiltinAttack):
         wm = GreedyResidualsWatermark.create(found.module, private_key=_adversary_key(options["seed"]),
                                              message=options["message"], layers=layers)  # fmt: skip
         data = thief_data(options) if options["with_data"] else _noise_data(found, options)
-        steps = _training.train(found.module, data, _config(options), penalty=wm.penalty).steps
+        steps = training.train(found.module, data, _config(options), penalty=wm.penalty).steps
         _write(found, out)
         if options["adversary_bundle"]:
             wm.save_bundle(Path(options["adversary_bundle"]), found.module, model_file=out, architecture=found.name)
@@ -177,8 +186,9 @@ class OverwriteHufuNet(BuiltinAttack):
     description = "Embed the adversary's own HufuNet (own key), then train with it frozen or not train at all."
     paper = "HufuNet section 5.7 (the adversary embeds a second HufuNet; both are found)"
     params = (
-        Param("with_data", True, "Train on the thief's data with the adversary's EPH frozen (else only write it).",
-              bool),
+        Param(
+            "with_data", True, "Train on the thief's data with the adversary's EPH frozen (else only write it).", bool
+        ),
         Param("hufunet", None, "The adversary's secret HufuNet file (default: one trained now, seed + 1)."),
         Param("adversary_bundle", None, "Also write the adversary's (secret) owner bundle to this path."),
         *_TRAIN,
@@ -202,7 +212,7 @@ class OverwriteHufuNet(BuiltinAttack):
             try:
                 steps = 0
                 if options["with_data"]:
-                    steps = _training.train(found.module, thief_data(options), _config(options),
+                    steps = training.train(found.module, thief_data(options), _config(options),
                                             after_step=embedded.frozen.after_step).steps  # fmt: skip
             finally:
                 embedded.frozen.detach()

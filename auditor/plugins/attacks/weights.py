@@ -16,9 +16,9 @@ import torch
 
 from auditor.errors import UsageError
 from auditor.graph import LayerKind
-from auditor.plugins.attacks._base import BuiltinAttack, Param
-from auditor.plugins.attacks.model_io import Source, read_model, save
-from auditor.plugins.restore.channels import Tensors
+from auditor.toolkit.attack import BuiltinAttack, Param
+from auditor.toolkit.channels import Tensors
+from auditor.toolkit.modelio import Source, read_model, save
 
 __all__ = [
     "Bf16Cast",

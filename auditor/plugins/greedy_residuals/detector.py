@@ -26,9 +26,9 @@ from auditor import hookimpl
 from auditor.bases import Detector
 from auditor.findings import Finding, Verdict
 from auditor.graph import Layer, LayerGraph, LayerKind
-from auditor.plugins._matching import MISSING, LayerMatch, find_layer, unpack_bundle
 from auditor.plugins.greedy_residuals import stats
 from auditor.plugins.greedy_residuals.scheme import SCHEME, GRParams, alpha_from_signature, match_bits, residuals
+from auditor.toolkit.matching import MISSING, LayerMatch, find_layer, unpack_bundle
 
 __all__ = ["DEFAULT_P_THRESHOLD", "GreedyResidualsDetector", "Identity", "LayerMatch", "find_layer", "forging_check"]
 

@@ -17,7 +17,7 @@ import typer  # the CLI's own dependency; the command's annotations are resolved
 from auditor import hookimpl
 from auditor.bases import Embedder
 from auditor.errors import InputError, UsageError
-from auditor.plugins import _options as opt
+from auditor.toolkit import options as opt
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -82,33 +82,35 @@ def embed_greedy_residuals(
 
     from auditor import keys
     from auditor.hashing import sha256_file
-    from auditor.plugins import _data, _training, _zoo
     from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
+    from auditor.toolkit import data as datasets
+    from auditor.toolkit import models as zoo
+    from auditor.toolkit import training
 
     out_dir = Path(out_dir)
-    targets = [*_training.model_files(out_dir, MODEL_STEM).values(), out_dir / BUNDLE_FILE]
-    _training.refuse_existing(targets, overwrite=overwrite, hint="choose another --out folder or --overwrite")
+    targets = [*training.model_files(out_dir, MODEL_STEM).values(), out_dir / BUNDLE_FILE]
+    training.refuse_existing(targets, overwrite=overwrite, hint="choose another --out folder or --overwrite")
     # Checked before the key is read and before any training: fail fast and cheaply.
-    config = _training.TrainConfig(
+    config = training.TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device
     )
-    torch_device = _training.resolve_device(device)
+    torch_device = training.resolve_device(device)
     private_key = keys.load_private_key(Path(key), passphrase)
 
-    dataset = _data.owner_dataset(data_factory)
+    dataset = datasets.owner_dataset(data_factory)
     torch.manual_seed(seed)
-    model, architecture = _zoo.owner_model(
+    model, architecture = zoo.owner_model(
         arch, model_factory=model_factory, num_classes=dataset.num_classes, input_shape=dataset.input_shape
     )
 
     watermark = GreedyResidualsWatermark.create(model, private_key=private_key, message=message, layers=layers)
     del private_key
-    result = _training.train(model, dataset.train, config, penalty=watermark.penalty, progress=progress)
-    accuracy = _training.evaluate(model, dataset.test, torch_device)
+    result = training.train(model, dataset.train, config, penalty=watermark.penalty, progress=progress)
+    accuracy = training.evaluate(model, dataset.test, torch_device)
     model.to("cpu")
     rates = watermark.rates(model)
 
-    paths = _training.save_model(model, out_dir, MODEL_STEM, overwrite=overwrite)
+    paths = training.save_model(model, out_dir, MODEL_STEM, overwrite=overwrite)
     training = {
         "dataset": dataset.describe(),
         "test_accuracy": accuracy,
@@ -164,7 +166,7 @@ def register_embedders(register: Callable[[Embedder], None]) -> None:
 @hookimpl
 def register_commands(app: typer.Typer) -> None:
     """Add ``auditor embed greedy-residuals``."""
-    from auditor.cli import _emit_json, embed_app, out, shown
+    from auditor.cli.root import _emit_json, embed_app, out, shown
 
     if any(c.name == "greedy-residuals" for c in embed_app.registered_commands):
         return  # already added (the CLI was started twice in one process)

@@ -22,11 +22,11 @@ from auditor.bases import Detector
 from auditor.errors import AuditorError
 from auditor.findings import Finding, Verdict
 from auditor.graph import LayerGraph
-from auditor.plugins._matching import MISSING, find_layer, unpack_bundle
 from auditor.plugins.hufunet.generate import hmac_key, hufunet_from_payload
 from auditor.plugins.hufunet.network import accuracy, assemble, sph_of
 from auditor.plugins.hufunet.owner import SCHEME
 from auditor.plugins.hufunet.placement import HostView, eph_kernels, place, retrieve
+from auditor.toolkit.matching import MISSING, find_layer, unpack_bundle
 
 __all__ = ["DEFAULT_P_THRESHOLD", "TAU_ACC", "DataUnavailable", "HufuNetDetector", "audit_bundle", "public_dataset"]
 
@@ -46,13 +46,13 @@ def public_dataset(desc: Mapping[str, Any], context: Mapping[str, Any]) -> Any:
     Digits ship with scikit-learn; Fashion-MNIST is read from the folder in
     ``context["hufunet.fashion_mnist"]``. Raises :class:`DataUnavailable`.
     """
-    from auditor.plugins import _data
     from auditor.plugins.hufunet import idx
+    from auditor.toolkit import data as datasets
 
     name = desc.get("name")
     if name == "digits":
         seed = desc.get("split_seed")
-        data = _data.digits(split_seed=int(seed) if isinstance(seed, int) else 0)
+        data = datasets.digits(split_seed=int(seed) if isinstance(seed, int) else 0)
     elif name == "fashion-mnist":
         folder = context.get("hufunet.fashion_mnist")
         if not folder:

@@ -18,7 +18,7 @@ import typer
 from auditor import hookimpl
 from auditor.bases import Embedder
 from auditor.errors import UsageError
-from auditor.plugins import _options as opt
+from auditor.toolkit import options as opt
 
 __all__ = ["DEFAULTS", "HufuNetEmbedder", "embed_hufunet"]
 
@@ -61,37 +61,39 @@ def embed_hufunet(
     """
     import torch
 
-    from auditor.plugins import _data, _training, _zoo
     from auditor.plugins.hufunet.generate import hmac_key, load_hufunet
     from auditor.plugins.hufunet.owner import BUNDLE_FILE, MODEL_STEM, plant, write_bundle
+    from auditor.toolkit import data as datasets
+    from auditor.toolkit import models as zoo
+    from auditor.toolkit import training
 
     out_dir = Path(out_dir)
-    targets = [*_training.model_files(out_dir, MODEL_STEM).values(), out_dir / BUNDLE_FILE]
-    _training.refuse_existing(targets, overwrite=overwrite, hint="choose another --out folder or --overwrite")
-    config = _training.TrainConfig(
+    targets = [*training.model_files(out_dir, MODEL_STEM).values(), out_dir / BUNDLE_FILE]
+    training.refuse_existing(targets, overwrite=overwrite, hint="choose another --out folder or --overwrite")
+    config = training.TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device
     )
-    torch_device = _training.resolve_device(device)
+    torch_device = training.resolve_device(device)
     net, secret = load_hufunet(Path(hufunet))
     key = hmac_key(secret, Path(hufunet))
 
-    dataset = _data.owner_dataset(data_factory)
+    dataset = datasets.owner_dataset(data_factory)
     torch.manual_seed(seed)
-    model, architecture = _zoo.owner_model(
+    model, architecture = zoo.owner_model(
         arch, model_factory=model_factory, num_classes=dataset.num_classes, input_shape=dataset.input_shape,
         width=1 if model_factory else width,
     )  # fmt: skip
     embedded = plant(model, net, key, layers=layers)
     del key
     try:
-        result = _training.train(model, dataset.train, config, after_step=embedded.frozen.after_step, progress=progress)
+        result = training.train(model, dataset.train, config, after_step=embedded.frozen.after_step, progress=progress)
     finally:
         embedded.frozen.detach()
     model.to("cpu")
     if not embedded.frozen.intact():  # checked before any file is written; write_bundle checks the release too
         raise RuntimeError("EPH did not come out of training bit-identical")
-    test_accuracy = _training.evaluate(model, dataset.test, "cpu")
-    paths = _training.save_model(model, out_dir, MODEL_STEM, overwrite=overwrite)
+    test_accuracy = training.evaluate(model, dataset.test, "cpu")
+    paths = training.save_model(model, out_dir, MODEL_STEM, overwrite=overwrite)
     training = {
         "dataset": dataset.describe(), "test_accuracy": test_accuracy, "epochs": epochs, "batch_size": batch_size,
         "lr": lr, "optimizer": optimizer, "seed": seed,
@@ -146,7 +148,7 @@ def register_embedders(register: Callable[[Embedder], None]) -> None:
 @hookimpl
 def register_commands(app: typer.Typer) -> None:
     """Add ``auditor embed hufunet``."""
-    from auditor.cli import _emit_json, embed_app, out, shown
+    from auditor.cli.root import _emit_json, embed_app, out, shown
 
     if any(c.name == "hufunet" for c in embed_app.registered_commands):
         return  # already added (the CLI was started twice in one process)

@@ -68,8 +68,8 @@ def forge(
     Returns one :class:`Forgery` per key, in key order; ``accuracy`` is measured
     for the best key only (NaN for the others: with fewer kernels they cannot do better).
     """
-    from auditor.plugins import _training
     from auditor.plugins.hufunet.network import HufuNet, accuracy
+    from auditor.toolkit import training
 
     rng = np.random.default_rng(seed)
     tied = [correlated_kernels(view, rng.bytes(32)) for _ in range(keys)]
@@ -86,6 +86,6 @@ def forge(
             w[: take.shape[0]] = take
             start += take.shape[0]
             conv.weight.requires_grad_(False)
-    _training.train(net, data.train, _training.TrainConfig(epochs=epochs, lr=1e-2, seed=seed))
+    training.train(net, data.train, training.TrainConfig(epochs=epochs, lr=1e-2, seed=seed))
     acc = accuracy(net, data)
     return [Forgery(i, len(t), acc if i == best else float("nan")) for i, t in enumerate(tied)]

@@ -21,7 +21,6 @@ import typer
 
 from auditor import hookimpl
 from auditor.errors import InputError, UsageError
-from auditor.plugins._training import TrainConfig, train
 from auditor.plugins.hufunet.network import (
     DIGITS_WIDTHS,
     HufuNet,
@@ -31,6 +30,7 @@ from auditor.plugins.hufunet.network import (
     eph_of,
     sph_of,
 )
+from auditor.toolkit.training import TrainConfig, train
 
 __all__ = [
     "DEFAULTS",
@@ -101,8 +101,8 @@ def generate_hufunet(
     must give the same positions on every run; an owner never passes one.
     """
     from auditor.bundle import save_bundle
-    from auditor.plugins import _data
     from auditor.plugins.hufunet import idx
+    from auditor.toolkit import data as datasets
 
     out = Path(out)
     if hmac_key is not None and len(hmac_key) != KEY_BYTES:
@@ -121,7 +121,7 @@ def generate_hufunet(
     if out.is_dir():
         raise UsageError(f"{out} is a folder; --out names the secret HufuNet file")
 
-    data = idx.fashion_mnist(fashion_mnist) if dataset == "fashion-mnist" and fashion_mnist else _data.digits()
+    data = idx.fashion_mnist(fashion_mnist) if dataset == "fashion-mnist" and fashion_mnist else datasets.digits()
     in_channels = data.input_shape[0]
     chosen = check_shape(widths if widths is not None else DIGITS_WIDTHS, in_channels, data.num_classes)
     torch.manual_seed(seed)
@@ -319,8 +319,8 @@ def generate(  # noqa: PLR0917 (typer passes options positionally)
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Train your HufuNet on a public data set and write it with a fresh placement key, as a secret file."""
-    from auditor.cli import out as console
-    from auditor.cli import shown
+    from auditor.cli.root import out as console
+    from auditor.cli.root import shown
 
     summary = generate_hufunet(
         out=out,

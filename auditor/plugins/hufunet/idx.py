@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from auditor.errors import InputError
-from auditor.plugins._data import Dataset, tensors_sha256
+from auditor.toolkit.data import Dataset, tensors_sha256
 
 __all__ = ["FASHION_MNIST_FILES", "MAX_IDX_BYTES", "fashion_mnist", "read_idx", "write_idx"]
 

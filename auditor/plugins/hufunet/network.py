@@ -166,11 +166,11 @@ def assemble(
 
 
 def accuracy(net: nn.Module, dataset: object) -> float:
-    """Top-1 accuracy of ``net`` on a :class:`~auditor.plugins._data.Dataset`'s test split
+    """Top-1 accuracy of ``net`` on a :class:`~auditor.toolkit.data.Dataset`'s test split
     (or on a ``TensorDataset`` of ``(inputs, labels)``), a fraction in [0, 1], on the CPU."""
-    from auditor.plugins import _training
+    from auditor.toolkit import training
 
     data = dataset if isinstance(dataset, TensorDataset) else getattr(dataset, "test", None)
     if not isinstance(data, TensorDataset):
         raise UsageError(f"accuracy needs a Dataset or a TensorDataset, not {type(dataset).__name__}")
-    return _training.evaluate(net, data, "cpu")
+    return training.evaluate(net, data, "cpu")

@@ -20,9 +20,9 @@ from typing import Any
 from torch import nn
 
 from auditor.errors import UsageError
-from auditor.plugins._zoo import model_graph
 from auditor.plugins.hufunet.freezing import FrozenKernels
 from auditor.plugins.hufunet.placement import HostView, eph_kernels, host_kernel_count, host_refs, place
+from auditor.toolkit.models import model_graph
 
 __all__ = [
     "BUNDLE_FILE",
@@ -139,7 +139,7 @@ def write_bundle(
     its SHA-256 and payload.
 
     ``files`` are the released model's files (``safetensors`` and ``pt``, as
-    :func:`~auditor.plugins._training.save_model` returns them); ``secret`` is
+    :func:`~auditor.toolkit.training.save_model` returns them); ``secret`` is
     the secret HufuNet file's payload. EPH is read back from the trained
     ``model`` at the keyed positions to record Acc_combined at release, and
     must come back bit-identical.

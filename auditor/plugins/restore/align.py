@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from auditor.graph import Edge, EdgeSource, Layer, LayerGraph, LayerKind
-from auditor.plugins.restore.channels import is_pass_through
+from auditor.toolkit.channels import is_pass_through
 
 __all__ = ["Alignment", "align_layers", "effective_edges", "per_channel_edges"]
 

@@ -24,18 +24,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from auditor.loading import load_model
-from auditor.plugins import _data, _training, _zoo
-from auditor.plugins.restore import attacks, guard
-from auditor.plugins.restore.channels import Tensors
+from auditor.audit.load import load_model
+from auditor.plugins.restore import guard
 from auditor.plugins.restore.plan import make_plan
+from auditor.toolkit import data as datasets
+from auditor.toolkit import edits as attacks
+from auditor.toolkit import models as zoo
+from auditor.toolkit import training
+from auditor.toolkit.channels import Tensors
 
 __all__ = ["calibrate", "main", "score"]
 
 
 def score(model: nn.Module, reference_file: Path, folder: Path, stem: str) -> float:
     """The guard's score of ``model`` (saved as ``folder/stem.safetensors``) against the reference file."""
-    files = _training.save_model(model, folder, stem, overwrite=True)
+    files = training.save_model(model, folder, stem, overwrite=True)
     plan = make_plan(load_model(files["safetensors"]), load_model(reference_file))
     evidence = guard.assess(plan.matches.values())
     return float("nan") if evidence.score is None else evidence.score
@@ -48,25 +51,25 @@ def _load(model: nn.Module, tensors: Tensors) -> nn.Module:
 
 
 def _train(arch: str, seed: int, epochs: int, split_seed: int) -> nn.Module:
-    model = _zoo.build(arch, seed=seed)
-    data = _data.digits(split_seed=split_seed)
-    _training.train(model, data.train, _training.TrainConfig(epochs=epochs, lr=1e-2, seed=seed))
+    model = zoo.build(arch, seed=seed)
+    data = datasets.digits(split_seed=split_seed)
+    training.train(model, data.train, training.TrainConfig(epochs=epochs, lr=1e-2, seed=seed))
     return model.eval()
 
 
 def calibrate(arch: str, models: int, epochs: int, folder: Path, log: Callable[[str], None]) -> dict[str, list[float]]:
     """Scores of ``models`` independent and a few derived models against one reference."""
     reference = _train(arch, 1000, epochs, 0)
-    ref_file = _training.save_model(reference, folder, f"{arch}_reference", overwrite=True)["pt"]
+    ref_file = training.save_model(reference, folder, f"{arch}_reference", overwrite=True)["pt"]
     scores: dict[str, list[float]] = {"independent": [], "derived": []}
     for i in range(models):
         s = score(_train(arch, i, epochs, split_seed=i + 1), ref_file, folder, f"{arch}_independent{i}")
         scores["independent"].append(s)
         log(f"{arch} independent {i}: {s:.4f}")
-    other, _ = _data.split(_data.digits(split_seed=1), 0.5, seed=7)
+    other, _ = datasets.split(datasets.digits(split_seed=1), 0.5, seed=7)
     for lr in (1e-3, 1e-2):
         tuned = copy.deepcopy(reference).train()
-        _training.train(tuned, other, _training.TrainConfig(epochs=10, lr=lr, seed=3))
+        training.train(tuned, other, training.TrainConfig(epochs=10, lr=lr, seed=3))
         s = score(tuned.eval(), ref_file, folder, f"{arch}_tuned")
         scores["derived"].append(s)
         log(f"{arch} fine-tuned 10 epochs at lr {lr:g}: {s:.4f}")
@@ -96,7 +99,7 @@ def _export(model: nn.Module, path: Path) -> None:
 def main() -> None:
     """Run the calibration and print the table."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--arch", nargs="+", default=["cnn", "resnet"], choices=sorted(_zoo.ARCHITECTURES))
+    parser.add_argument("--arch", nargs="+", default=["cnn", "resnet"], choices=sorted(zoo.ARCHITECTURES))
     parser.add_argument("--models", type=int, default=12, help="independent models per architecture")
     parser.add_argument("--epochs", type=int, default=8)
     args = parser.parse_args()

@@ -27,9 +27,9 @@ import torch
 
 from auditor.graph import Edge, EdgeSource, Layer, LayerGraph, LayerKind, TensorRef
 from auditor.plugins.restore.align import per_channel_edges
-from auditor.plugins.restore.channels import PRODUCER_KINDS, is_pass_through
 from auditor.plugins.restore.factors import least_squares_factors
 from auditor.plugins.restore.plan import Plan
+from auditor.toolkit.channels import PRODUCER_KINDS, is_pass_through
 
 __all__ = ["DEFAULT_EPS", "unfold"]
 

@@ -29,8 +29,8 @@ import torch
 from auditor.graph import Edge, Layer, LayerGraph
 from auditor.plugins.restore import similarity
 from auditor.plugins.restore.align import Alignment, align_layers, effective_edges
-from auditor.plugins.restore.channels import Consumer, Space, apply_channel_maps, channel_spaces, input_params
-from auditor.plugins.restore.channels import is_pass_through as _per_channel
+from auditor.toolkit.channels import Consumer, Space, apply_channel_maps, channel_spaces, input_params
+from auditor.toolkit.channels import is_pass_through as _per_channel
 
 __all__ = ["MIN_PAIR", "PASSES", "LayerMatch", "Plan", "creates_cycle", "make_plan"]
 

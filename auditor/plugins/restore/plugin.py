@@ -20,10 +20,10 @@ from auditor import hookimpl
 from auditor.bases import Restorer
 from auditor.graph import LayerGraph
 from auditor.plugins.restore import guard as _guard
-from auditor.plugins.restore.channels import apply_channel_maps, graph_with_tensors, tensors_of
 from auditor.plugins.restore.fold import unfold
 from auditor.plugins.restore.plan import Plan, make_plan
 from auditor.plugins.restore.scale import restore_scales
+from auditor.toolkit.channels import apply_channel_maps, graph_with_tensors, tensors_of
 
 __all__ = ["ChannelRestorer", "FoldRestorer", "GuardedRestorer", "ScaleRestorer", "register_restorers"]
 

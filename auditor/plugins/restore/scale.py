@@ -30,9 +30,9 @@ import torch
 
 from auditor.graph import LayerGraph
 from auditor.plugins.restore import factors
-from auditor.plugins.restore.channels import Space, Tensors, input_params, tensors_of
 from auditor.plugins.restore.fold import DEFAULT_EPS
 from auditor.plugins.restore.plan import Plan, creates_cycle
+from auditor.toolkit.channels import Space, Tensors, input_params, tensors_of
 
 __all__ = ["DEADBAND", "restore_scales"]
 

@@ -1,7 +1,7 @@
 """Keeps secret owner-bundle material out of reports: a check behind the whitelist, never instead of it.
 
 What a report holds of a bundle is whitelisted field by field
-(:func:`auditor.report.bundle_entry`); but findings and restore logs are
+(:func:`auditor.report.document.bundle_entry`); but findings and restore logs are
 written by plugins, which read the whole bundle. :class:`SecretGuard` looks for
 a secret bundle's key and hidden weights in them, so a plugin that quotes one
 has its finding withheld instead of its secret printed.

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
+from auditor.audit.load import load_model
 from auditor.errors import UsageError
 from auditor.graph import EdgeSource, LayerGraph
-from auditor.loading import load_model
-from auditor.plugins._training import _atomic_write
-from auditor.plugins.attacks.recognise import DIGITS_INPUT, Runnable, load_into, require_runnable, runnable
-from auditor.plugins.restore.channels import Tensors, graph_with_tensors, tensors_of
+from auditor.toolkit.channels import Tensors, graph_with_tensors, tensors_of
+from auditor.toolkit.recognise import DIGITS_INPUT, Runnable, load_into, require_runnable, runnable
+from auditor.toolkit.training import _atomic_write
 
 __all__ = [
     "DIGITS_INPUT",

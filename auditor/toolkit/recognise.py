@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from auditor.errors import UsageError
-from auditor.plugins import _zoo
+from auditor.toolkit import models as zoo
 
 __all__ = ["DIGITS_INPUT", "Runnable", "fold_module", "load_into", "require_runnable", "runnable"]
 
 #: One digits image, ``(C, H, W)``.
 DIGITS_INPUT = (1, 8, 8)
 _BASE_WIDTH = {"cnn": ("conv1.weight", 16), "resnet": ("stem.weight", 32)}
+
 
 @dataclass
 class Runnable:
@@ -50,7 +51,7 @@ def _guess(arch: str, state: Mapping[str, torch.Tensor]) -> dict[str, Any] | Non
     if first is None or first.ndim != 4:
         return None
     # The nearest width: a file with channels cut off or added is rebuilt layer by layer (_resize).
-    width = min(max(round(first.shape[0] / base), 1), _zoo.MAX_WIDTH)
+    width = min(max(round(first.shape[0] / base), 1), zoo.MAX_WIDTH)
     return {"num_classes": head.shape[0], "in_channels": first.shape[1], "width": width}
 
 
@@ -100,19 +101,19 @@ def _built(factory: Callable[[], Any]) -> Any:
 def _candidates(state: Mapping[str, torch.Tensor], model_factory: str | None,
                 input_shape: tuple[int, ...]) -> Iterator[Runnable]:  # fmt: skip
     if model_factory:
-        from auditor.plugins._data import load_factory
+        from auditor.toolkit.data import load_factory
 
         module = _built(load_factory(model_factory))
         if not isinstance(module, nn.Module):
             raise UsageError(f"model factory {model_factory!r} returned {type(module).__name__}, not an nn.Module")
         yield Runnable(module, model_factory, input_shape)
         return
-    for arch in sorted(_zoo.ARCHITECTURES):
+    for arch in sorted(zoo.ARCHITECTURES):
         kwargs = _guess(arch, state)
         if kwargs is None:
             continue
         try:
-            module = _built(lambda: _zoo.build(arch, **kwargs))  # noqa: B023 (called at once)
+            module = _built(lambda: zoo.build(arch, **kwargs))  # noqa: B023 (called at once)
         except (UsageError, ValueError, RuntimeError):
             continue
         shape = (1, 8, kwargs["row_width"]) if arch == "lstm" else (kwargs["in_channels"], 8, 8)
@@ -149,8 +150,14 @@ def _resize(module: nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
             continue
         new: nn.Module
         if isinstance(m, nn.Conv2d | nn.Conv1d) and w.ndim == m.weight.ndim:
-            geometry: dict[str, Any] = {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
-                                        "dilation": m.dilation, "groups": m.groups, "bias": m.bias is not None}
+            geometry: dict[str, Any] = {
+                "kernel_size": m.kernel_size,
+                "stride": m.stride,
+                "padding": m.padding,
+                "dilation": m.dilation,
+                "groups": m.groups,
+                "bias": m.bias is not None,
+            }
             new = type(m)(w.shape[1] * m.groups, w.shape[0], **geometry)
         elif isinstance(m, nn.Linear) and w.ndim == 2:
             new = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None)
@@ -171,6 +178,6 @@ def require_runnable(state: Mapping[str, torch.Tensor], *, model_factory: str | 
     if model_factory:
         raise UsageError(f"{why}: the model factory {model_factory!r} builds a model whose parameter names or "
                          "shapes differ from the file's")  # fmt: skip
-    known = ", ".join(sorted(_zoo.ARCHITECTURES))
+    known = ", ".join(sorted(zoo.ARCHITECTURES))
     raise UsageError(f"{why} needs to run the model, and the file is none of the built-in architectures ({known}): "
                      "name its code with --model-factory module:function")  # fmt: skip

@@ -19,8 +19,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from auditor import __version__
-from auditor.cli_keys import keys_app
-from auditor.cli_report import report_app
+from auditor.cli.audit import report_app
+from auditor.cli.keys import keys_app
 from auditor.errors import EXIT_INTERNAL, AuditorError, PluginError
 
 app = typer.Typer(
@@ -76,8 +76,13 @@ def hash_files(paths: list[Path]) -> list[dict[str, Any]]:
     sizes = [p.stat().st_size for p in paths]
     show = err.is_terminal and sum(sizes) > 256 << 20
     with Progress(
-        TextColumn("hashing"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-        console=err, transient=True, disable=not show,
+        TextColumn("hashing"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not show,
     ) as progress:
         task = progress.add_task("hashing", total=sum(sizes))
         return [
@@ -88,7 +93,7 @@ def hash_files(paths: list[Path]) -> list[dict[str, Any]]:
 
 def inspect_model(*, path: Path) -> dict[str, Any]:
     """Load ``path`` safely and describe it: format, file hashes, layers, edges, totals."""
-    from auditor.loading import load_model
+    from auditor.audit.load import load_model
 
     graph = load_model(path)
     files = hash_files(graph.files)
@@ -143,9 +148,7 @@ def list_plugins() -> list[dict[str, Any]]:
     rows = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda np: np[0]):
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
-        rows.append(
-            {"name": name, "origin": plugin_origin(name), "hooks": hooks, "registers": supplied.get(name, {})}
-        )
+        rows.append({"name": name, "origin": plugin_origin(name), "hooks": hooks, "registers": supplied.get(name, {})})
     return rows
 
 
@@ -169,9 +172,9 @@ def audit_model(
     *, suspect: Path, bundles: Sequence[Path] = (), context: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Load the owner bundles and ``suspect`` safely, run every applicable detector, and return the
-    report data (unsealed; see :mod:`auditor.report`). ``context`` may set ``greedy_residuals.p_threshold``."""
-    from auditor.report import build_report, run_block
-    from auditor.report_audit import audit_suspect, load_inputs
+    report data (unsealed; see :mod:`auditor.report.document`). ``context`` may set ``greedy_residuals.p_threshold``."""
+    from auditor.audit.pipeline import audit_suspect, load_inputs
+    from auditor.report.document import build_report, run_block
 
     p = float((context or {}).get("greedy_residuals.p_threshold", 1e-6))
     inputs = load_inputs(bundles=bundles, reference=None, p_threshold=p)
@@ -233,7 +236,7 @@ def audit(  # noqa: PLR0917 (typer passes options positionally)
     Exit code 0: watermark found; 1: not found; 3: inconclusive (also when no
     bundle was given); 4/5: the suspect or a bundle could not be read safely.
     With several suspects: the most serious outcome over all files (see the README)."""
-    from auditor.cli_report import run_audit
+    from auditor.cli.audit import run_audit
 
     code = run_audit(
         suspects=suspects, bundles=bundle or [], reference=reference, case_id=case_id, analyst=analyst, out=out,

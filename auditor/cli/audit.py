@@ -1,6 +1,6 @@
 """What ``auditor audit`` does with its options, and ``auditor report verify``.
 
-The audit command in :mod:`auditor.cli` parses options and calls :func:`run_audit`;
+The audit command in :mod:`auditor.cli.root` parses options and calls :func:`run_audit`;
 this module decides between one suspect (one report) and a batch (a report
 each and a summary), writes the files and prints one line per finding.
 """
@@ -41,7 +41,7 @@ def _shown(text: object) -> str:
 
 def _outputs(suspect: Path, out: Path | None, json_out: Path | None) -> tuple[Path | None, Path | None]:
     if out is not None and out.is_dir():
-        from auditor.report_audit import report_names
+        from auditor.audit.pipeline import report_names
 
         name = report_names([suspect])[0]
         return out / f"{name}.html", json_out or out / f"{name}.json"
@@ -62,7 +62,7 @@ def _refuse_overwriting_inputs(outputs: Sequence[Path | None], inputs: Sequence[
 
 def _load_key(sign_key: Path | None, passphrase_file: Path | None) -> Any:
     from auditor import keys
-    from auditor.cli_keys import read_passphrase_file
+    from auditor.cli.keys import read_passphrase_file
 
     if sign_key is None:
         if passphrase_file is not None:
@@ -89,8 +89,8 @@ def run_audit(
     public_data: Path | None = None,
 ) -> int:
     """Run the audit the command line asked for, write its reports, print its lines; the exit code."""
-    from auditor.report import run_block
-    from auditor.report_audit import expand_suspects, load_inputs
+    from auditor.audit.pipeline import expand_suspects, load_inputs
+    from auditor.report.document import run_block
 
     paths, batch = expand_suspects(suspects)
     key = _load_key(sign_key, passphrase_file)
@@ -112,9 +112,9 @@ def _run_single(
 ) -> int:  # fmt: skip
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from auditor import report_sign
-    from auditor.report import build_report, write_report
-    from auditor.report_audit import audit_suspect
+    from auditor.audit.pipeline import audit_suspect
+    from auditor.report import seal as report_sign
+    from auditor.report.document import build_report, write_report
 
     html_path, json_path = _outputs(suspect, out, json_out)
     _refuse_overwriting_inputs([html_path, json_path], given)
@@ -149,8 +149,8 @@ def _run_batch(
 ) -> int:  # fmt: skip
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from auditor.report_audit import report_names
-    from auditor.report_batch import audit_batch
+    from auditor.audit.pipeline import report_names
+    from auditor.report.batch import audit_batch
 
     names = report_names(paths)
     if out is not None:
@@ -205,7 +205,7 @@ def verify(
 
     Exit code 0: intact; 1: altered, or the signature is missing (with
     --public-key), from another key or invalid; 4: not readable as a report."""
-    from auditor.report_sign import verify_report
+    from auditor.report.seal import verify_report
 
     result = verify_report(report, public_key=public_key, html=html)
     typer.echo(("intact" if result.intact else "FAILED") + f": {_printable(report)}: {result.message}")

@@ -134,7 +134,7 @@ def load_hashed(
     path: Path, work: Callable[[LayerGraph], Any] | None = None, progress: Callable[[int], None] | None = None
 ) -> tuple[LoadedModel, Any]:
     """Load ``path`` and hash its files while ``work(graph)`` runs; the model and what ``work`` returned."""
-    from auditor.loading import load_model
+    from auditor.audit.load import load_model
 
     hasher = _Hasher()
     try:
@@ -170,7 +170,7 @@ class AuditInputs:
 
     def reference_entry(self) -> dict[str, Any] | None:
         """The report's description of the reference model, or ``None``."""
-        from auditor.report import jsonable
+        from auditor.report.document import jsonable
 
         return None if self.reference is None else jsonable(self.reference.entry())
 
@@ -215,8 +215,8 @@ class AuditRecord:
 
 def audit_suspect(path: Path, inputs: AuditInputs, progress: Callable[[int], None] | None = None) -> AuditRecord:
     """Load ``path`` safely, restore it against the reference (if any), and run every applicable detector."""
-    from auditor.detection import overall_verdict, run_detectors
-    from auditor.restoration import run_restorers
+    from auditor.audit.detect import overall_verdict, run_detectors
+    from auditor.audit.restore import run_restorers
 
     def work(graph: LayerGraph) -> tuple[list[dict[str, Any]], list[Finding]]:
         log: list[dict[str, Any]] = []
@@ -229,7 +229,7 @@ def audit_suspect(path: Path, inputs: AuditInputs, progress: Callable[[int], Non
 
 
 def _is_model_folder(path: Path) -> bool:
-    from auditor.loading import detect_format
+    from auditor.audit.load import detect_format
 
     try:
         detect_format(path)

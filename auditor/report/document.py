@@ -1,12 +1,12 @@
 """The evidence report: the data (a JSON-ready dict), its HTML rendering and its sealed JSON twin.
 
-The data is built from an audit (:class:`auditor.report_audit.AuditRecord`) by
+The data is built from an audit (:class:`auditor.audit.pipeline.AuditRecord`) by
 whitelisting: what a report holds of an owner bundle is named field by field
 (:func:`bundle_entry`), never "everything but the secrets". Its top level
 (docs/report.md has the full outline):
 
 * ``run``: case id, analyst and date, the only fields that differ between two
-  runs of the same audit; ``integrity`` (:mod:`auditor.report_sign`) seals the rest;
+  runs of the same audit; ``integrity`` (:mod:`auditor.report.seal`) seals the rest;
 * ``tool``, ``command``, ``suspect``, ``reference``, ``bundles``, ``restore``,
   ``findings``, ``verdict``, ``exit_code``.
 
@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 from auditor import __version__
 from auditor.errors import UsageError
 from auditor.findings import Finding
-from auditor.report_guard import SecretGuard
+from auditor.report.guard import SecretGuard
 
 if TYPE_CHECKING:
+    from auditor.audit.pipeline import AuditInputs, AuditRecord
     from auditor.bundle import OwnerBundle
     from auditor.keys import PrivateKey
-    from auditor.report_audit import AuditInputs, AuditRecord
 
 __all__ = [
     "REPORT_FORMAT",
@@ -170,7 +170,7 @@ def bundle_entry(bundle: OwnerBundle) -> dict[str, Any]:
 
 def finding_entry(finding: Finding, guard: SecretGuard) -> dict[str, Any]:
     """A finding as the report holds it: the detector's words and numbers, its known details, the explanation."""
-    from auditor.report_text import explanation
+    from auditor.report.text import explanation
 
     details = dict(finding.details)
     if finding.scheme in DETAIL_KEYS:
@@ -190,7 +190,7 @@ def finding_entry(finding: Finding, guard: SecretGuard) -> dict[str, Any]:
 
 def build_report(record: AuditRecord, *, inputs: AuditInputs, run: Mapping[str, str], command: str) -> dict[str, Any]:
     """The report data of one audited suspect (unsealed: :func:`write_report` adds the integrity block)."""
-    from auditor.report_audit import EXIT_FOR_VERDICT, LoadedModel
+    from auditor.audit.pipeline import EXIT_FOR_VERDICT, LoadedModel
 
     guard = SecretGuard(inputs.bundles)
     bundles = [bundle_entry(b) for b in inputs.bundles]
@@ -217,8 +217,9 @@ def build_report(record: AuditRecord, *, inputs: AuditInputs, run: Mapping[str, 
 def render_html(document: Mapping[str, Any], *, template: str, seal: Mapping[str, Any]) -> str:
     """``document`` rendered with ``template`` (``report.html.j2`` or ``summary.html.j2``); ``seal`` holds
     the hashes and signer the page shows."""
-    from auditor import report_svg, report_text
-    from auditor.reporting import jinja_environment
+    from auditor.report import svg as report_svg
+    from auditor.report import text as report_text
+    from auditor.report.html import jinja_environment
 
     env = jinja_environment()
     env.filters.update(fmt=report_text.fmt, label=report_text.label)
@@ -255,7 +256,7 @@ def write_report(
     template: str = "report.html.j2",
 ) -> dict[str, Any]:
     """Seal ``document``, write its HTML and JSON twin where asked, and return the sealed document."""
-    from auditor import report_sign
+    from auditor.report import seal as report_sign
 
     preview = {
         "content_sha256": report_sign.content_sha256(document),

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from auditor.errors import UsageError
-from auditor.formats._statedict import split_key
+from auditor.formats.statedict import split_key
 from auditor.graph import LayerGraph
-from auditor.plugins.restore.channels import Space, Tensors, apply_channel_maps, channel_spaces, input_params
 from auditor.plugins.restore.fold import DEFAULT_EPS
+from auditor.toolkit.channels import Space, Tensors, apply_channel_maps, channel_spaces, input_params
 
 __all__ = ["cut_off", "expand", "free_spaces", "module_tensors", "negate", "permute", "scale"]
 

@@ -178,7 +178,7 @@ def owner_model(
     (``module:function`` returning an ``nn.Module``) or a built-in architecture sized for
     the data (``input_shape`` is ``(C, H, W)``). Seed torch's generator first."""
     if model_factory:
-        from auditor.plugins._data import load_factory
+        from auditor.toolkit.data import load_factory
 
         model = load_factory(model_factory)()
         if not isinstance(model, nn.Module):
@@ -195,7 +195,7 @@ def model_graph(model: nn.Module) -> LayerGraph:
     would build it from the model's state dict (so kinds and layer names agree)."""
     from pathlib import Path
 
-    from auditor.formats._statedict import graph_from_tensors
+    from auditor.formats.statedict import graph_from_tensors
     from auditor.graph import TensorRef
 
     tensors = [(k, TensorRef.from_tensor(k, v.detach())) for k, v in model.state_dict().items()]

@@ -3,7 +3,7 @@
 A file that cannot be audited (missing, malformed, refused as unsafe, or a bug
 in auditor) becomes one row of the summary with its error and exit code; the
 other files go on. The batch's exit code is the most serious of the files'
-(:data:`auditor.report_audit.BATCH_SEVERITY`).
+(:data:`auditor.audit.pipeline.BATCH_SEVERITY`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from auditor.errors import EXIT_INTERNAL, AuditorError
 
 if TYPE_CHECKING:
+    from auditor.audit.pipeline import AuditInputs
     from auditor.keys import PrivateKey
-    from auditor.report_audit import AuditInputs
 
 __all__ = ["SUMMARY_FORMAT", "audit_batch", "audit_one_row"]
 
@@ -39,9 +39,9 @@ def audit_one_row(
     key: PrivateKey | None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Audit one suspect of a batch: its summary row and its sealed report (``None`` when it failed)."""
-    from auditor import report_sign
-    from auditor.report import build_report, write_report
-    from auditor.report_audit import audit_suspect, verdict_of
+    from auditor.audit.pipeline import audit_suspect, verdict_of
+    from auditor.report import seal as report_sign
+    from auditor.report.document import build_report, write_report
 
     row: dict[str, Any] = {"name": path.name, "path": str(path), "report": None, "error": None}
     try:
@@ -82,9 +82,9 @@ def audit_batch(
     """Audit every suspect in turn (``on_start`` sees each path before, ``on_row`` each row after) and return
     the sealed summary,
     written to ``out_dir``/summary.html and summary.json when ``out_dir`` is given."""
-    from auditor import report_sign
-    from auditor.report import REPORT_VERSION, bundle_entry, tool_info, write_report
-    from auditor.report_audit import batch_exit_code
+    from auditor.audit.pipeline import batch_exit_code
+    from auditor.report import seal as report_sign
+    from auditor.report.document import REPORT_VERSION, bundle_entry, tool_info, write_report
 
     rows = []
     for path, name in zip(suspects, names, strict=True):
