@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import test_audit_cli as shared
 
+import tests.cli.test_audit as shared
 from auditor import keys
 from auditor.errors import InputError
 from auditor.report.seal import seal, verify_document, verify_report

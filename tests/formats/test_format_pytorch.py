@@ -21,7 +21,7 @@ from auditor.errors import InputError, UnsafeInputError
 from auditor.formats import pytorch
 from auditor.graph import LayerKind
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 _spec = importlib.util.spec_from_file_location("make_pt_assets", ASSETS / "make_pt_assets.py")
 assert _spec is not None and _spec.loader is not None
 assets = importlib.util.module_from_spec(_spec)

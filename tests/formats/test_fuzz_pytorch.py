@@ -16,7 +16,7 @@ from auditor.audit.load import load_model
 from auditor.errors import InputError
 from auditor.formats import pytorch
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CLEAN_ZIP = (ASSETS / "pt_clean.pt").read_bytes()
 CLEAN_LEGACY = (ASSETS / "pt_legacy.pt").read_bytes()
 PREFIXES = [

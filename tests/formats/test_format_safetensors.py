@@ -22,8 +22,8 @@ from auditor.errors import InputError, UnsafeInputError
 from auditor.formats import safetensors as st
 from auditor.graph import LayerGraph, LayerKind
 
-ASSETS = Path(__file__).parent / "assets"
-REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+REPO = Path(__file__).resolve().parents[2]
 ORDER_NOTE = (
     "the file holds no computation graph: layers are in natural order of their names (safetensors records "
     "no module order, so inferred edges may be wrong), kinds come from parameter names and shapes, "

@@ -24,7 +24,7 @@ from auditor.errors import InputError, UnsafeInputError
 from auditor.formats import onnx as onnx_format
 from auditor.graph import EdgeSource, LayerKind
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 # ---------------------------------------------------------------- models and export

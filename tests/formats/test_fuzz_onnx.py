@@ -13,7 +13,7 @@ from auditor.audit.load import load_model
 from auditor.errors import InputError
 from auditor.formats import onnx as onnx_format
 
-TINY = (Path(__file__).parent / "assets" / "onnx_tiny.onnx").read_bytes()
+TINY = (Path(__file__).resolve().parents[1] / "assets" / "onnx_tiny.onnx").read_bytes()
 FUZZ = settings(
     max_examples=1000,
     deadline=None,

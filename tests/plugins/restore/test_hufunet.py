@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_restore_attacks import cnn_from, export
 
 from auditor.audit.load import load_model
 from auditor.audit.restore import run_restorers
@@ -23,6 +22,7 @@ from auditor.toolkit import edits as attacks
 from auditor.toolkit import models as zoo
 from auditor.toolkit.channels import tensors_of
 from auditor.toolkit.edits import negate, permute
+from tests.plugins.restore.test_attacks import cnn_from, export
 
 
 def _stolen_onnx(owner: SimpleNamespace, out: Path) -> Path:

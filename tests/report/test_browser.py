@@ -25,13 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import test_audit_cli as shared
+
+import tests.cli.test_audit as shared
 
 # Shared fixtures (see test_audit_cli.once).
 gr_reports = shared.gr_reports
 batch_run = shared.batch_run
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 
 

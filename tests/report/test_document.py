@@ -10,16 +10,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import test_audit_cli as shared
-from test_audit_cli import ANALYST, CASE_ID, clean_model, run_cli
-from test_plugins import plugin
 
+import tests.cli.test_audit as shared
 from auditor import Detector, Finding, LayerGraph, Restorer, Verdict, hookimpl
 from auditor.audit.pipeline import batch_exit_code, report_names
 from auditor.bundle import load_bundle
 from auditor.errors import EXIT_INCONCLUSIVE, EXIT_INPUT, EXIT_INTERNAL, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNSAFE
-from auditor.report.document import jsonable
+from auditor.jsondata import jsonable
 from auditor.report.guard import SecretGuard
+from tests.cli.test_audit import ANALYST, CASE_ID, clean_model, run_cli
+from tests.test_plugins import plugin
 
 # Shared fixtures (see test_audit_cli.once).
 gr_reports = shared.gr_reports

@@ -24,7 +24,7 @@ from auditor.toolkit import data as datasets
 from auditor.toolkit import models as zoo
 from auditor.toolkit import training
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 PASSPHRASE = b"correct horse battery staple"
 
 
