@@ -99,7 +99,7 @@ def in_process(model: Path, bundle: Path, out: Path) -> Callable[[], dict[str, A
     from auditor.graph import TensorRef
     from auditor.report.document import build_report, run_block, write_report
 
-    inputs = load_inputs(bundles=[bundle], reference=None, p_threshold=1e-6)
+    inputs = load_inputs(bundles=[bundle], reference=None)
     original = TensorRef.read
 
     def run() -> dict[str, Any]:

@@ -45,19 +45,27 @@ def run_detectors(
     bundles: Sequence[Any] = (),
     context: Mapping[str, Any] | None = None,
     detectors: Sequence[Detector] | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[Finding]:
     """Every applicable detector's findings on ``suspect``, in a stable order.
 
     A detector with an empty ``scheme`` runs once with ``bundle=None``; one with
     a scheme runs once per bundle of that scheme. A bundle no detector reads
-    gives an inconclusive finding saying so.
+    gives an inconclusive finding saying so. Each detector's context is
+    ``context`` with ``options`` set to ``options[detector.id]`` (validated by
+    the caller: :func:`auditor.audit.pipeline.parse_detector_options`).
     """
-    context = dict(context or {})
+    shared = dict(context or {})
+    options = options or {}
+
+    def context_of(detector: Detector) -> dict[str, Any]:
+        return shared | {"options": dict(options.get(detector.id, shared.get("options", {})))}
+
     chosen = sorted(detectors if detectors is not None else components("detectors", Detector), key=lambda d: d.id)
     findings: list[Finding] = []
     for detector in chosen:
         if not detector.scheme:
-            findings.extend(_run_one(detector, suspect, None, context))
+            findings.extend(_run_one(detector, suspect, None, context_of(detector)))
     for bundle in bundles:
         scheme = bundle_scheme(bundle)
         readers = [d for d in chosen if d.scheme and d.scheme == scheme]
@@ -72,7 +80,7 @@ def run_detectors(
                 )
             )
         for detector in readers:
-            findings.extend(_run_one(detector, suspect, bundle, context))
+            findings.extend(_run_one(detector, suspect, bundle, context_of(detector)))
     return sort_findings(findings)
 
 

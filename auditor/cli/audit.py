@@ -14,8 +14,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
+from auditor.cli.console import printable, shown
 from auditor.errors import EXIT_NOT_FOUND, EXIT_OK, UsageError
 
 __all__ = ["report_app", "run_audit", "verify"]
@@ -28,15 +28,6 @@ report_app = typer.Typer(help="Check evidence reports.", no_args_is_help=True)
 @report_app.callback()
 def _report() -> None:
     """Check evidence reports."""
-
-
-def _printable(text: object) -> str:
-    # Names from hostile files and paths may hold control characters; they must not drive the terminal.
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
-
-
-def _shown(text: object) -> str:
-    return escape(_printable(text))
 
 
 def _outputs(suspect: Path, out: Path | None, json_out: Path | None) -> tuple[Path | None, Path | None]:
@@ -83,10 +74,9 @@ def run_audit(
     json_out: Path | None,
     sign_key: Path | None,
     passphrase_file: Path | None,
-    p_threshold: float,
+    options: Sequence[str] = (),
     as_json: bool,
     console: Console,
-    public_data: Path | None = None,
 ) -> int:
     """Run the audit the command line asked for, write its reports, print its lines; the exit code."""
     from auditor.audit.pipeline import expand_suspects, load_inputs
@@ -94,7 +84,7 @@ def run_audit(
 
     paths, batch = expand_suspects(suspects)
     key = _load_key(sign_key, passphrase_file)
-    inputs = load_inputs(bundles=bundles, reference=reference, p_threshold=p_threshold, public_data=public_data)
+    inputs = load_inputs(bundles=bundles, reference=reference, options=options)
     run = run_block(case_id=case_id, analyst=analyst)
     given: list[Path | None] = [*paths, *bundles, reference, sign_key, passphrase_file]
     if batch:
@@ -113,7 +103,6 @@ def _run_single(
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     from auditor.audit.pipeline import audit_suspect
-    from auditor.report import seal as report_sign
     from auditor.report.document import build_report, write_report
 
     html_path, json_path = _outputs(suspect, out, json_out)
@@ -127,19 +116,16 @@ def _run_single(
         task = progress.add_task("", total=size)
         record = audit_suspect(suspect, inputs, progress=lambda n: progress.advance(task, n))
     document = build_report(record, inputs=inputs, run=run, command=inputs.command(suspect))
-    if html_path is not None or json_path is not None:
-        sealed = write_report(document, html_path=html_path, json_path=json_path, key=key)
-    else:
-        sealed = {**document, report_sign.INTEGRITY: report_sign.seal(document, key=key)}
+    sealed = write_report(document, html_path=html_path, json_path=json_path, key=key)
     if as_json:
         typer.echo(json.dumps(sealed, indent=2, ensure_ascii=False))
     else:
         for f in sealed["findings"]:
-            console.print(_shown(f"{f['detector']}: {f['verdict']}: {f['summary']}"))
+            console.print(shown(f"{f['detector']}: {f['verdict']}: {f['summary']}"))
         console.print(f"verdict: {sealed['verdict']}")
         for what, path in (("report", html_path), ("json", json_path)):
             if path is not None:
-                console.print(_shown(f"{what}: {path}"))
+                console.print(shown(f"{what}: {path}"))
     return int(sealed["exit_code"])
 
 
@@ -171,14 +157,14 @@ def _run_batch(
             if as_json:
                 return
             if row["error"]:
-                console.print(_shown(f"{row['path']}: error (exit {row['exit_code']}): {row['error']}"))
+                console.print(shown(f"{row['path']}: error (exit {row['exit_code']}): {row['error']}"))
             else:
                 schemes = "; ".join(f"{f['detector']}: {f['verdict']}" for f in row["findings"]) or "no findings"
-                console.print(_shown(f"{row['path']}: {row['verdict']} ({schemes})"))
+                console.print(shown(f"{row['path']}: {row['verdict']} ({schemes})"))
 
         summary = audit_batch(
             paths, names, inputs=inputs, run=run, command=inputs.command(*suspects), out_dir=out, key=key,
-            on_row=done, on_start=lambda p: progress.update(task, description=_shown(p.name)),
+            on_row=done, on_start=lambda p: progress.update(task, description=shown(p.name)),
         )  # fmt: skip
     if as_json:
         typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
@@ -186,7 +172,7 @@ def _run_batch(
         counts = ", ".join(f"{n} {v}" for v, n in summary["counts"].items())
         console.print(f"{len(paths)} suspects: {counts}; exit code {summary['exit_code']}")
         if out is not None:
-            console.print(_shown(f"summary: {out / 'summary.html'}"))
+            console.print(shown(f"summary: {out / 'summary.html'}"))
     return int(summary["exit_code"])
 
 
@@ -208,5 +194,5 @@ def verify(
     from auditor.report.seal import verify_report
 
     result = verify_report(report, public_key=public_key, html=html)
-    typer.echo(("intact" if result.intact else "FAILED") + f": {_printable(report)}: {result.message}")
+    typer.echo(("intact" if result.intact else "FAILED") + f": {printable(report)}: {result.message}")
     raise typer.Exit(EXIT_OK if result.intact else EXIT_NOT_FOUND)

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from auditor import keys
+from auditor.cli.console import printable
 from auditor.errors import InputError, UsageError
 
 __all__ = ["describe_key_file", "keys_app", "new_keys", "read_passphrase_file"]
@@ -35,11 +36,6 @@ PassphraseFile = Annotated[
 ]
 AskPassphrase = Annotated[bool, typer.Option("--ask-passphrase", help="Ask for the passphrase (hidden input).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-
-
-def _printable(text: str) -> str:
-    # A path may hold control characters; they must not move the cursor.
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def read_passphrase_file(path: Path) -> bytes:
@@ -135,8 +131,8 @@ def new(
         typer.echo(json.dumps(info, indent=2))
         return
     protection = "encrypted with your passphrase" if info["encrypted"] else "NOT encrypted"
-    typer.echo(f"private key: {_printable(info['private_key'])}  (keep it secret; mode 0600, {protection})")
-    typer.echo(f"public key:  {_printable(info['public_key'])}")
+    typer.echo(f"private key: {printable(info['private_key'])}  (keep it secret; mode 0600, {protection})")
+    typer.echo(f"public key:  {printable(info['public_key'])}")
     typer.echo(f"algorithm:   {info['algorithm']} ({info['key']})")
     typer.echo(f"fingerprint: SHA256:{info['fingerprint_sha256']}")
 
@@ -154,7 +150,7 @@ def show(
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
-    typer.echo(f"file:        {_printable(info['path'])}")
+    typer.echo(f"file:        {printable(info['path'])}")
     if info["algorithm"] is None:
         typer.echo("kind:        private key, encrypted")
         typer.echo("give --ask-passphrase or --passphrase-file to see its algorithm and fingerprint", err=True)

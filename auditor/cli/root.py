@@ -6,7 +6,6 @@ code documented in the README (:mod:`auditor.errors`); never a traceback.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -14,12 +13,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from auditor import __version__
 from auditor.cli.audit import report_app
+from auditor.cli.console import emit_json, err, out, shown
 from auditor.cli.keys import keys_app
 from auditor.errors import EXIT_INTERNAL, AuditorError, PluginError
 
@@ -35,9 +33,7 @@ embed_app = typer.Typer(help="Train an owner's model with a watermark.", no_args
 app.add_typer(embed_app, name="embed")
 app.add_typer(keys_app, name="keys")
 app.add_typer(report_app, name="report")
-out = Console(highlight=False, soft_wrap=True)
 out_console = out  # the audit command's parameter --out shadows the module's name
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -53,18 +49,6 @@ def _root(
     ] = False,
 ) -> None:
     """Forensic auditing of watermarked deep-learning models."""
-
-
-def shown(text: object) -> str:
-    """``text`` made safe for the terminal: control characters escaped (a hostile
-    file's names must not move the cursor or recolour the screen) and rich
-    markup neutralised."""
-    s = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in str(text))
-    return escape(s)
-
-
-def _emit_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
 def hash_files(paths: list[Path]) -> list[dict[str, Any]]:
@@ -111,7 +95,7 @@ def inspect(
     """Load a model without running anything in it and show its layers."""
     info = inspect_model(path=model)
     if as_json:
-        _emit_json(info)
+        emit_json(info)
         return
     out.print(f"[bold]{shown(info['path'])}[/bold]  format: {shown(info['format'])}")
     for f in info["files"]:
@@ -159,7 +143,7 @@ def plugins(
     """List the loaded plugins, their hooks and where they came from."""
     rows = list_plugins()
     if as_json:
-        _emit_json(rows)
+        emit_json(rows)
         return
     for row in rows:
         out.print(f"[bold]{shown(row['name'])}[/bold]  ({shown(row['origin'])})")
@@ -169,15 +153,15 @@ def plugins(
 
 
 def audit_model(
-    *, suspect: Path, bundles: Sequence[Path] = (), context: Mapping[str, Any] | None = None
+    *, suspect: Path, bundles: Sequence[Path] = (), options: Mapping[str, Any] | Sequence[str] = ()
 ) -> dict[str, Any]:
     """Load the owner bundles and ``suspect`` safely, run every applicable detector, and return the
-    report data (unsealed; see :mod:`auditor.report.document`). ``context`` may set ``greedy_residuals.p_threshold``."""
+    report data (unsealed; see :mod:`auditor.report.document`). ``options`` sets detector options
+    (``{"DETECTOR.NAME": value}`` or ``["DETECTOR.NAME=VALUE"]``)."""
     from auditor.audit.pipeline import audit_suspect, load_inputs
     from auditor.report.document import build_report, run_block
 
-    p = float((context or {}).get("greedy_residuals.p_threshold", 1e-6))
-    inputs = load_inputs(bundles=bundles, reference=None, p_threshold=p)
+    inputs = load_inputs(bundles=bundles, reference=None, options=options)
     record = audit_suspect(suspect, inputs)
     return build_report(record, inputs=inputs, run=run_block(), command=inputs.command(suspect))
 
@@ -218,13 +202,13 @@ def audit(  # noqa: PLR0917 (typer passes options positionally)
         Path | None,
         typer.Option("--passphrase-file", help="Read the signing key's passphrase from this file's first line."),
     ] = None,
-    p_threshold: Annotated[
-        float, typer.Option(help="Greedy Residuals: combined p-value below which the watermark counts as found.")
-    ] = 1e-6,
-    public_data: Annotated[
-        Path | None,
+    option: Annotated[
+        list[str] | None,
         typer.Option(
-            "--public-data", help="HufuNet: the folder of the Fashion-MNIST IDX files, if its HufuNet used them."
+            "--option",
+            "-O",
+            help="A detector option, DETECTOR.NAME=VALUE (repeatable; `auditor plugins` lists each detector's"
+            " options). Validated before anything is read, and recorded in the report's reproducible command.",
         ),
     ] = None,
     as_json: Annotated[
@@ -240,8 +224,8 @@ def audit(  # noqa: PLR0917 (typer passes options positionally)
 
     code = run_audit(
         suspects=suspects, bundles=bundle or [], reference=reference, case_id=case_id, analyst=analyst, out=out,
-        json_out=json_out, sign_key=sign_key, passphrase_file=passphrase_file, p_threshold=p_threshold,
-        as_json=as_json, console=out_console, public_data=public_data,
+        json_out=json_out, sign_key=sign_key, passphrase_file=passphrase_file, options=option or [],
+        as_json=as_json, console=out_console,
     )  # fmt: skip
     raise typer.Exit(code)
 
@@ -274,6 +258,45 @@ def _add_plugin_commands() -> None:
 _plugins_added = False
 
 
+def _detector_params() -> list[tuple[str, Any]]:
+    from auditor.bases import Detector
+    from auditor.plugin_manager import components
+
+    return [(d.id, p) for d in components("detectors", Detector) for p in d.params]
+
+
+def _audit_argv(argv: list[str]) -> list[str]:
+    """``argv`` with the detectors' documented aliases (``--p-threshold X``) spelled as ``--option ID.NAME=X``,
+    and the detector options listed under ``auditor audit --help``."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command != "audit":
+        return argv
+    params = _detector_params()
+    aliases = {alias: f"{did}.{p.name}" for did, p in params for alias in p.aliases}
+    lines = [
+        f"{did}.{p.name}: {p.help} ({p.expected()}; default {p.default!r}"
+        + (f"; alias {', '.join(p.aliases)}" if p.aliases else "") + ")"
+        for did, p in params
+    ]  # fmt: skip
+    for info in app.registered_commands:
+        if (info.name or (info.callback.__name__ if info.callback else "")) == "audit":
+            info.epilog = "Detector options (--option DETECTOR.NAME=VALUE):\n\n" + "\n\n".join(lines)
+    out_args: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in aliases and eq:
+            out_args += ["--option", f"{aliases[name]}={value}"]
+        elif arg in aliases and i + 1 < len(argv):
+            out_args += ["--option", f"{aliases[arg]}={argv[i + 1]}"]
+            i += 1
+        else:
+            out_args.append(arg)
+        i += 1
+    return out_args
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``auditor`` script: run the CLI, turning errors into exit codes."""
     global _plugins_added
@@ -282,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
         if not _plugins_added:
             _plugins_added = True
             _add_plugin_commands()
-        app(args=argv, prog_name="auditor", standalone_mode=True)
+        args = list(sys.argv[1:] if argv is None else argv)
+        app(args=_audit_argv(args), prog_name="auditor", standalone_mode=True)
     except AuditorError as exc:
         if debug:
             raise

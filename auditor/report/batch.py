@@ -40,20 +40,16 @@ def audit_one_row(
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Audit one suspect of a batch: its summary row and its sealed report (``None`` when it failed)."""
     from auditor.audit.pipeline import audit_suspect, verdict_of
-    from auditor.report import seal as report_sign
     from auditor.report.document import build_report, write_report
 
     row: dict[str, Any] = {"name": path.name, "path": str(path), "report": None, "error": None}
     try:
         record = audit_suspect(path, inputs)
         document = build_report(record, inputs=inputs, run=run, command=inputs.command(path))
+        html, js = (out_dir / f"{name}.html", out_dir / f"{name}.json") if out_dir is not None else (None, None)
+        sealed = write_report(document, html_path=html, json_path=js, key=key)
         if out_dir is not None:
-            sealed = write_report(
-                document, html_path=out_dir / f"{name}.html", json_path=out_dir / f"{name}.json", key=key
-            )
             row["report"] = {"html": f"{name}.html", "json": f"{name}.json"}
-        else:
-            sealed = {**document, report_sign.INTEGRITY: report_sign.seal(document, key=key)}
     except AuditorError as exc:
         return row | {"verdict": "error", "exit_code": exc.exit_code, "error": str(exc)}, None
     except Exception as exc:  # a bug on one file must not lose the others
@@ -83,7 +79,6 @@ def audit_batch(
     the sealed summary,
     written to ``out_dir``/summary.html and summary.json when ``out_dir`` is given."""
     from auditor.audit.pipeline import batch_exit_code
-    from auditor.report import seal as report_sign
     from auditor.report.document import REPORT_VERSION, bundle_entry, tool_info, write_report
 
     rows = []
@@ -101,12 +96,5 @@ def audit_batch(
         "reference": inputs.reference_entry(), "suspects": rows,
         "counts": dict(sorted(Counter(r["verdict"] for r in rows).items())), "exit_code": code, "exit_rule": EXIT_RULE,
     }  # fmt: skip
-    if out_dir is None:
-        return {**summary, report_sign.INTEGRITY: report_sign.seal(summary, key=key)}
-    return write_report(
-        summary,
-        html_path=out_dir / "summary.html",
-        json_path=out_dir / "summary.json",
-        key=key,
-        template="summary.html.j2",
-    )
+    html, js = (out_dir / "summary.html", out_dir / "summary.json") if out_dir is not None else (None, None)
+    return write_report(summary, html_path=html, json_path=js, key=key, template="summary.html.j2")

@@ -18,9 +18,6 @@ same bytes apart from the run and integrity blocks.
 from __future__ import annotations
 
 import datetime as dt
-import enum
-import json
-import math
 import os
 import platform
 import secrets
@@ -31,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from auditor import __version__
 from auditor.errors import UsageError
 from auditor.findings import Finding
+from auditor.jsondata import dump_json, jsonable
 from auditor.report.guard import SecretGuard
 
 if TYPE_CHECKING:
@@ -43,9 +41,6 @@ __all__ = [
     "REPORT_VERSION",
     "build_report",
     "bundle_entry",
-    "dump_json",
-    "jsonable",
-    "render_html",
     "run_block",
     "tool_info",
     "write_atomically",
@@ -55,42 +50,6 @@ __all__ = [
 REPORT_FORMAT = "auditor-evidence-report"
 REPORT_VERSION = 1
 DEPENDENCIES = ("cryptography", "jinja2", "numpy", "onnx", "safetensors", "scipy", "torch")
-#: Per known scheme, the finding ``details`` a report carries; an unknown detector's go in whole, checked
-#: by :class:`SecretGuard`. Greedy Residuals' identity block is cut to the fields named here.
-DETAIL_KEYS = {
-    "greedy-residuals": ("identity", "params", "params_note", "layers", "notes", "forging_check"),
-    "hufunet": ("host_layers", "notes"),
-}
-#: The bundle section names the public key by its fingerprint; the detector's own hash of the PEM text is left out.
-IDENTITY_KEYS = ("verified", "reason", "signature_algorithm", "message")
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` as plain JSON data, the same whatever order it was built in: mapping keys as sorted
-    strings, sets sorted, numpy and torch scalars unwrapped, NaN and infinities as strings."""
-    if value is None or isinstance(value, bool | int):
-        return value
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate from a hostile file's names
-            return value.encode("utf-8", "backslashreplace").decode("utf-8")
-        return value
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return float(value)  # a numpy float64 becomes a plain float
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, enum.Enum):
-        return jsonable(value.value)
-    if isinstance(value, Mapping):
-        return dict(sorted(((str(k), jsonable(v)) for k, v in value.items()), key=lambda kv: kv[0]))
-    if isinstance(value, set | frozenset):
-        return sorted((jsonable(v) for v in value), key=lambda v: json.dumps(v, sort_keys=True))
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if hasattr(value, "tolist") and callable(value.tolist):  # numpy arrays and scalars, torch tensors
-        return jsonable(value.tolist())
-    return jsonable(str(value))
 
 
 def _versions() -> dict[str, str]:
@@ -130,53 +89,42 @@ def run_block(*, case_id: str = "", analyst: str = "", date: dt.datetime | None 
     return {"case_id": case_id, "analyst": analyst, "date": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
-def _get(payload: Mapping[str, Any], *path: str) -> Any:
-    value: Any = payload
-    for key in path:
-        value = value.get(key) if isinstance(value, Mapping) else None
-    return value if isinstance(value, str | int | float | bool) else None
+def _readers(scheme: str) -> list[Any]:
+    """The registered detectors that read owner bundles of ``scheme``, in id order."""
+    from auditor.bases import Detector
+    from auditor.plugin_manager import components
 
-
-def _fingerprint(pem: Any) -> str | None:
-    from auditor import keys
-    from auditor.errors import InputError
-
-    try:
-        return keys.fingerprint(keys.load_public_key(pem)) if isinstance(pem, str) else None
-    except InputError:
-        return None
+    return [d for d in components("detectors", Detector) if scheme and d.scheme == scheme]
 
 
 def bundle_entry(bundle: OwnerBundle) -> dict[str, Any]:
-    """What a report holds of an owner bundle: its file, hash and scheme, and only the payload fields named
-    here (a public key's fingerprint, the copyright statement, the owner's released model's hash)."""
-    path, p = bundle.path, bundle.payload
+    """What a report holds of an owner bundle: its file, hash and scheme, the owner's released model, and
+    what the detectors of its scheme name field by field (:meth:`~auditor.bases.Detector.bundle_summary`)."""
+    path, payload = bundle.path, bundle.payload
+    raw_model = payload.get("model")
+    model: Mapping[str, Any] = raw_model if isinstance(raw_model, Mapping) else {}
     entry: dict[str, Any] = {
         "name": path.name if path else None, "path": str(path) if path else None, "sha256": bundle.sha256,
         "scheme": bundle.scheme, "version": bundle.version, "secret": bundle.secret,
-        "released_model": {"file": _get(p, "model", "file"), "sha256": _get(p, "model", "sha256")},
+        "released_model": {"file": _plain(model.get("file")), "sha256": _plain(model.get("sha256"))},
     }  # fmt: skip
-    if bundle.scheme == "greedy-residuals":
-        entry["identity"] = {
-            "message": _get(p, "message"), "signature_algorithm": _get(p, "signature_algorithm"),
-            "public_key_sha256": _fingerprint(p.get("public_key")),
-        }  # fmt: skip
-        layers = p.get("layers")
-        entry["layers"] = [_get(e, "name") for e in layers] if isinstance(layers, list) else []
-    if bundle.scheme == "hufunet":
-        entry["host_architecture"] = _get(p, "host", "architecture")
+    for detector in _readers(bundle.scheme):
+        extra = detector.bundle_summary(bundle)
+        entry.update({k: v for k, v in extra.items() if k not in entry})
     return jsonable(entry)
 
 
-def finding_entry(finding: Finding, guard: SecretGuard) -> dict[str, Any]:
-    """A finding as the report holds it: the detector's words and numbers, its known details, the explanation."""
-    from auditor.report.text import explanation
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, str | int | float | bool) else None
 
-    details = dict(finding.details)
-    if finding.scheme in DETAIL_KEYS:
-        details = {k: v for k, v in details.items() if k in DETAIL_KEYS[finding.scheme]}
-        if isinstance(details.get("identity"), Mapping):
-            details["identity"] = {k: v for k, v in details["identity"].items() if k in IDENTITY_KEYS}
+
+def finding_entry(finding: Finding, guard: SecretGuard) -> dict[str, Any]:
+    """A finding as the report holds it: the detector's words and numbers, the details it declares public,
+    its explanation. A finding that would show secret material is withheld whole."""
+    from auditor.report.view import view_of
+
+    view = view_of("detectors", finding.detector)
+    details = view.component.public(finding.details) if view.component is not None else dict(finding.details)
     entry = jsonable(finding.to_dict() | {"details": details})
     if guard.leaks(entry):
         entry.update(
@@ -184,7 +132,7 @@ def finding_entry(finding: Finding, guard: SecretGuard) -> dict[str, Any]:
             " bundle, which a report never shows.",
             metrics={}, details={}, withheld=True,
         )  # fmt: skip
-    entry["explanation"] = explanation(finding.scheme, finding.detector, entry["verdict"])
+    entry["explanation"] = view.explanation(entry["verdict"])
     return entry
 
 
@@ -214,27 +162,6 @@ def build_report(record: AuditRecord, *, inputs: AuditInputs, run: Mapping[str, 
     return report
 
 
-def render_html(document: Mapping[str, Any], *, template: str, seal: Mapping[str, Any]) -> str:
-    """``document`` rendered with ``template`` (``report.html.j2`` or ``summary.html.j2``); ``seal`` holds
-    the hashes and signer the page shows."""
-    from auditor.report import svg as report_svg
-    from auditor.report import text as report_text
-    from auditor.report.html import jinja_environment
-
-    env = jinja_environment()
-    env.filters.update(fmt=report_text.fmt, label=report_text.label)
-    env.globals.update(
-        svg=report_svg, text=report_text, verdict_words=report_text.VERDICT_WORDS, columns=report_text.columns
-    )
-    return env.get_template(template).render(r=document, seal=seal)
-
-
-def dump_json(document: Any) -> bytes:
-    """The JSON twin's bytes: indented, keys sorted, UTF-8, a newline at the end."""
-    text = json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
-    return (text + "\n").encode("utf-8")
-
-
 def write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and one rename."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
@@ -250,20 +177,24 @@ def write_atomically(path: Path, data: bytes) -> None:
 def write_report(
     document: dict[str, Any],
     *,
-    html_path: Path | None,
-    json_path: Path | None,
+    html_path: Path | None = None,
+    json_path: Path | None = None,
     key: PrivateKey | None = None,
     template: str = "report.html.j2",
 ) -> dict[str, Any]:
-    """Seal ``document``, write its HTML and JSON twin where asked, and return the sealed document."""
+    """Seal ``document`` (signed with ``key`` if given), write its HTML page and JSON twin where asked, and
+    return the sealed document; with neither path, only seal it."""
     from auditor.report import seal as report_sign
+    from auditor.report.html import render_html
 
-    preview = {
-        "content_sha256": report_sign.content_sha256(document),
-        "evidence_sha256": report_sign.evidence_sha256(document),
-        "signer": report_sign.signer(key),
-    }
-    html = render_html(document, template=template, seal=preview).encode("utf-8") if html_path else None
+    html = None
+    if html_path is not None:
+        preview = {
+            "content_sha256": report_sign.content_sha256(document),
+            "evidence_sha256": report_sign.evidence_sha256(document),
+            "signer": report_sign.signer(key),
+        }
+        html = render_html(document, template=template, seal=preview).encode("utf-8")
     sealed = {**document, report_sign.INTEGRITY: report_sign.seal(document, html=html, key=key)}
     if html_path is not None and html is not None:
         write_atomically(html_path, html)

@@ -30,7 +30,7 @@ from typing import Any
 from auditor import keys
 from auditor.bundle import canonical_json
 from auditor.errors import InputError
-from auditor.strictjson import DuplicateKeyError, unique_keys
+from auditor.jsondata import DuplicateKeyError, unique_keys
 
 __all__ = [
     "INTEGRITY",

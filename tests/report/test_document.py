@@ -4,36 +4,40 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-import tests.cli.test_audit as shared
 from auditor import Detector, Finding, LayerGraph, Restorer, Verdict, hookimpl
 from auditor.audit.pipeline import batch_exit_code, report_names
 from auditor.bundle import load_bundle
 from auditor.errors import EXIT_INCONCLUSIVE, EXIT_INPUT, EXIT_INTERNAL, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNSAFE
 from auditor.jsondata import jsonable
 from auditor.report.guard import SecretGuard
-from tests.cli.test_audit import ANALYST, CASE_ID, clean_model, run_cli
-from tests.test_plugins import plugin
 
-# Shared fixtures (see test_audit_cli.once).
-gr_reports = shared.gr_reports
+CASE_ID = "CASE-2025-0417"
+ANALYST = "Dana Analyst"
 
 
-def audit(*args: str | Path) -> tuple[int, dict[str, Any], str]:
-    """Run ``auditor audit ... --out DIR/report.html``; exit code, JSON twin, HTML."""
-    out = Path(str(args[-1]))
-    code, _, stderr = run_cli("audit", *args[:-1], "--out", out / "report.html")
-    assert code in (EXIT_OK, EXIT_NOT_FOUND, EXIT_INCONCLUSIVE), stderr
-    return code, json.loads((out / "report.json").read_text()), (out / "report.html").read_text()
+@pytest.fixture
+def audit(run_cli: Callable[..., Any]) -> Callable[..., tuple[int, dict[str, Any], str]]:
+    """``audit(*args, folder)``: run ``auditor audit ... --out folder/report.html``; exit code, JSON twin, HTML."""
+
+    def run(*args: str | Path) -> tuple[int, dict[str, Any], str]:
+        out = Path(str(args[-1]))
+        code, _, stderr = run_cli("audit", *args[:-1], "--out", out / "report.html")
+        assert code in (EXIT_OK, EXIT_NOT_FOUND, EXIT_INCONCLUSIVE), stderr
+        return code, json.loads((out / "report.json").read_text()), (out / "report.html").read_text()
+
+    return run
 
 
-def test_same_audit_twice_differs_only_in_the_run_block(gr_owner: SimpleNamespace, tmp_path: Path) -> None:
+def test_same_audit_twice_differs_only_in_the_run_block(
+    gr_owner: SimpleNamespace, tmp_path: Path, audit: Callable[..., Any]
+) -> None:
     args = [gr_owner.files["safetensors"], "--bundle", gr_owner.out / "owner_bundle.json"]
     args += ["--case-id", CASE_ID, "--analyst", ANALYST]
     _, first, first_html = audit(*args, tmp_path / "one")
@@ -65,7 +69,9 @@ def _secret_strings(payload: Mapping[str, Any]) -> list[str]:
     return found
 
 
-def test_hufunet_report_shows_no_secret(hufunet_owner: SimpleNamespace, tmp_path: Path) -> None:
+def test_hufunet_report_shows_no_secret(
+    hufunet_owner: SimpleNamespace, tmp_path: Path, audit: Callable[..., Any]
+) -> None:
     bundle = hufunet_owner.out / "owner_bundle.json"
     code, data, html = audit(hufunet_owner.model_file, "--bundle", bundle, tmp_path)
     assert code == EXIT_OK
@@ -87,7 +93,9 @@ def test_hufunet_report_shows_no_secret(hufunet_owner: SimpleNamespace, tmp_path
     assert f"threshold {finding['metrics']['acc_original'] * (1 - finding['metrics']['tau_acc']):.1%}" in html
 
 
-def test_a_detector_that_leaks_a_secret_is_withheld(hufunet_owner: SimpleNamespace, tmp_path: Path) -> None:
+def test_a_detector_that_leaks_a_secret_is_withheld(
+    hufunet_owner: SimpleNamespace, tmp_path: Path, audit: Callable[..., Any], plugin: Callable[..., Any]
+) -> None:
     key = load_bundle(hufunet_owner.out / "owner_bundle.json").payload["hufunet"]["hmac_key"]
 
     class Leaky(Detector):
@@ -121,21 +129,6 @@ def test_secret_guard_finds_pieces_but_not_public_hashes() -> None:
     assert not SecretGuard([SimpleNamespace(secret=False, payload=bundle.payload)]).leaks(bundle.payload)  # type: ignore[list-item]
 
 
-class Aligner(Restorer):
-    id = "test-aligner"
-    order = 5
-    description = "pretends to align channels"
-
-    def restore(self, suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph, dict[str, Any]]:
-        rows = [
-            {"name": "conv2", "moved": 6, "similarity_before": 0.125, "similarity_after": 0.996, "padded": 0,
-             "dropped": 0, "permutation": [1, 0, 3, 2, 5, 4, 6, 7], "scale": {"min": 0.5, "max": 2.0}},
-            {"name": "conv3", "moved": 0, "similarity_before": 0.981, "similarity_after": 0.981, "padded": 2,
-             "dropped": 1, "permutation": [0, 1, None, 2]},
-        ]  # fmt: skip
-        return suspect, {"derived": {"derived": True, "score": 0.97, "threshold": 0.5}, "layers": rows}
-
-
 class Broken(Restorer):
     id = "test-broken"
     order = 6
@@ -145,11 +138,18 @@ class Broken(Restorer):
         raise ValueError("no luck")
 
 
-def test_restore_log_gets_a_table_and_pictures(gr_owner: SimpleNamespace, tmp_path: Path) -> None:
+def test_restore_log_gets_a_table_and_pictures(
+    gr_owner: SimpleNamespace,
+    tmp_path: Path,
+    audit: Callable[..., Any],
+    clean_model: Callable[..., Any],
+    plugin: Callable[..., Any],
+    aligner: Restorer,
+) -> None:
     class Plugin:
         @hookimpl
         def register_restorers(self, register: Any) -> None:
-            register(Aligner())
+            register(aligner)
             register(Broken())
 
     reference = gr_owner.files["safetensors"]
@@ -195,7 +195,9 @@ def test_batch_exit_code_is_the_most_serious(codes: list[int], expected: int) ->
     assert batch_exit_code(codes) == expected
 
 
-def test_unknown_detectors_findings_are_shown_whole(gr_owner: SimpleNamespace, tmp_path: Path) -> None:
+def test_unknown_detectors_findings_are_shown_whole(
+    gr_owner: SimpleNamespace, tmp_path: Path, audit: Callable[..., Any], plugin: Callable[..., Any]
+) -> None:
     class Census(Detector):
         id = "test-census"
         scheme = ""

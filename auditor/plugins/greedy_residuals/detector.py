@@ -23,17 +23,32 @@ import numpy as np
 import torch
 
 from auditor import hookimpl
-from auditor.bases import Detector
+from auditor.bases import Detector, Param
 from auditor.findings import Finding, Verdict
 from auditor.graph import Layer, LayerGraph, LayerKind
-from auditor.plugins.greedy_residuals import stats
+from auditor.plugins.greedy_residuals import report, stats
 from auditor.plugins.greedy_residuals.scheme import SCHEME, GRParams, alpha_from_signature, match_bits, residuals
 from auditor.toolkit.matching import MISSING, LayerMatch, find_layer, unpack_bundle
 
 __all__ = ["DEFAULT_P_THRESHOLD", "GreedyResidualsDetector", "Identity", "LayerMatch", "find_layer", "forging_check"]
 
-#: Combined p-value below which the signature counts as found (context key ``greedy_residuals.p_threshold``).
+#: Combined p-value below which the signature counts as found (option ``p_threshold``).
 DEFAULT_P_THRESHOLD = 1e-6
+#: The detector's options (``auditor audit --option greedy-residuals.NAME=VALUE``).
+PARAMS = (
+    Param(
+        "p_threshold",
+        DEFAULT_P_THRESHOLD,
+        "Combined p-value below which the watermark counts as found.",
+        float,
+        minimum=0.0,
+        maximum=1.0,
+        open=True,
+        aliases=("--p-threshold",),
+    ),
+    Param("forging_check", False, "Also score random forged signatures against the suspect (section 5.4).", bool),
+    Param("forging_check_n", 200, "How many forged signatures the forging check tries.", int, minimum=1),
+)
 #: Layer kinds an adversary could read residuals from (M in the forging bound).
 SCORABLE_KINDS = (LayerKind.CONV1D, LayerKind.CONV2D, LayerKind.LINEAR, LayerKind.LSTM, LayerKind.GRU)
 _CONV_KINDS = (LayerKind.CONV1D, LayerKind.CONV2D)
@@ -184,17 +199,18 @@ def _summary(verdict: Verdict, scored: list[dict[str, Any]], combined: stats.Pro
     )
 
 
-def audit_bundle(suspect: LayerGraph, bundle: Any, context: Mapping[str, Any]) -> Finding:
-    """The finding for one owner bundle (see the module docstring)."""
+def audit_bundle(suspect: LayerGraph, bundle: Any, settings: Mapping[str, Any]) -> Finding:
+    """The finding for one owner bundle (see the module docstring); ``settings`` holds the detector's
+    options by name (:data:`PARAMS`; a missing one takes its default)."""
     payload, sha = unpack_bundle(bundle, "greedy-residuals")
     message = payload.get("message")
     finding = Finding(
         detector=GreedyResidualsDetector.id, scheme=SCHEME, verdict=Verdict.INCONCLUSIVE, summary="",
         subject=f"{sha[:12]} {_excerpt(message)}".strip(),
     )  # fmt: skip
-    threshold = float(context.get("greedy_residuals.p_threshold", DEFAULT_P_THRESHOLD))
+    threshold = float(settings.get("p_threshold", DEFAULT_P_THRESHOLD))
     if not 0.0 < threshold < 1.0:
-        raise ValueError(f"greedy_residuals.p_threshold must be between 0 and 1, not {threshold}")
+        raise ValueError(f"p_threshold must be between 0 and 1, not {threshold}")
     params = GRParams.from_dict(payload.get("params", {}))
     pem = payload.get("public_key")
     identity = verify_identity(payload)
@@ -224,8 +240,8 @@ def audit_bundle(suspect: LayerGraph, bundle: Any, context: Mapping[str, Any]) -
     finding.details["notes"] = [f"{r['name']}: {r['note']}" for r in rows if r["note"]]
     scored = [r for r in rows if r["found_by"] != MISSING]
     finding.metrics.update(layers_tried=len(scored), layers_missing=len(rows) - len(scored), suspect_layers_m=m)
-    if context.get("greedy_residuals.forging_check"):
-        rates = forging_check(suspect, bundle, n=int(context.get("greedy_residuals.forging_check_n", 200)))
+    if settings.get("forging_check"):
+        rates = forging_check(suspect, bundle, n=int(settings.get("forging_check_n", 200)))
         finding.details["forging_check"] = {
             "signatures": len(rates), "mean_rate": float(np.mean(rates)) if rates else None,
             "min_rate": min(rates, default=None), "max_rate": max(rates, default=None),
@@ -258,12 +274,31 @@ class GreedyResidualsDetector(Detector):
     id = "greedy-residuals"
     scheme = SCHEME
     description = "Greedy Residuals (ICML 2021): owner's signature bits in the signs of weight residuals."
+    title = "Greedy Residuals"
+    explanation = report.EXPLANATION
+    metric_labels = report.METRIC_LABELS
+    public_details = report.PUBLIC_DETAILS
+    columns = report.COLUMNS
+    params = PARAMS
 
     def detect(self, suspect: LayerGraph, *, bundle: Any | None, context: Mapping[str, Any]) -> list[Finding]:
         """One finding for ``bundle`` (see :func:`audit_bundle`)."""
         if bundle is None:
             raise ValueError("the greedy-residuals detector needs an owner bundle")
-        return [audit_bundle(suspect, bundle, context)]
+        return [audit_bundle(suspect, bundle, self.settings(context))]
+
+    def public(self, details: Mapping[str, Any]) -> dict[str, Any]:
+        """The public details: the identity block cut to the statement, algorithm and verification."""
+        return report.public(details)
+
+    def figure(self, entry: Mapping[str, Any]) -> tuple[str, Any] | None:
+        """The bit-agreement chart."""
+        return report.figure(entry)
+
+    def bundle_summary(self, bundle: Any) -> dict[str, Any]:
+        """The statement, signature algorithm, key fingerprint and watermarked layers of the bundle."""
+        payload = getattr(bundle, "payload", bundle)
+        return report.bundle_summary(payload if isinstance(payload, Mapping) else {})
 
 
 @hookimpl

@@ -111,7 +111,7 @@ def embed_greedy_residuals(
     rates = watermark.rates(model)
 
     paths = training.save_model(model, out_dir, MODEL_STEM, overwrite=overwrite)
-    training = {
+    recipe = {
         "dataset": dataset.describe(),
         "test_accuracy": accuracy,
         "epochs": epochs,
@@ -122,7 +122,7 @@ def embed_greedy_residuals(
     }
     bundle_path = out_dir / BUNDLE_FILE
     bundle_sha = watermark.save_bundle(
-        bundle_path, model, model_file=paths["safetensors"], architecture=architecture, training=training
+        bundle_path, model, model_file=paths["safetensors"], architecture=architecture, training=recipe
     )
     return {
         "files": {
@@ -166,7 +166,9 @@ def register_embedders(register: Callable[[Embedder], None]) -> None:
 @hookimpl
 def register_commands(app: typer.Typer) -> None:
     """Add ``auditor embed greedy-residuals``."""
-    from auditor.cli.root import _emit_json, embed_app, out, shown
+    from auditor.cli.console import emit_json, out, shown, subcommands
+
+    embed_app = subcommands(app, "embed", "Train an owner's model with a watermark.")
 
     if any(c.name == "greedy-residuals" for c in embed_app.registered_commands):
         return  # already added (the CLI was started twice in one process)
@@ -214,7 +216,7 @@ def register_commands(app: typer.Typer) -> None:
             overwrite=overwrite,
         )
         if as_json:
-            _emit_json(summary)
+            emit_json(summary)
             return
         for f in summary["files"].values():
             out.print(f"wrote {shown(f['path'])}  sha256 {f['sha256']}")

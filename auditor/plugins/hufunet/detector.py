@@ -18,14 +18,15 @@ from typing import Any
 import torch
 
 from auditor import hookimpl
-from auditor.bases import Detector
+from auditor.bases import Detector, Param
 from auditor.errors import AuditorError
 from auditor.findings import Finding, Verdict
 from auditor.graph import LayerGraph
+from auditor.plugins.hufunet import report
 from auditor.plugins.hufunet.generate import hmac_key, hufunet_from_payload
 from auditor.plugins.hufunet.network import accuracy, assemble, sph_of
-from auditor.plugins.hufunet.owner import SCHEME
 from auditor.plugins.hufunet.placement import HostView, eph_kernels, place, retrieve
+from auditor.plugins.hufunet.scheme import SCHEME, DataUnavailable, public_dataset
 from auditor.toolkit.matching import MISSING, find_layer, unpack_bundle
 
 __all__ = ["DEFAULT_P_THRESHOLD", "TAU_ACC", "DataUnavailable", "HufuNetDetector", "audit_bundle", "public_dataset"]
@@ -34,37 +35,34 @@ __all__ = ["DEFAULT_P_THRESHOLD", "TAU_ACC", "DataUnavailable", "HufuNetDetector
 TAU_ACC = 0.15
 #: Acc_combined must also be this improbable under chance guessing (a guard for tiny test sets).
 DEFAULT_P_THRESHOLD = 1e-6
-
-
-class DataUnavailable(AuditorError):
-    """The public test split the owner used cannot be rebuilt here."""
-
-
-def public_dataset(desc: Mapping[str, Any], context: Mapping[str, Any]) -> Any:
-    """The public data set a HufuNet bundle names, rebuilt and checked against its test-set SHA-256.
-
-    Digits ship with scikit-learn; Fashion-MNIST is read from the folder in
-    ``context["hufunet.fashion_mnist"]``. Raises :class:`DataUnavailable`.
-    """
-    from auditor.plugins.hufunet import idx
-    from auditor.toolkit import data as datasets
-
-    name = desc.get("name")
-    if name == "digits":
-        seed = desc.get("split_seed")
-        data = datasets.digits(split_seed=int(seed) if isinstance(seed, int) else 0)
-    elif name == "fashion-mnist":
-        folder = context.get("hufunet.fashion_mnist")
-        if not folder:
-            raise DataUnavailable("the HufuNet was trained on Fashion-MNIST: name the folder of its IDX files")
-        data = idx.fashion_mnist(Path(str(folder)))
-    else:
-        raise DataUnavailable(f"the bundle names an unknown public data set {name!r}")
-    if data.test_sha256 != desc.get("test_sha256"):
-        raise DataUnavailable(
-            f"the {name} test split here (SHA-256 {data.test_sha256[:16]}...) is not the one the owner measured on"
-        )
-    return data
+#: The detector's options (``auditor audit --option hufunet.NAME=VALUE``).
+PARAMS = (
+    Param(
+        "tau_acc",
+        TAU_ACC,
+        "DiffAcc below which the rebuilt HufuNet counts as the owner's (the paper's tau_acc).",
+        float,
+        minimum=0.0,
+        maximum=1.0,
+        open=True,
+    ),
+    Param(
+        "p_threshold",
+        DEFAULT_P_THRESHOLD,
+        "Binomial p-value against guessing below which the result is conclusive.",
+        float,
+        minimum=0.0,
+        maximum=1.0,
+        open=True,
+    ),
+    Param(
+        "public_data",
+        None,
+        "The folder of the Fashion-MNIST IDX files, if the owner's HufuNet used them.",
+        Path,
+        aliases=("--public-data",),
+    ),
+)
 
 
 def _binomial_tail(correct: int, n: int, classes: int) -> tuple[float, float]:
@@ -105,8 +103,9 @@ def _inconclusive(finding: Finding, summary: str) -> Finding:
     return finding
 
 
-def audit_bundle(suspect: LayerGraph, bundle: Any, context: Mapping[str, Any]) -> Finding:
-    """The finding for one owner bundle (see the module docstring)."""
+def audit_bundle(suspect: LayerGraph, bundle: Any, settings: Mapping[str, Any]) -> Finding:
+    """The finding for one owner bundle (see the module docstring); ``settings`` holds the detector's
+    options by name (:data:`PARAMS`; a missing one takes its default)."""
     payload, sha = unpack_bundle(bundle, SCHEME)
     raw_host = payload.get("host")
     host: Mapping[str, Any] = raw_host if isinstance(raw_host, Mapping) else {}
@@ -114,10 +113,10 @@ def audit_bundle(suspect: LayerGraph, bundle: Any, context: Mapping[str, Any]) -
         detector=HufuNetDetector.id, scheme=SCHEME, verdict=Verdict.INCONCLUSIVE, summary="",
         subject=f"{sha[:12]} {host.get('architecture', '')}".strip(),
     )  # fmt: skip
-    tau = float(context.get("hufunet.tau_acc", TAU_ACC))
-    threshold = float(context.get("hufunet.p_threshold", DEFAULT_P_THRESHOLD))
+    tau = float(settings.get("tau_acc", TAU_ACC))
+    threshold = float(settings.get("p_threshold", DEFAULT_P_THRESHOLD))
     if not 0.0 < tau < 1.0 or not 0.0 < threshold < 1.0:
-        raise ValueError("hufunet.tau_acc and hufunet.p_threshold must be between 0 and 1")
+        raise ValueError("tau_acc and p_threshold must be between 0 and 1")
     section = payload.get("hufunet")
     if not isinstance(section, dict):
         raise ValueError("the hufunet bundle holds no HufuNet section")
@@ -168,7 +167,7 @@ def audit_bundle(suspect: LayerGraph, bundle: Any, context: Mapping[str, Any]) -
         non_finite_weights=int((~finite).sum()),
     )  # fmt: skip
     try:
-        data = public_dataset(section["dataset"], context)
+        data = public_dataset(section["dataset"], settings.get("public_data"))
     except (DataUnavailable, AuditorError) as exc:
         return _inconclusive(finding, f"The HufuNet's public test split is not available, so it was not tested: {exc}.")
     acc_original = float(section["acc_original"])
@@ -229,12 +228,28 @@ class HufuNetDetector(Detector):
     id = "hufunet"
     scheme = SCHEME
     description = "HufuNet (Lv et al., 2023): the owner's secret network rebuilt from keyed kernel positions."
+    title = "HufuNet"
+    explanation = report.EXPLANATION
+    metric_labels = report.METRIC_LABELS
+    percent_metrics = report.PERCENT
+    public_details = report.PUBLIC_DETAILS
+    columns = report.COLUMNS
+    params = PARAMS
 
     def detect(self, suspect: LayerGraph, *, bundle: Any | None, context: Mapping[str, Any]) -> list[Finding]:
         """One finding for ``bundle`` (see :func:`audit_bundle`)."""
         if bundle is None:
             raise ValueError("the hufunet detector needs an owner bundle")
-        return [audit_bundle(suspect, bundle, context)]
+        return [audit_bundle(suspect, bundle, self.settings(context))]
+
+    def figure(self, entry: Mapping[str, Any]) -> tuple[str, Any] | None:
+        """The accuracy chart."""
+        return report.figure(entry)
+
+    def bundle_summary(self, bundle: Any) -> dict[str, Any]:
+        """The host architecture the bundle names."""
+        payload = getattr(bundle, "payload", bundle)
+        return report.bundle_summary(payload if isinstance(payload, Mapping) else {})
 
 
 @hookimpl

@@ -94,14 +94,14 @@ def embed_hufunet(
         raise RuntimeError("EPH did not come out of training bit-identical")
     test_accuracy = training.evaluate(model, dataset.test, "cpu")
     paths = training.save_model(model, out_dir, MODEL_STEM, overwrite=overwrite)
-    training = {
+    recipe = {
         "dataset": dataset.describe(), "test_accuracy": test_accuracy, "epochs": epochs, "batch_size": batch_size,
         "lr": lr, "optimizer": optimizer, "seed": seed,
     }  # fmt: skip
     bundle_path = out_dir / BUNDLE_FILE
     bundle_sha, payload = write_bundle(
         bundle_path, model, embedded, net, secret, files=paths, architecture=architecture,
-        width=None if model_factory else width, training=training,
+        width=None if model_factory else width, training=recipe,
     )  # fmt: skip
     model_sha = payload["model"]["sha256"]
     acc_combined = payload["release"]["acc_combined"]
@@ -148,7 +148,9 @@ def register_embedders(register: Callable[[Embedder], None]) -> None:
 @hookimpl
 def register_commands(app: typer.Typer) -> None:
     """Add ``auditor embed hufunet``."""
-    from auditor.cli.root import _emit_json, embed_app, out, shown
+    from auditor.cli.console import emit_json, out, shown, subcommands
+
+    embed_app = subcommands(app, "embed", "Train an owner's model with a watermark.")
 
     if any(c.name == "hufunet" for c in embed_app.registered_commands):
         return  # already added (the CLI was started twice in one process)
@@ -195,7 +197,7 @@ def register_commands(app: typer.Typer) -> None:
             overwrite=overwrite,
         )
         if as_json:
-            _emit_json(summary)
+            emit_json(summary)
             return
         for f in summary["files"].values():
             out.print(f"wrote {shown(f['path'])}  sha256 {f['sha256']}")
