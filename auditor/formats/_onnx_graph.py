@@ -9,7 +9,7 @@ hostile input:
   transform reaches the canonical layout (and whose quantization follows it);
 * data flow (:func:`trace_edges`): which layer's output reaches which layer's
   input. The restore stage carries a channel permutation from a layer to
-  every layer that consumes its output (shared/specs/restore.md), through
+  every layer that consumes its output (docs/design/restore.md), through
   activations, pooling, residual adds, concatenations and flattens. A hostile
   file may chain 100,000 nodes, so nothing recurses; nodes are put in
   topological order here, and a cycle or a value nothing defines becomes a

@@ -174,7 +174,7 @@ def test_folded_onnx_equals_scaled_conv_weights(net: Net, files: dict[str, Path]
 
 
 def test_dynamo_keeps_the_conv_name_on_folded_values(files: dict[str, Path]) -> None:
-    """A name match proves nothing about the values (shared/specs/restore.md)."""
+    """A name match proves nothing about the values (docs/design/restore.md)."""
     dynamo = [layer.name for layer in weighted(load_model(files["onnx_dynamo_folded"]))]
     legacy = [layer.params["weight"].name for layer in weighted(load_model(files["onnx_legacy_folded"]))[:2]]
     assert dynamo[:2] == ["conv1", "conv2"]

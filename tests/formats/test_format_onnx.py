@@ -188,7 +188,7 @@ def test_cnn_without_folding_keeps_batch_norm(export, cnn) -> None:  # type: ign
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """What batch-norm folding does to a conv: out channel o scaled by gamma_o / sqrt(var_o + eps), bias shifted.
 
-    This is the transformation a later restore stage has to undo (shared/specs/restore.md).
+    This is the transformation a later restore stage has to undo (docs/design/restore.md).
     """
     factor = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
     weight = conv.weight.detach() * factor.reshape(-1, 1, 1, 1)

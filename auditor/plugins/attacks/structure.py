@@ -106,7 +106,7 @@ class SignFlip(_ChannelAttack):
 
 
 class ChannelExpansion(_ChannelAttack):
-    """Extra output channels for one layer whose readers' weights are zero (paper 002, Appendix B)."""
+    """Extra output channels for one layer whose readers' weights are zero (the HufuNet paper, Appendix B)."""
 
     id = "expand"
     function_preserving = True

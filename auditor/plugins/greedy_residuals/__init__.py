@@ -1,5 +1,5 @@
 """Greedy Residuals (ICML 2021): a signature carried by the signs of averaged top-|w| residuals.
 
-Specification: shared/specs/greedy_residuals.md. :mod:`.scheme` holds the
+Design notes: docs/design/greedy_residuals.md. :mod:`.scheme` holds the
 math shared by the owner side and the detector.
 """

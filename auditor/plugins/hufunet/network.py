@@ -1,6 +1,6 @@
 """The HufuNet network: five 3x3 convolutions (the EPH) and one fully connected layer (the SPH).
 
-The authors' network (shared/specs/hufunet.md) has widths 32, 64, 128, 128, 64;
+The authors' network (docs/design/hufunet.md) has widths 32, 64, 128, 128, 64;
 here the widths and input channels are arguments. Max-pooling follows conv2 and
 conv3 and a global average pool follows conv5, so both the bundled 8x8 digits
 (8 -> 4 -> 2) and 28x28 Fashion-MNIST (28 -> 14 -> 7) fit. The convolutions

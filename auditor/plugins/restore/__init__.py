@@ -1,4 +1,4 @@
 """Restore: undo function-preserving edits of a suspect against the owner's reference model.
 
-Specification: shared/specs/restore.md; user guide: docs/restore.md.
+Design notes: docs/design/restore.md; user guide: docs/restore.md.
 """
