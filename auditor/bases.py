@@ -138,7 +138,7 @@ def parse_options(owner: str, params: tuple[Param, ...], options: Mapping[str, A
 class PluginComponent(abc.ABC):
     """What every registered component has: an id, a one-line description and its options."""
 
-    #: Unique id within its kind, lower-case with dashes (``greedy-residuals``).
+    #: Unique id within its kind, lower-case with dashes (``my-scheme``).
     id: ClassVar[str] = ""
     #: One line shown by ``auditor plugins``.
     description: ClassVar[str] = ""
@@ -158,7 +158,7 @@ class Presentable(PluginComponent):
     detail (checked by the secret guard) and a generic explanation.
     """
 
-    #: The name a reader sees (``Greedy Residuals``); the id where empty.
+    #: The name a reader sees (``My Scheme``); the id where empty.
     title: ClassVar[str] = ""
     #: What the numbers mean and what they do not prove, in plain words (one paragraph).
     explanation: ClassVar[str] = ""
@@ -221,7 +221,7 @@ class Format(PluginComponent):
 class Detector(Presentable):
     """Looks for one watermark scheme in a suspect.
 
-    ``scheme`` names the owner-bundle scheme it reads (``greedy-residuals``), or
+    ``scheme`` names the owner-bundle scheme it reads (``my-scheme``), or
     is empty for a detector that needs no bundle and runs on every audit.
     """
 

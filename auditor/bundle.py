@@ -1,7 +1,7 @@
 """The owner bundle: the one versioned file an owner hands to the analyst.
 
 This module is the envelope only; each watermarking scheme puts its own fields
-in ``payload`` and documents them (Greedy Residuals: docs/greedy_residuals.md).
+in ``payload`` and documents them (each scheme's page under docs/).
 The envelope records the SHA-256 of the canonical JSON of the payload, which
 catches accidental damage and naive edits. It proves no identity: anyone can
 recompute it. Identity comes from the scheme's signature, which the detector
@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from auditor.errors import InputError, UsageError
-from auditor.smallfiles import read_small_file
-from auditor.strictjson import DuplicateKeyError, unique_keys
+from auditor.jsondata import DuplicateKeyError, unique_keys
+from auditor.safeio import read_small_file, write_atomically
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -113,25 +111,11 @@ def save_bundle(path: Path, *, scheme: str, payload: dict[str, Any], secret: boo
 
 
 def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    # The temporary file is created with its final mode (a secret never sits in a
-    # world-readable file) in the target's folder, so os.replace is one rename.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    # Created with its final mode: a secret never sits in a world-readable file.
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+        write_atomically(path, data, mode=mode)
     except OSError as exc:
         raise UsageError(f"{path}: cannot write the bundle: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UsageError(f"{path}: cannot write the bundle: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _refuse_constant(name: str) -> Any:

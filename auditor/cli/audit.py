@@ -120,8 +120,10 @@ def _run_single(
     if as_json:
         typer.echo(json.dumps(sealed, indent=2, ensure_ascii=False))
     else:
+        from auditor.report.view import view_of
+
         for f in sealed["findings"]:
-            console.print(shown(f"{f['detector']}: {f['verdict']}: {f['summary']}"))
+            console.print(shown(f"{f['detector']}: {f['verdict']}: {view_of('detectors', f['detector']).headline(f)}"))
         console.print(f"verdict: {sealed['verdict']}")
         for what, path in (("report", html_path), ("json", json_path)):
             if path is not None:

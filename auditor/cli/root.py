@@ -55,7 +55,7 @@ def hash_files(paths: list[Path]) -> list[dict[str, Any]]:
     """Path, size and SHA-256 of each file, with a progress bar on a terminal for large ones."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from auditor.hashing import sha256_file
+    from auditor.safeio import sha256_file
 
     sizes = [p.stat().st_size for p in paths]
     show = err.is_terminal and sum(sizes) > 256 << 20
@@ -126,14 +126,27 @@ def list_plugins() -> list[dict[str, Any]]:
 
     pm = get_plugin_manager()
     supplied: dict[str, dict[str, list[str]]] = {}
+    options: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for kind in KINDS:
         for cid, reg in registered(kind).items():
             supplied.setdefault(reg.plugin, {}).setdefault(kind, []).append(cid)
+            if reg.component.params:
+                options.setdefault(reg.plugin, {})[f"{kind}/{cid}"] = [_param_row(p) for p in reg.component.params]
     rows = []
     for name, plugin in sorted(pm.list_name_plugin(), key=lambda np: np[0]):
         hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
-        rows.append({"name": name, "origin": plugin_origin(name), "hooks": hooks, "registers": supplied.get(name, {})})
+        rows.append(
+            {"name": name, "origin": plugin_origin(name), "hooks": hooks, "registers": supplied.get(name, {}),
+             "options": options.get(name, {})}
+        )  # fmt: skip
     return rows
+
+
+def _param_row(p: Any) -> dict[str, Any]:
+    from auditor.jsondata import jsonable
+
+    return {"name": p.name, "default": jsonable(p.default), "expects": p.expected(), "help": p.help,
+            "aliases": list(p.aliases)}  # fmt: skip
 
 
 @app.command()
@@ -150,6 +163,11 @@ def plugins(
         out.print(f"  hooks: {', '.join(row['hooks']) or '-'}")
         for kind, ids in row["registers"].items():
             out.print(shown(f"  {kind}: {', '.join(ids)}"))
+        for component, params in row["options"].items():
+            if component.startswith("detectors/"):  # audit options; the rest: --json, or the command's --help
+                for p in params:
+                    name = f"{component.split('/', 1)[1]}.{p['name']}"
+                    out.print(shown(f"  option {name} = {p['default']!r}: {p['help']} ({p['expects']})"))
 
 
 def audit_model(

@@ -10,6 +10,7 @@ SVG with no script, no event handler and no external reference.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -84,6 +85,13 @@ class ComponentView:
         """The columns of a details table ``key`` (the component's order first) and whether some were cut."""
         order = self.component.columns.get(key, ()) if self.component is not None else ()
         return text.columns(order, rows, limit)
+
+    def headline(self, entry: Mapping[str, Any]) -> str:
+        """The component's one line for ``entry`` (its summary sentence when it declares none or fails)."""
+        if self.component is not None:
+            with contextlib.suppress(Exception):  # a broken headline must not lose the line
+                return str(self.component.headline(entry))
+        return str(entry.get("summary", ""))
 
     def figure(self, entry: Mapping[str, Any]) -> tuple[str, Markup] | None:
         """The component's picture of ``entry`` (caption, SVG), or ``None``; a failing or unsafe one is dropped."""

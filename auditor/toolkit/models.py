@@ -48,7 +48,7 @@ class SmallCNN(nn.Module):
     linear head on the flattened 64x2x2 features.
 
     Weights per layer: conv1 144, conv2 4,608, conv3 18,432, head 2,560.
-    ``width`` multiplies every channel count (a host with room for HufuNet's EPH).
+    ``width`` multiplies every channel count (a wider host, with room for a watermark hidden in its kernels).
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 1) -> None:

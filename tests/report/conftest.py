@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from auditor import LayerGraph, Restorer
+from auditor.errors import EXIT_INCONCLUSIVE, EXIT_NOT_FOUND, EXIT_OK
 from auditor.toolkit import figures
 
 
@@ -34,3 +38,16 @@ def aligner() -> Restorer:
     """A restorer that changes nothing but logs two layers' channel matching (one moved, one padded and
     cut), so that the report draws its restore table and pictures."""
     return Aligner()
+
+
+@pytest.fixture
+def audit(run_cli: Callable[..., Any]) -> Callable[..., tuple[int, dict[str, Any], str]]:
+    """``audit(*args, folder)``: run ``auditor audit ... --out folder/report.html``; exit code, JSON twin, HTML."""
+
+    def run(*args: str | Path) -> tuple[int, dict[str, Any], str]:
+        out = Path(str(args[-1]))
+        code, _, stderr = run_cli("audit", *args[:-1], "--out", out / "report.html")
+        assert code in (EXIT_OK, EXIT_NOT_FOUND, EXIT_INCONCLUSIVE), stderr
+        return code, json.loads((out / "report.json").read_text()), (out / "report.html").read_text()
+
+    return run

@@ -22,19 +22,6 @@ CASE_ID = "CASE-2025-0417"
 ANALYST = "Dana Analyst"
 
 
-@pytest.fixture
-def audit(run_cli: Callable[..., Any]) -> Callable[..., tuple[int, dict[str, Any], str]]:
-    """``audit(*args, folder)``: run ``auditor audit ... --out folder/report.html``; exit code, JSON twin, HTML."""
-
-    def run(*args: str | Path) -> tuple[int, dict[str, Any], str]:
-        out = Path(str(args[-1]))
-        code, _, stderr = run_cli("audit", *args[:-1], "--out", out / "report.html")
-        assert code in (EXIT_OK, EXIT_NOT_FOUND, EXIT_INCONCLUSIVE), stderr
-        return code, json.loads((out / "report.json").read_text()), (out / "report.html").read_text()
-
-    return run
-
-
 def test_same_audit_twice_differs_only_in_the_run_block(
     gr_owner: SimpleNamespace, tmp_path: Path, audit: Callable[..., Any]
 ) -> None:
