@@ -161,3 +161,9 @@ def test_the_example_detector_in_plugin_hooks_runs_as_documented() -> None:
         with pytest.raises(UsageError) as error:
             detector.options(bad)
         assert f"`{error.value}`" in prose  # the messages the docs quote are the real ones
+
+
+def test_the_architecture_layout_names_modules_that_exist() -> None:
+    modules = {p.name for p in (ROOT / "auditor").rglob("*.py")}
+    named = set(re.findall(r"(?<![\w/.-])(\w+\.py)\b", (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")))
+    assert named - modules == set(), "docs/architecture.md names modules auditor/ does not have"
