@@ -34,8 +34,8 @@ def owner(gr_owner: SimpleNamespace) -> SimpleNamespace:
     return gr_owner
 
 
-def detect(graph: LayerGraph, owner: SimpleNamespace, **context: object) -> Finding:
-    (finding,) = GreedyResidualsDetector().detect(graph, bundle=owner.bundle, context=context)
+def detect(graph: LayerGraph, owner: SimpleNamespace, **options: object) -> Finding:
+    (finding,) = GreedyResidualsDetector().detect(graph, bundle=owner.bundle, context={"options": options})
     return finding
 
 
@@ -84,7 +84,7 @@ def test_random_signatures_score_about_half(owner: SimpleNamespace) -> None:
     )
     assert len(rates) == 200
     assert 0.45 <= mean <= 0.55
-    finding = detect(suspect, owner, **{"greedy_residuals.forging_check": True})
+    finding = detect(suspect, owner, forging_check=True)
     assert finding.details["forging_check"]["mean_rate"] == pytest.approx(mean)
     assert finding.verdict is Verdict.DETECTED
 

@@ -175,8 +175,8 @@ def _bundle(payload: dict[str, Any]) -> dict[str, Any]:
     return {"scheme": "greedy-residuals", "payload": payload, "sha256": "ab" * 32}
 
 
-def _detect(suspect: LayerGraph, payload: dict[str, Any], **context: Any) -> Finding:
-    (finding,) = GreedyResidualsDetector().detect(suspect, bundle=_bundle(payload), context=context)
+def _detect(suspect: LayerGraph, payload: dict[str, Any], **options: Any) -> Finding:
+    (finding,) = GreedyResidualsDetector().detect(suspect, bundle=_bundle(payload), context={"options": options})
     json.dumps(finding.to_dict(), allow_nan=False)  # JSON-ready, always
     return finding
 
@@ -224,7 +224,7 @@ def test_innocent_layer_is_not_detected(owner: dict[str, Any]) -> None:
 
 
 def test_threshold_comes_from_context(owner: dict[str, Any]) -> None:
-    finding = _detect(_cnn(owner["marked"]), owner["payload"], **{"greedy_residuals.p_threshold": 1e-80})
+    finding = _detect(_cnn(owner["marked"]), owner["payload"], p_threshold=1e-80)
     assert finding.verdict is Verdict.NOT_DETECTED
     assert finding.metrics["p_threshold"] == 1e-80
 
@@ -359,19 +359,19 @@ def test_random_signatures_score_about_half(owner: dict[str, Any]) -> None:
     mean = sum(rates) / len(rates)
     assert 0.45 <= mean <= 0.55
     assert max(rates) < 0.66  # none comes near the threshold (168 / 256)
-    finding = _detect(_cnn(owner["marked"]), owner["payload"], **{"greedy_residuals.forging_check": True})
+    finding = _detect(_cnn(owner["marked"]), owner["payload"], forging_check=True)
     assert finding.details["forging_check"]["signatures"] == 200
     assert finding.details["forging_check"]["mean_rate"] == pytest.approx(mean)
 
 
-def test_registered_and_run_through_the_core(owner: dict[str, Any], fresh_plugins: None) -> None:
+def test_registered_and_run_through_the_core(owner: dict[str, Any]) -> None:
     findings = run_detectors(_cnn(owner["marked"]), bundles=[_bundle(owner["payload"])])
     (finding,) = [f for f in findings if f.detector == "greedy-residuals"]
     assert finding.verdict is Verdict.DETECTED and finding.scheme == "greedy-residuals"
     bad = run_detectors(
         _cnn(owner["marked"]),
         bundles=[_bundle(owner["payload"])],
-        context={"greedy_residuals.p_threshold": 2.0},
+        options={"greedy-residuals": {"p_threshold": 2.0}},
     )
     assert [f.verdict for f in bad if f.detector == "greedy-residuals"] == [Verdict.ERROR]
 

@@ -165,9 +165,16 @@ def test_host_layers_read_in_the_bundles_order_whatever_the_file_order(
 
 
 def test_public_data_option_reaches_the_detector_and_the_reproduce_command(tmp_path: Path) -> None:
-    from auditor.audit.pipeline import AuditInputs
+    from auditor.audit.pipeline import AuditInputs, parse_detector_options
+    from auditor.plugins.hufunet.detector import HufuNetDetector
 
-    inputs = AuditInputs(bundles=[], public_data=tmp_path / "fmnist")
-    assert inputs.context["hufunet.fashion_mnist"] == str(tmp_path / "fmnist")
-    assert f"--public-data {tmp_path / 'fmnist'}" in inputs.command(Path("suspect.onnx"))
-    assert "hufunet.fashion_mnist" not in AuditInputs(bundles=[]).context
+    options = parse_detector_options([f"hufunet.public_data={tmp_path / 'fmnist'}"])
+    assert options == {"hufunet": {"public_data": tmp_path / "fmnist"}}
+    inputs = AuditInputs(bundles=[], options=options)
+    assert f"--option 'hufunet.public_data={tmp_path / 'fmnist'}'" in inputs.command(Path("suspect.onnx")) or (
+        f"--option hufunet.public_data={tmp_path / 'fmnist'}" in inputs.command(Path("suspect.onnx"))
+    )
+    detector = HufuNetDetector()
+    assert detector.settings({"options": options["hufunet"]})["public_data"] == tmp_path / "fmnist"
+    assert detector.settings({})["public_data"] is None
+    assert "--option" not in AuditInputs(bundles=[]).command(Path("suspect.onnx"))
