@@ -32,7 +32,7 @@ def _report() -> None:
 
 def _outputs(suspect: Path, out: Path | None, json_out: Path | None) -> tuple[Path | None, Path | None]:
     if out is not None and out.is_dir():
-        from auditor.audit.pipeline import report_names
+        from auditor.report.batch import report_names
 
         name = report_names([suspect])[0]
         return out / f"{name}.html", json_out or out / f"{name}.json"
@@ -137,8 +137,7 @@ def _run_batch(
 ) -> int:  # fmt: skip
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from auditor.audit.pipeline import report_names
-    from auditor.report.batch import audit_batch
+    from auditor.report.batch import audit_batch, report_names
 
     names = report_names(paths)
     if out is not None:

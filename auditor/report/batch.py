@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from auditor.audit.pipeline import AuditInputs
     from auditor.keys import PrivateKey
 
-__all__ = ["SUMMARY_FORMAT", "audit_batch", "audit_one_row"]
+__all__ = ["SUMMARY_FORMAT", "audit_batch", "audit_one_row", "report_names", "verdict_of"]
 
 SUMMARY_FORMAT = "auditor-audit-summary"
 EXIT_RULE = (
@@ -39,7 +39,7 @@ def audit_one_row(
     key: PrivateKey | None,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Audit one suspect of a batch: its summary row and its sealed report (``None`` when it failed)."""
-    from auditor.audit.pipeline import audit_suspect, verdict_of
+    from auditor.audit.pipeline import audit_suspect
     from auditor.report.document import build_report, write_report
 
     row: dict[str, Any] = {"name": path.name, "path": str(path), "report": None, "error": None}
@@ -98,3 +98,23 @@ def audit_batch(
     }  # fmt: skip
     html, js = (out_dir / "summary.html", out_dir / "summary.json") if out_dir is not None else (None, None)
     return write_report(summary, html_path=html, json_path=js, key=key, template="summary.html.j2")
+
+
+def report_names(paths: Sequence[Path]) -> list[str]:
+    """A distinct, file-system-safe report stem per suspect (``name``, ``name-2``... in order)."""
+    used: set[str] = {"summary"}
+    names = []
+    for p in paths:
+        stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in p.name).strip(".") or "suspect"
+        name, n = stem, 1
+        while name in used:
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def verdict_of(findings: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Scheme, detector and verdict of each finding (the summary's columns)."""
+    return [{"scheme": f["scheme"], "detector": f["detector"], "verdict": f["verdict"]} for f in findings]

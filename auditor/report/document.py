@@ -18,9 +18,7 @@ same bytes apart from the run and integrity blocks.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import platform
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +28,7 @@ from auditor.errors import UsageError
 from auditor.findings import Finding
 from auditor.jsondata import dump_json, jsonable
 from auditor.report.guard import SecretGuard
+from auditor.safeio import write_atomically
 
 if TYPE_CHECKING:
     from auditor.audit.pipeline import AuditInputs, AuditRecord
@@ -43,7 +42,6 @@ __all__ = [
     "bundle_entry",
     "run_block",
     "tool_info",
-    "write_atomically",
     "write_report",
 ]
 
@@ -138,11 +136,10 @@ def finding_entry(finding: Finding, guard: SecretGuard) -> dict[str, Any]:
 
 def build_report(record: AuditRecord, *, inputs: AuditInputs, run: Mapping[str, str], command: str) -> dict[str, Any]:
     """The report data of one audited suspect (unsealed: :func:`write_report` adds the integrity block)."""
-    from auditor.audit.pipeline import EXIT_FOR_VERDICT, LoadedModel
 
     guard = SecretGuard(inputs.bundles)
     bundles = [bundle_entry(b) for b in inputs.bundles]
-    suspect = LoadedModel(record.path, record.graph, record.files).entry()
+    suspect = record.model.entry()
     hashes = {f["sha256"] for f in record.files}
     suspect.update(
         edge_source=record.graph.edge_source.value, loader_notes=list(record.graph.notes),
@@ -155,22 +152,19 @@ def build_report(record: AuditRecord, *, inputs: AuditInputs, run: Mapping[str, 
         "report_format": REPORT_FORMAT, "report_version": REPORT_VERSION, "run": dict(run), "tool": tool_info(),
         "command": command, "suspect": jsonable(suspect), "reference": inputs.reference_entry(), "bundles": bundles,
         "restore": restore, "findings": [finding_entry(f, guard) for f in record.findings],
-        "verdict": record.verdict.value, "exit_code": EXIT_FOR_VERDICT[record.verdict.value],
+        "verdict": record.verdict.value, "exit_code": record.exit_code,
     }  # fmt: skip
     if guard.leaks(report):  # every part was whitelisted or checked: reaching this is a bug, never a leak
         raise RuntimeError("the report would contain material from a secret owner bundle; nothing was written")
     return report
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and one rename."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+def _write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all, its folder created if need be."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomically(path, data)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"{path}: cannot write the report: {exc.strerror or exc}") from None
 
 
@@ -197,7 +191,7 @@ def write_report(
         html = render_html(document, template=template, seal=preview).encode("utf-8")
     sealed = {**document, report_sign.INTEGRITY: report_sign.seal(document, html=html, key=key)}
     if html_path is not None and html is not None:
-        write_atomically(html_path, html)
+        _write(html_path, html)
     if json_path is not None:
-        write_atomically(json_path, dump_json(sealed))
+        _write(json_path, dump_json(sealed))
     return sealed

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 
 from auditor import Detector, Finding, LayerGraph, Restorer, Verdict, hookimpl
-from auditor.audit.pipeline import batch_exit_code, report_names
+from auditor.audit.pipeline import batch_exit_code
 from auditor.bundle import load_bundle
 from auditor.errors import EXIT_INCONCLUSIVE, EXIT_INPUT, EXIT_INTERNAL, EXIT_NOT_FOUND, EXIT_OK, EXIT_UNSAFE
 from auditor.jsondata import jsonable
+from auditor.report.batch import report_names
 from auditor.report.guard import SecretGuard
 
 CASE_ID = "CASE-2025-0417"
