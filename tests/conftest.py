@@ -1,18 +1,60 @@
-"""Shared fixtures: seeded randomness, a clean plugin manager, one trained Greedy Residuals owner."""
+"""Shared fixtures: the test's isolation from the user's environment, seeded randomness, the CLI run in
+this process (``run_cli``), throwaway plugins (``plugin``), and the trained owners every folder uses.
+
+Test modules never import each other or this file: what they share is a fixture here or in their
+folder's conftest.py.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
 import torch
 
-from auditor.plugin_manager import reset_plugin_manager
+from auditor.plugin_manager import get_plugin_manager, reset_plugin_manager
+
+#: What a user's shell may set that changes what auditor does; a test that needs one sets it itself.
+USER_VARIABLES = ("AUDITOR_LOAD_PLUGINS", "AUDITOR_DEBUG")
+XDG_FOLDERS = {"XDG_CONFIG_HOME": ".config", "XDG_CACHE_HOME": ".cache", "XDG_DATA_HOME": ".local/share",
+               "XDG_STATE_HOME": ".local/state"}  # fmt: skip
+
+
+def _point_home_at(mp: pytest.MonkeyPatch, home: Path) -> None:
+    for name in USER_VARIABLES:
+        mp.delenv(name, raising=False)
+    mp.setenv("HOME", str(home))
+    for name, folder in XDG_FOLDERS.items():
+        mp.setenv(name, str(home / folder))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The same isolation as :func:`_isolated` for the session fixtures, which are built before it."""
+    with pytest.MonkeyPatch.context() as mp:
+        _point_home_at(mp, tmp_path_factory.mktemp("home"))
+        reset_plugin_manager()
+        yield
+    reset_plugin_manager()
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every test runs away from the user's environment: no AUDITOR_* variables, a HOME (and XDG folders)
+    of its own, and a plugin manager built anew (a test that registers a plugin cannot leak it)."""
+    _point_home_at(monkeypatch, tmp_path_factory.mktemp("home"))
+    reset_plugin_manager()
+    yield
+    reset_plugin_manager()
 
 
 @pytest.fixture(autouse=True)
@@ -22,12 +64,73 @@ def _seeded() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def fresh_plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A plugin manager built anew for the test and forgotten after it."""
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()
+class CliResult(NamedTuple):
+    """What a run of the ``auditor`` command left: its exit code and what it printed."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+def _typers(app: Any) -> list[Any]:
+    """``app`` and every command group under it."""
+    found = [app]
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            found += _typers(group.typer_instance)
+    return found
+
+
+def _run_cli(*args: str | Path, input: str | None = None, env: Mapping[str, str | None] | None = None) -> CliResult:
+    from typer.testing import CliRunner
+
+    from auditor.cli import root
+
+    # Each run adds the plugins' commands anew, as a fresh process would, and leaves the app as it found it.
+    saved = [(t, list(t.registered_commands), list(t.registered_groups)) for t in _typers(root.app)]
+    added = root._plugins_added
+    root._plugins_added = False
+    try:
+        with CliRunner().isolation(input=input, env=env) as (stdout, stderr, _):
+            try:
+                root.main([str(a) for a in args])
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            return CliResult(code, stdout.getvalue().decode(), stderr.getvalue().decode())
+    finally:
+        for typer_app, commands, groups in saved:
+            typer_app.registered_commands[:] = commands
+            typer_app.registered_groups[:] = groups
+        root._plugins_added = added
+
+
+@pytest.fixture(scope="session")
+def run_cli() -> Callable[..., CliResult]:
+    """``run_cli(*args, input=None, env=None)``: the ``auditor`` command run in this process through
+    ``auditor.cli.main`` (so the exit codes and one-line errors are the real ones), with ``input`` on
+    stdin and ``env`` over the environment (``None`` unsets). A fresh interpreter costs seconds; tests
+    start one only where the entry point itself is under test."""
+    return _run_cli
+
+
+@contextmanager
+def _registered(obj: object, name: str = "test-plugin") -> Iterator[None]:
+    pm = get_plugin_manager()
+    pm.register(obj, name=name)
+    try:
+        yield
+    finally:
+        pm.unregister(name=name)
+
+
+@pytest.fixture(scope="session")
+def plugin() -> Callable[..., AbstractContextManager[None]]:
+    """``with plugin(obj, name="test-plugin"):`` registers a throwaway plugin and always unregisters it."""
+    return _registered
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +219,68 @@ def owner_factories(tmp_path: Path) -> dict[str, str]:
         "    return TensorDataset(x[:60], y[:60]), TensorDataset(x[60:], y[60:])\n"
     )
     return {"model_factory": f"{tmp_path / 'mine.py'}:model", "data_factory": f"{tmp_path / 'mine.py'}:data"}
+
+
+# --- audits through the CLI, shared by tests/cli/ and tests/report/ -------------------------------------
+
+CASE_ID = "CASE-2025-0417"
+ANALYST = "Dana Analyst"
+
+
+def _clean_model(path: Path, seed: int = 1) -> Path:
+    from safetensors.torch import save_file
+
+    from auditor.toolkit import models as zoo
+
+    model = zoo.build("cnn", seed=seed)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def clean_model() -> Callable[..., Path]:
+    """``clean_model(path, seed=1)``: an unwatermarked SmallCNN with the owner's architecture saved at
+    ``path`` (what an innocent suspect looks like)."""
+    return _clean_model
+
+
+@pytest.fixture(scope="session")
+def signer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A report signer's Ed25519 key pair (encrypted private key) and its passphrase file (``pass.txt``
+    beside the key folder)."""
+    from auditor import keys
+
+    folder = tmp_path_factory.mktemp("signer")
+    (folder / "pass.txt").write_text("correct horse battery staple\n")
+    return keys.generate_keypair(folder / "keys", algorithm="ed25519", passphrase=b"correct horse battery staple")
+
+
+@pytest.fixture(scope="session")
+def gr_reports(
+    gr_owner: SimpleNamespace, run_cli: Callable[..., CliResult], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """The owner's own watermarked model audited against its bundle, the report written as HTML and JSON."""
+    out = tmp_path_factory.mktemp("gr_reports")
+    suspect = shutil.copy(gr_owner.files["safetensors"], out / "suspect.safetensors")
+    html = out / "report.html"
+    args = ["audit", suspect, "--bundle", gr_owner.out / "owner_bundle.json", "--out", html]
+    code, stdout, stderr = run_cli(*args, "--case-id", CASE_ID, "--analyst", ANALYST)
+    return {
+        "code": code, "stdout": stdout, "stderr": stderr, "html": html, "json": out / "report.json",
+        "case_id": CASE_ID, "analyst": ANALYST, "args": args, "out": out,
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def batch_run(
+    gr_owner: SimpleNamespace, run_cli: Callable[..., CliResult], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """A folder of three suspects (the watermarked model, a clean one, a truncated file) audited in one go."""
+    folder = tmp_path_factory.mktemp("suspects")
+    shutil.copy(gr_owner.files["safetensors"], folder / "a_copy.safetensors")
+    broken = folder / "b_broken.safetensors"
+    broken.write_bytes(Path(gr_owner.files["safetensors"]).read_bytes()[:300])
+    _clean_model(folder / "c_clean.safetensors")
+    out = tmp_path_factory.mktemp("batch") / "reports"
+    code, stdout, stderr = run_cli("audit", folder, "--bundle", gr_owner.out / "owner_bundle.json", "--out", out)
+    return {"code": code, "stdout": stdout, "stderr": stderr, "out": out, "folder": folder, "broken": broken}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "auditor-example-detector"
 
 
@@ -40,6 +40,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_auditor(site: Path, *args: str, load: str | None = None) -> subprocess.CompletedProcess[str]:
+    # A fresh interpreter: the entry point is under test, an installed distribution's ``auditor`` entry point
+    # found at start-up on the interpreter's path, as a user's ``auditor`` would find it.
     env = {**os.environ, "PYTHONPATH": str(site)}
     env.pop("AUDITOR_LOAD_PLUGINS", None)
     if load is not None:

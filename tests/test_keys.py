@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from typer.testing import CliRunner
 
 from auditor import keys
-from auditor.cli.keys import keys_app
 from auditor.errors import EXIT_INPUT, EXIT_USAGE, InputError, UsageError
 
 MESSAGE = "© 2024 Example Owner. All rights reserved.".encode()
@@ -238,17 +236,10 @@ def test_bad_public_keys(pairs: dict[str, keys.KeyPairPaths]) -> None:
         assert "PRIVATE" not in str(exc.value)
 
 
-runner = CliRunner()
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "auditor", *args], capture_output=True, text=True)
-
-
-def test_cli_keys_new(tmp_path: Path) -> None:
+def test_cli_keys_new(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
     out = tmp_path / "owner"
     result = run_cli("keys", "new", "--out", str(out))
-    assert result.returncode == 0, result.stderr
+    assert result.code == 0, result.stderr
     fingerprint = der_fingerprint((out / "owner_public.pem").read_bytes())
     assert f"fingerprint: SHA256:{fingerprint}\n" in result.stdout
     assert str(out / "owner_private.pem") in result.stdout
@@ -257,75 +248,73 @@ def test_cli_keys_new(tmp_path: Path) -> None:
     assert "PRIVATE KEY" not in result.stdout + result.stderr
     assert os.stat(out / "owner_private.pem").st_mode & 0o777 == 0o600
 
-    again = runner.invoke(keys_app, ["new", "--out", str(out), "--ask-passphrase"], input="unused\nunused\n")
-    assert isinstance(again.exception, UsageError)  # refused before asking for a passphrase
-    assert again.exception.exit_code == EXIT_USAGE
-    assert str(again.exception) == f"{out / 'owner_private.pem'}: already exists: auditor never overwrites a key file"
-    assert "Passphrase" not in again.output
+    again = run_cli("keys", "new", "--out", str(out), "--ask-passphrase", input="unused\nunused\n")
+    assert again.code == EXIT_USAGE  # a UsageError, refused before asking for a passphrase
+    assert again.stderr == f"error: {out / 'owner_private.pem'}: already exists: auditor never overwrites a key file\n"
+    assert "Passphrase" not in again.stdout + again.stderr
 
 
-def test_cli_error_is_one_line_with_its_exit_code(tmp_path: Path, pairs: dict[str, keys.KeyPairPaths]) -> None:
+def test_cli_error_is_one_line_with_its_exit_code(
+    tmp_path: Path, pairs: dict[str, keys.KeyPairPaths], run_cli: Callable[..., Any]
+) -> None:
     wrong = tmp_path / "wrong.txt"
     wrong.write_text("battery staple\n")
     path = pairs["encrypted"].private
     result = run_cli("keys", "show", str(path), "--passphrase-file", str(wrong))
-    assert result.returncode == EXIT_INPUT
+    assert result.code == EXIT_INPUT
     assert result.stderr == f"error: {path}: wrong passphrase or damaged key\n"
     assert result.stdout == ""
 
 
-def test_cli_new_with_asked_passphrase_and_show(tmp_path: Path) -> None:
+def test_cli_new_with_asked_passphrase_and_show(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
     out = tmp_path / "asked"
-    result = runner.invoke(
-        keys_app, ["new", "--out", str(out), "--algorithm", "ed25519", "--ask-passphrase"], input="s3cret\ns3cret\n"
+    result = run_cli(
+        "keys", "new", "--out", str(out), "--algorithm", "ed25519", "--ask-passphrase", input="s3cret\ns3cret\n"
     )
-    assert result.exit_code == 0, result.output
-    assert "s3cret" not in result.output and "PRIVATE KEY" not in result.output
-    assert "encrypted with your passphrase" in result.output
+    output = result.stdout + result.stderr
+    assert result.code == 0, output
+    assert "s3cret" not in output and "PRIVATE KEY" not in output
+    assert "encrypted with your passphrase" in output
     key = keys.load_private_key(out / "owner_private.pem", b"s3cret")
     fingerprint = keys.fingerprint(key)
-    assert f"fingerprint: SHA256:{fingerprint}" in result.output
+    assert f"fingerprint: SHA256:{fingerprint}" in output
 
-    locked = runner.invoke(keys_app, ["show", str(out / "owner_private.pem")])
-    assert locked.exit_code == 0
-    assert "private key, encrypted" in locked.output
-    assert fingerprint not in locked.output
+    locked = run_cli("keys", "show", str(out / "owner_private.pem"))
+    assert locked.code == 0
+    assert "private key, encrypted" in locked.stdout + locked.stderr
+    assert fingerprint not in locked.stdout + locked.stderr
 
-    unlocked = runner.invoke(keys_app, ["show", str(out / "owner_private.pem"), "--ask-passphrase"], input="s3cret\n")
-    assert unlocked.exit_code == 0, unlocked.output
-    assert "ed25519 (Ed25519 256 bits)" in unlocked.output
-    assert f"fingerprint: SHA256:{fingerprint}" in unlocked.output
+    unlocked = run_cli("keys", "show", str(out / "owner_private.pem"), "--ask-passphrase", input="s3cret\n")
+    assert unlocked.code == 0, unlocked.stdout + unlocked.stderr
+    assert "ed25519 (Ed25519 256 bits)" in unlocked.stdout + unlocked.stderr
+    assert f"fingerprint: SHA256:{fingerprint}" in unlocked.stdout + unlocked.stderr
 
-    public = runner.invoke(keys_app, ["show", str(out / "owner_public.pem"), "--json"])
-    assert public.exit_code == 0
-    assert f'"fingerprint_sha256": "{fingerprint}"' in public.output
-    assert '"kind": "public key"' in public.output
+    public = run_cli("keys", "show", str(out / "owner_public.pem"), "--json")
+    assert public.code == 0
+    assert f'"fingerprint_sha256": "{fingerprint}"' in public.stdout + public.stderr
+    assert '"kind": "public key"' in public.stdout + public.stderr
 
 
-def test_cli_passphrase_file_first_line(tmp_path: Path) -> None:
+def test_cli_passphrase_file_first_line(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
     secret = tmp_path / "pass.txt"
     secret.write_bytes(b"first line\r\nsecond line\n")
     out = tmp_path / "k"
-    result = runner.invoke(
-        keys_app, ["new", "--out", str(out), "--algorithm", "ed25519", "--passphrase-file", str(secret)]
-    )
-    assert result.exit_code == 0, result.output
+    result = run_cli("keys", "new", "--out", str(out), "--algorithm", "ed25519", "--passphrase-file", str(secret))
+    assert result.code == 0, result.stdout + result.stderr
     keys.load_private_key(out / "owner_private.pem", b"first line")
 
 
-def test_cli_errors_are_usage_errors(tmp_path: Path) -> None:
+def test_cli_errors_are_usage_errors(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
     pw = tmp_path / "pw"
     pw.write_text("x\n")
-    both = runner.invoke(
-        keys_app, ["new", "--out", str(tmp_path / "k"), "--passphrase-file", str(pw), "--ask-passphrase"]
-    )
-    assert isinstance(both.exception, UsageError)
-    assert str(both.exception) == "give --passphrase-file or --ask-passphrase, not both"
-    bad = runner.invoke(keys_app, ["new", "--out", str(tmp_path / "k"), "--algorithm", "dsa"])
-    assert isinstance(bad.exception, UsageError)
+    both = run_cli("keys", "new", "--out", str(tmp_path / "k"), "--passphrase-file", str(pw), "--ask-passphrase")
+    assert both.code == EXIT_USAGE  # a UsageError
+    assert both.stderr == "error: give --passphrase-file or --ask-passphrase, not both\n"
+    bad = run_cli("keys", "new", "--out", str(tmp_path / "k"), "--algorithm", "dsa")
+    assert bad.code == EXIT_USAGE and bad.stderr.startswith("error: ")  # a UsageError, not a click usage message
     empty = tmp_path / "empty"
     empty.write_text("\n")
-    blank = runner.invoke(keys_app, ["new", "--out", str(tmp_path / "k"), "--passphrase-file", str(empty)])
-    assert isinstance(blank.exception, InputError)
-    assert str(blank.exception) == f"{empty}: the first line is empty: it should hold the passphrase"
+    blank = run_cli("keys", "new", "--out", str(tmp_path / "k"), "--passphrase-file", str(empty))
+    assert blank.code == EXIT_INPUT  # an InputError
+    assert blank.stderr == f"error: {empty}: the first line is empty: it should hold the passphrase\n"
     assert not (tmp_path / "k").exists()

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import sys
 import types
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import typer
-from typer.testing import CliRunner
 
 from auditor import (
     Attack,
@@ -37,16 +35,6 @@ from auditor.audit.load import load_model
 from auditor.errors import PluginError
 from auditor.plugin_manager import DEFAULT_PLUGINS, get_plugin_manager, registered, reset_plugin_manager
 from auditor.report.html import jinja_environment
-
-
-@contextmanager
-def plugin(obj: object, name: str = "test-plugin") -> Iterator[None]:
-    pm = get_plugin_manager()
-    pm.register(obj, name=name)
-    try:
-        yield
-    finally:
-        pm.unregister(name=name)
 
 
 def toy_graph(path: Path) -> LayerGraph:
@@ -93,7 +81,7 @@ class SchemeDetector(Detector):
         return [Finding(self.id, Verdict.DETECTED, "found", scheme=self.scheme, subject=bundle["owner"])]
 
 
-def test_hook_register_formats(tmp_path: Path) -> None:
+def test_hook_register_formats(tmp_path: Path, plugin: Callable[..., Any]) -> None:
     model = tmp_path / "model.bin"
     model.write_bytes(b"TOYMODEL and then anything")
 
@@ -111,7 +99,7 @@ def test_hook_register_formats(tmp_path: Path) -> None:
     assert "toy" not in registered("formats")
 
 
-def test_hook_register_detectors() -> None:
+def test_hook_register_detectors(plugin: Callable[..., Any]) -> None:
     class Plugin:
         @hookimpl
         def register_detectors(self, register):  # type: ignore[no-untyped-def]
@@ -127,7 +115,7 @@ def test_hook_register_detectors() -> None:
     assert by_detector["toy-scheme"].verdict is Verdict.DETECTED
 
 
-def test_crashing_detector_becomes_error_finding_and_others_run() -> None:
+def test_crashing_detector_becomes_error_finding_and_others_run(plugin: Callable[..., Any]) -> None:
     class Plugin:
         @hookimpl
         def register_detectors(self, register):  # type: ignore[no-untyped-def]
@@ -148,7 +136,7 @@ def test_bundle_without_detector_is_inconclusive() -> None:
     assert "nobody-reads-this" in findings[0].summary
 
 
-def test_findings_do_not_depend_on_registration_order() -> None:
+def test_findings_do_not_depend_on_registration_order(plugin: Callable[..., Any]) -> None:
     class A:
         @hookimpl
         def register_detectors(self, register):  # type: ignore[no-untyped-def]
@@ -195,7 +183,7 @@ class ToyAttack(Attack):
         return {"copied": True}
 
 
-def test_hook_register_restorers() -> None:
+def test_hook_register_restorers(plugin: Callable[..., Any]) -> None:
     class Plugin:
         @hookimpl
         def register_restorers(self, register):  # type: ignore[no-untyped-def]
@@ -209,7 +197,7 @@ def test_hook_register_restorers() -> None:
     assert restored is graph and log == {"moved": 0}
 
 
-def test_hook_register_embedders(tmp_path: Path) -> None:
+def test_hook_register_embedders(tmp_path: Path, plugin: Callable[..., Any]) -> None:
     class Plugin:
         @hookimpl
         def register_embedders(self, register):  # type: ignore[no-untyped-def]
@@ -222,7 +210,7 @@ def test_hook_register_embedders(tmp_path: Path) -> None:
     assert (tmp_path / "marker").read_text() == "(c) owner"
 
 
-def test_hook_register_attacks(tmp_path: Path) -> None:
+def test_hook_register_attacks(tmp_path: Path, plugin: Callable[..., Any]) -> None:
     class Plugin:
         @hookimpl
         def register_attacks(self, register):  # type: ignore[no-untyped-def]
@@ -237,7 +225,7 @@ def test_hook_register_attacks(tmp_path: Path) -> None:
     assert (tmp_path / "out.bin").read_bytes() == b"weights"
 
 
-def test_register_refuses_wrong_type_and_duplicate_ids() -> None:
+def test_register_refuses_wrong_type_and_duplicate_ids(plugin: Callable[..., Any]) -> None:
     class WrongType:
         @hookimpl
         def register_detectors(self, register):  # type: ignore[no-untyped-def]
@@ -256,7 +244,7 @@ def test_register_refuses_wrong_type_and_duplicate_ids() -> None:
             registered("formats")
 
 
-def test_hook_register_commands() -> None:
+def test_hook_register_commands(plugin: Callable[..., Any], run_cli: Callable[..., Any]) -> None:
     class Plugin:
         @hookimpl
         def register_commands(self, app: typer.Typer) -> None:
@@ -275,14 +263,16 @@ def test_hook_register_commands() -> None:
 
     with plugin(Plugin()):
         get_plugin_manager().hook.register_commands(app=app)
-    result = CliRunner().invoke(app, ["hello-test", "court"])
-    assert result.exit_code == 0, result.output
-    assert result.output == "hello court\n"
+        result = run_cli("hello-test", "court")  # the same plugin, through the real app
+    assert result.code == 0, result.stderr
+    assert result.stdout + result.stderr == "hello court\n"
     assert "hello-test" in cli._command_names(app)
 
 
 @pytest.mark.parametrize("clash", ["inspect", "keys"])
-def test_plugin_command_clashing_with_builtin_is_refused(monkeypatch: pytest.MonkeyPatch, clash: str) -> None:
+def test_plugin_command_clashing_with_builtin_is_refused(
+    monkeypatch: pytest.MonkeyPatch, clash: str, plugin: Callable[..., Any]
+) -> None:
     from auditor.cli import root as cli
 
     class Plugin:
@@ -319,7 +309,7 @@ def test_plugin_command_clashing_with_builtin_is_refused(monkeypatch: pytest.Mon
     assert "harmless" not in names
 
 
-def test_hook_prepare_jinja2_environment() -> None:
+def test_hook_prepare_jinja2_environment(plugin: Callable[..., Any]) -> None:
     class Plugin:
         @hookimpl
         def prepare_jinja2_environment(self, env):  # type: ignore[no-untyped-def]
@@ -331,7 +321,7 @@ def test_hook_prepare_jinja2_environment() -> None:
     assert "shout" not in jinja_environment().filters
 
 
-def test_misspelled_hook_fails_loudly(monkeypatch: pytest.MonkeyPatch, fresh_plugins: None) -> None:
+def test_misspelled_hook_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
     module = types.ModuleType("auditor_test_typo_plugin")
 
     @hookimpl

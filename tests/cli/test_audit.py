@@ -1,112 +1,19 @@
 """``auditor audit`` with reports, several suspects, and ``auditor report verify``, run in this process.
 
-The fixtures here (a Greedy Residuals audit written as HTML and JSON, a batch
-with a broken file) are shared with test_report_browser.py.
+The audits several folders look at (``gr_reports``, ``batch_run``) are fixtures in tests/conftest.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
-from safetensors.torch import save_file
-
 from auditor import keys
 from auditor.errors import EXIT_INCONCLUSIVE, EXIT_INPUT, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
-
-CASE_ID = "CASE-2025-0417"
-ANALYST = "Dana Analyst"
-
-
-#: Results of the shared session fixtures: test_report*.py import those fixtures, which makes pytest
-#: keep one copy per importing module; this keeps the work itself to once per test run.
-_DONE: dict[tuple[str, Path], Any] = {}
-
-
-def once(name: str, factory: pytest.TempPathFactory, build: Callable[[], Any]) -> Any:
-    """``build()``, computed once per test run for ``name``."""
-    key = (name, factory.getbasetemp())
-    if key not in _DONE:
-        _DONE[key] = build()
-    return _DONE[key]
-
-
-def run_cli(*args: str | Path) -> tuple[int, str, str]:
-    """The CLI in this process: exit code, stdout, stderr (a fresh interpreter costs seconds)."""
-    from auditor.cli import root as cli
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            cli.main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    return code, out.getvalue(), err.getvalue()
-
-
-def clean_model(path: Path, seed: int = 1) -> Path:
-    """An unwatermarked SmallCNN with the owner's architecture (what an innocent suspect looks like)."""
-    from auditor.toolkit import models as zoo
-
-    model = zoo.build("cnn", seed=seed)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
-@pytest.fixture(scope="session")
-def signer(tmp_path_factory: pytest.TempPathFactory) -> keys.KeyPairPaths:
-    """A report signer's Ed25519 key pair (encrypted private key) and its passphrase file."""
-
-    def build() -> keys.KeyPairPaths:
-        folder = tmp_path_factory.mktemp("signer")
-        (folder / "pass.txt").write_text("correct horse battery staple\n")
-        return keys.generate_keypair(folder / "keys", algorithm="ed25519", passphrase=b"correct horse battery staple")
-
-    return once("signer", tmp_path_factory, build)
-
-
-@pytest.fixture(scope="session")
-def gr_reports(gr_owner: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The owner's own watermarked model audited against its bundle, the report written as HTML and JSON."""
-    return once("gr_reports", tmp_path_factory, lambda: _gr_reports(gr_owner, tmp_path_factory))
-
-
-def _gr_reports(gr_owner: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("gr_reports")
-    suspect = shutil.copy(gr_owner.files["safetensors"], out / "suspect.safetensors")
-    html = out / "report.html"
-    args = ["audit", suspect, "--bundle", gr_owner.out / "owner_bundle.json", "--out", html]
-    code, stdout, stderr = run_cli(*args, "--case-id", CASE_ID, "--analyst", ANALYST)
-    return {
-        "code": code, "stdout": stdout, "stderr": stderr, "html": html, "json": out / "report.json",
-        "case_id": CASE_ID, "args": args, "out": out,
-    }  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def batch_run(gr_owner: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A folder of three suspects (the watermarked model, a clean one, a truncated file) audited in one go."""
-    return once("batch_run", tmp_path_factory, lambda: _batch_run(gr_owner, tmp_path_factory))
-
-
-def _batch_run(gr_owner: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    folder = tmp_path_factory.mktemp("suspects")
-    shutil.copy(gr_owner.files["safetensors"], folder / "a_copy.safetensors")
-    broken = folder / "b_broken.safetensors"
-    broken.write_bytes(Path(gr_owner.files["safetensors"]).read_bytes()[:300])
-    clean_model(folder / "c_clean.safetensors")
-    out = tmp_path_factory.mktemp("batch") / "reports"
-    code, stdout, stderr = run_cli("audit", folder, "--bundle", gr_owner.out / "owner_bundle.json", "--out", out)
-    return {"code": code, "stdout": stdout, "stderr": stderr, "out": out, "folder": folder, "broken": broken}
 
 
 def test_audit_writes_html_and_json_and_prints_one_line_per_finding(gr_reports: dict[str, Any]) -> None:
@@ -115,13 +22,13 @@ def test_audit_writes_html_and_json_and_prints_one_line_per_finding(gr_reports: 
     assert lines[0].startswith("greedy-residuals: detected: The suspect carries the owner's signature")
     assert lines[1:] == ["verdict: detected", f"report: {gr_reports['html']}", f"json: {gr_reports['json']}"]
     data = json.loads(gr_reports["json"].read_text())
-    assert data["run"]["case_id"] == CASE_ID and data["run"]["analyst"] == ANALYST
+    assert data["run"]["case_id"] == gr_reports["case_id"] and data["run"]["analyst"] == gr_reports["analyst"]
     assert data["verdict"] == "detected" and data["exit_code"] == EXIT_OK
     assert data["suspect"]["size"] == gr_reports["out"].joinpath("suspect.safetensors").stat().st_size
     assert data["integrity"]["html_sha256"] is not None
 
 
-def test_json_flag_still_prints_the_result(gr_owner: SimpleNamespace) -> None:
+def test_json_flag_still_prints_the_result(gr_owner: SimpleNamespace, run_cli: Callable[..., Any]) -> None:
     code, stdout, _ = run_cli("audit", gr_owner.files["safetensors"], "--json")
     assert code == EXIT_INCONCLUSIVE  # no bundle: nothing looked for
     data = json.loads(stdout)
@@ -130,7 +37,9 @@ def test_json_flag_still_prints_the_result(gr_owner: SimpleNamespace) -> None:
     assert data["suspect"]["files"][0]["sha256"] == data["suspect"]["sha256"]
 
 
-def test_clean_model_is_not_detected(gr_owner: SimpleNamespace, tmp_path: Path) -> None:
+def test_clean_model_is_not_detected(
+    gr_owner: SimpleNamespace, tmp_path: Path, run_cli: Callable[..., Any], clean_model: Callable[..., Any]
+) -> None:
     suspect = clean_model(tmp_path / "clean.safetensors")
     code, stdout, _ = run_cli("audit", suspect, "--bundle", gr_owner.out / "owner_bundle.json", "--json-out",
                               tmp_path / "r.json")  # fmt: skip
@@ -140,11 +49,13 @@ def test_clean_model_is_not_detected(gr_owner: SimpleNamespace, tmp_path: Path) 
     assert not (tmp_path / "r.html").exists()
 
 
-def test_report_verify_cli(gr_reports: dict[str, Any], tmp_path: Path) -> None:
+def test_report_verify_cli(gr_reports: dict[str, Any], tmp_path: Path, run_cli: Callable[..., Any]) -> None:
     code, stdout, _ = run_cli("report", "verify", gr_reports["json"], "--html", gr_reports["html"])
     assert (code, stdout) == (EXIT_OK, f"intact: {gr_reports['json']}: content intact (not signed)\n")
     altered = tmp_path / "altered.json"
-    altered.write_text(gr_reports["json"].read_text().replace(ANALYST, ANALYST.replace("a", "e", 1)))
+    altered.write_text(
+        gr_reports["json"].read_text().replace(gr_reports["analyst"], gr_reports["analyst"].replace("a", "e", 1))
+    )
     code, stdout, _ = run_cli("report", "verify", altered)
     assert code == EXIT_NOT_FOUND
     assert stdout == f"FAILED: {altered}: altered: the content does not match its recorded SHA-256\n"
@@ -153,7 +64,7 @@ def test_report_verify_cli(gr_reports: dict[str, Any], tmp_path: Path) -> None:
 
 
 def test_signed_audit_verifies_only_under_its_key(
-    gr_owner: SimpleNamespace, signer: keys.KeyPairPaths, tmp_path: Path
+    gr_owner: SimpleNamespace, signer: keys.KeyPairPaths, tmp_path: Path, run_cli: Callable[..., Any]
 ) -> None:
     passphrase = signer.private.parent.parent / "pass.txt"
     code, _, stderr = run_cli(
@@ -173,12 +84,14 @@ def test_signed_audit_verifies_only_under_its_key(
     assert "PRIVATE" not in text and "correct horse" not in text
 
 
-def test_unsigned_report_fails_when_a_key_is_required(gr_reports: dict[str, Any], signer: keys.KeyPairPaths) -> None:
+def test_unsigned_report_fails_when_a_key_is_required(
+    gr_reports: dict[str, Any], signer: keys.KeyPairPaths, run_cli: Callable[..., Any]
+) -> None:
     code, stdout, _ = run_cli("report", "verify", gr_reports["json"], "--public-key", signer.public)
     assert code == EXIT_NOT_FOUND and "not signed" in stdout
 
 
-def test_batch_goes_on_past_a_broken_file(batch_run: dict[str, Any]) -> None:
+def test_batch_goes_on_past_a_broken_file(batch_run: dict[str, Any], run_cli: Callable[..., Any]) -> None:
     assert batch_run["code"] == EXIT_INPUT  # a file could not be audited: the batch is incomplete
     out, broken = batch_run["out"], batch_run["broken"]
     summary = json.loads((out / "summary.json").read_text())
@@ -200,7 +113,9 @@ def test_batch_goes_on_past_a_broken_file(batch_run: dict[str, Any]) -> None:
         assert run_cli("report", "verify", out / name)[0] == EXIT_OK
 
 
-def test_batch_without_errors_takes_the_detection(gr_owner: SimpleNamespace, tmp_path: Path) -> None:
+def test_batch_without_errors_takes_the_detection(
+    gr_owner: SimpleNamespace, tmp_path: Path, run_cli: Callable[..., Any], clean_model: Callable[..., Any]
+) -> None:
     clean = clean_model(tmp_path / "clean.safetensors")
     code, stdout, _ = run_cli("audit", clean, gr_owner.files["safetensors"], "--bundle",
                               gr_owner.out / "owner_bundle.json", "--json")  # fmt: skip
@@ -211,7 +126,9 @@ def test_batch_without_errors_takes_the_detection(gr_owner: SimpleNamespace, tmp
     assert code == EXIT_NOT_FOUND
 
 
-def test_reports_never_overwrite_inputs(gr_owner: SimpleNamespace, tmp_path: Path) -> None:
+def test_reports_never_overwrite_inputs(
+    gr_owner: SimpleNamespace, tmp_path: Path, run_cli: Callable[..., Any], clean_model: Callable[..., Any]
+) -> None:
     suspect = clean_model(tmp_path / "suspect.safetensors")
     before = suspect.read_bytes()
     code, _, stderr = run_cli("audit", suspect, "--json-out", suspect)
@@ -222,18 +139,20 @@ def test_reports_never_overwrite_inputs(gr_owner: SimpleNamespace, tmp_path: Pat
     assert code == EXIT_USAGE and "--json-out does not apply" in stderr
 
 
-def test_bad_sign_key_is_one_line(gr_owner: SimpleNamespace, signer: keys.KeyPairPaths, tmp_path: Path) -> None:
+def test_bad_sign_key_is_one_line(
+    gr_owner: SimpleNamespace, signer: keys.KeyPairPaths, tmp_path: Path, run_cli: Callable[..., Any]
+) -> None:
     code, _, stderr = run_cli("audit", gr_owner.files["safetensors"], "--sign-key", signer.private)
     assert (code, stderr) == (EXIT_INPUT, f"error: {signer.private}: the key is encrypted: give its passphrase\n")
 
 
-def test_empty_suspect_folder_is_a_usage_error(tmp_path: Path) -> None:
+def test_empty_suspect_folder_is_a_usage_error(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
     (tmp_path / "empty").mkdir()
     code, _, stderr = run_cli("audit", tmp_path / "empty")
     assert (code, stderr) == (EXIT_USAGE, f"error: {tmp_path / 'empty'}: the folder holds no suspect files\n")
 
 
-def test_missing_suspect_keeps_its_exit_code(tmp_path: Path) -> None:
+def test_missing_suspect_keeps_its_exit_code(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
     code, stdout, stderr = run_cli("audit", tmp_path / "nope.safetensors", "--out", tmp_path / "r.html")
     assert (code, stdout) == (EXIT_INPUT, "")
     assert stderr == f"error: {tmp_path / 'nope.safetensors'}: no such file or folder\n"

@@ -7,10 +7,10 @@ import contextlib
 import io
 import os
 import shutil
-import subprocess
-import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -504,7 +504,7 @@ def _stat(path: Path) -> tuple[bytes, int]:
     return path.read_bytes(), os.stat(path).st_mtime_ns
 
 
-def test_cli_exit_codes_and_files_untouched(tmp_path: Path) -> None:
+def test_cli_exit_codes_and_files_untouched(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
     outside = _external_copy(tmp_path)
     _retarget(outside, "../onnx_external.bin")
     shutil.copy(ASSETS / "onnx_external.bin", tmp_path / "onnx_external.bin")
@@ -512,15 +512,14 @@ def test_cli_exit_codes_and_files_untouched(tmp_path: Path) -> None:
     noise.write_bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8).tobytes())
     files = [outside, outside.parent / "onnx_external.bin", tmp_path / "onnx_external.bin", noise]
     before = [_stat(f) for f in files]
-    inspect = [sys.executable, "-m", "auditor", "inspect"]
-    unsafe = subprocess.run([*inspect, str(outside)], capture_output=True, text=True, check=False)
-    assert unsafe.returncode == 5
+    unsafe = run_cli("inspect", str(outside))
+    assert unsafe.code == 5
     assert unsafe.stderr == (
         f"error: {outside}: external data of tensor 'conv.weight' points outside the model's folder "
         "('../onnx_external.bin')\n"
     )
-    broken = subprocess.run([*inspect, str(noise)], capture_output=True, text=True, check=False)
-    assert broken.returncode == 4 and broken.stderr.count("\n") == 1 and broken.stderr.startswith(f"error: {noise}: ")
+    broken = run_cli("inspect", str(noise))
+    assert broken.code == 4 and broken.stderr.count("\n") == 1 and broken.stderr.startswith(f"error: {noise}: ")
     assert [_stat(f) for f in files] == before
 
 

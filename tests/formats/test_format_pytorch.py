@@ -6,11 +6,11 @@ import importlib.util
 import io
 import os
 import pickle
-import subprocess
-import sys
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -343,16 +343,10 @@ def test_whole_pickled_model_is_refused_with_a_hint(tmp_path: Path) -> None:
         pytorch.load(path)
 
 
-def test_cli_inspect_exits_5_with_one_line() -> None:
+def test_cli_inspect_exits_5_with_one_line(run_cli: Callable[..., Any]) -> None:
     path = ASSETS / "pt_namespace.pt"
-    proc = subprocess.run(
-        [sys.executable, "-m", "auditor", "inspect", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 5
+    proc = run_cli("inspect", str(path))
+    assert proc.code == 5
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "argparse.Namespace" in lines[0]

@@ -8,9 +8,9 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,7 +23,6 @@ from auditor.formats import safetensors as st
 from auditor.graph import LayerGraph, LayerKind
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-REPO = Path(__file__).resolve().parents[2]
 ORDER_NOTE = (
     "the file holds no computation graph: layers are in natural order of their names (safetensors records "
     "no module order, so inferred edges may be wrong), kinds come from parameter names and shapes, "
@@ -477,39 +476,26 @@ def test_random_bytes_named_safetensors_are_refused(tmp_path: Path) -> None:
 # --- through the CLI ---------------------------------------------------------------------------
 
 
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "AUDITOR_DEBUG"}
-    return subprocess.run(
-        [sys.executable, "-m", "auditor", *map(str, args)],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=120,
-    )
-
-
 @pytest.mark.parametrize(
     "name", ["st_truncated_data.safetensors", "st_header_not_json.safetensors", "st_empty.safetensors", "deep"]
 )
-def test_cli_broken_file_exits_4_with_one_line(tmp_path: Path, name: str) -> None:
+def test_cli_broken_file_exits_4_with_one_line(tmp_path: Path, name: str, run_cli: Callable[..., Any]) -> None:
     if name == "deep":
         path = write_st(tmp_path / "deep.safetensors", b'{"w":' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     else:
         path = ASSETS / name
     result = run_cli("inspect", path)
-    assert result.returncode == 4, result.stderr
+    assert result.code == 4, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}: "), result.stderr
     assert "Traceback" not in result.stderr + result.stdout
 
 
-def test_cli_json_describes_the_file(tmp_path: Path) -> None:
+def test_cli_json_describes_the_file(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
     path = tmp_path / "weights.pt"
     shutil.copy(ASSETS / "st_cnn.safetensors", path)
     result = run_cli("inspect", path, "--json")
-    assert result.returncode == 0, result.stderr
+    assert result.code == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["format"] == "safetensors"
     assert info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -8,14 +8,9 @@ from typing import Any
 
 import pytest
 
-import tests.cli.test_audit as shared
 from auditor import keys
 from auditor.errors import InputError
 from auditor.report.seal import seal, verify_document, verify_report
-
-# Shared fixtures (see test_audit_cli.once).
-gr_reports = shared.gr_reports
-signer = shared.signer
 
 
 def edits(text: str) -> list[tuple[str, str]]:

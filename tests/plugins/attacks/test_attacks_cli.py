@@ -3,64 +3,56 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from safetensors.torch import load_file
 
-from auditor.cli import root as cli
 from auditor.errors import EXIT_USAGE
 from auditor.plugin_manager import registered
 
 
-def main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(list(args))
-    captured = capsys.readouterr()
-    return int(exit_info.value.code or 0), captured.out, captured.err
-
-
-def test_attack_list(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = main(capsys, "attack", "--list", "--json")
+def test_attack_list(run_cli: Callable[..., Any]) -> None:
+    code, out, _ = run_cli("attack", "--list", "--json")
     rows = json.loads(out)
     assert code == 0 and [r["id"] for r in rows] == list(registered("attacks"))
     prune = next(r for r in rows if r["id"] == "prune-magnitude")
     assert {o["name"]: o["default"] for o in prune["options"]}["scope"] == "global"
-    code, out, _ = main(capsys, "attack", "--list")
+    code, out, _ = run_cli("attack", "--list")
     assert code == 0 and "permute  [function-preserving]  Permute every layer's output channels" in out
 
 
-def test_attack_writes_the_file_and_reports(gr_owner: SimpleNamespace, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_attack_writes_the_file_and_reports(
+    gr_owner: SimpleNamespace, tmp_path: Path, run_cli: Callable[..., Any]
+) -> None:
     out_file = tmp_path / "pruned.safetensors"
-    code, out, _ = main(capsys, "attack", "prune-magnitude", str(gr_owner.files["pt"]), "--out", str(out_file),
-                        "--rate", "0.4", "-p", "scope=layer", "--json")  # fmt: skip
+    code, out, _ = run_cli("attack", "prune-magnitude", str(gr_owner.files["pt"]), "--out", str(out_file),
+                           "--rate", "0.4", "-p", "scope=layer", "--json")  # fmt: skip
     summary = json.loads(out)
     assert code == 0 and summary["options"]["rate"] == 0.4 and summary["options"]["scope"] == "layer"
     assert float((load_file(out_file)["conv2.weight"] == 0).float().mean()) == pytest.approx(0.4, abs=1e-3)
-    code, _, err = main(capsys, "attack", "prune-magnitude", str(gr_owner.files["pt"]), "--out", str(out_file))
+    code, _, err = run_cli("attack", "prune-magnitude", str(gr_owner.files["pt"]), "--out", str(out_file))
     assert code == EXIT_USAGE and err == f"error: {out_file} already exists; choose another --out or --overwrite\n"
-    code, _, err = main(capsys, "attack", "prune-magnitude", str(gr_owner.files["pt"]), "--out", str(out_file),
-                        "-p", "rate")  # fmt: skip
+    code, _, err = run_cli("attack", "prune-magnitude", str(gr_owner.files["pt"]), "--out", str(out_file),
+                           "-p", "rate")  # fmt: skip
     assert code == EXIT_USAGE and err == "error: --param takes KEY=VALUE, not 'rate'\n"
 
 
-def test_attack_errors_are_one_line(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "auditor", "attack", "no-such-attack", str(tmp_path / "m.pt"),
-                           "--out", str(tmp_path / "x.pt")], capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == EXIT_USAGE
+def test_attack_errors_are_one_line(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
+    done = run_cli("attack", "no-such-attack", str(tmp_path / "m.pt"), "--out", str(tmp_path / "x.pt"))
+    assert done.code == EXIT_USAGE
     assert done.stderr.startswith("error: unknown attack 'no-such-attack'; known: bn-fold, cast-bf16")
     assert done.stderr.count("\n") == 1 and done.stdout == ""
 
 
-def test_evaluate_command(gr_owner: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = main(capsys, "evaluate", "--bundle", str(gr_owner.out / "owner_bundle.json"), "--model",
-                        str(gr_owner.files["safetensors"]), "--reference", str(gr_owner.files["safetensors"]),
-                        "--grid", "quick", "--attacks", "permute,bn-fold", "--out", str(tmp_path / "eval"),
-                        "--no-progress", "--json")  # fmt: skip
+def test_evaluate_command(gr_owner: SimpleNamespace, tmp_path: Path, run_cli: Callable[..., Any]) -> None:
+    code, out, _ = run_cli("evaluate", "--bundle", str(gr_owner.out / "owner_bundle.json"), "--model",
+                           str(gr_owner.files["safetensors"]), "--reference", str(gr_owner.files["safetensors"]),
+                           "--grid", "quick", "--attacks", "permute,bn-fold", "--out", str(tmp_path / "eval"),
+                           "--no-progress", "--json")  # fmt: skip
     data = json.loads(out)
     assert code == 0
     assert "Greedy Residuals, after restore: detected through 2 of 2 function-preserving attacks." in data["summary"]

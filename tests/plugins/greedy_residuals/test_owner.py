@@ -6,6 +6,7 @@ import base64
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +246,7 @@ def test_docs_show_the_example() -> None:
 
 
 def test_example_runs(tmp_path: Path) -> None:
+    # A fresh interpreter: the example script itself, run as a reader would run it, is under test.
     source = EXAMPLE.read_text()
     assert "range(20)" in source
     (tmp_path / "example.py").write_text(source.replace("range(20)", "range(2)"))  # the same code, shorter
@@ -264,16 +266,15 @@ def _private_lines(pair: keys.KeyPairPaths) -> set[str]:
     return {line for line in pair.private.read_text().splitlines() if len(line) > 40}
 
 
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "auditor", *args], capture_output=True, text=True, cwd=cwd)
-
-
-def test_embed_cli_end_to_end(tmp_path: Path, key_files: keys.KeyPairPaths) -> None:
+def test_embed_cli_end_to_end(
+    tmp_path: Path, key_files: keys.KeyPairPaths, run_cli: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "pass.txt").write_bytes(PASSPHRASE + b"\n")
     args = ["embed", "greedy-residuals", "--key", str(key_files.private), "--passphrase-file", "pass.txt"]
     args += ["--message", "(c) 2025 Alice Example Ltd.", "--out", "out", "--epochs", "2", "--device", "cpu"]
-    result = run(*args, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    result = run_cli(*args)
+    assert result.code == 0, result.stderr
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["model.pt", "model.safetensors", "owner_bundle.json"]
     lines = result.stdout.splitlines()
@@ -290,8 +291,8 @@ def test_embed_cli_end_to_end(tmp_path: Path, key_files: keys.KeyPairPaths) -> N
     assert "PRIVATE" not in everything and PASSPHRASE.decode() not in everything
     assert not any(line in everything for line in _private_lines(key_files))
 
-    again = run(*args, "--json", cwd=tmp_path)  # never overwrites silently
-    assert again.returncode == EXIT_USAGE
+    again = run_cli(*args, "--json")  # never overwrites silently
+    assert again.code == EXIT_USAGE
     assert again.stderr.startswith("error: out/model.safetensors, out/model.pt, out/owner_bundle.json already exists")
     assert again.stderr.count("\n") == 1
 
@@ -300,16 +301,6 @@ def _sha(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def run_here(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """The CLI in this process (a fresh interpreter costs seconds): exit code, stdout, stderr."""
-    from auditor.cli import root as cli
-
-    with pytest.raises(SystemExit) as info:
-        cli.main(args)
-    captured = capsys.readouterr()
-    return int(info.value.code or 0), captured.out, captured.err
 
 
 @pytest.mark.parametrize(
@@ -326,27 +317,23 @@ def test_embed_cli_errors(
     key_files: keys.KeyPairPaths,
     extra: list[str],
     error: str,
-    capsys: pytest.CaptureFixture[str],
+    run_cli: Callable[..., Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pass.txt").write_bytes(PASSPHRASE)
     args = ["embed", "greedy-residuals", "--key", str(key_files.private), "--passphrase-file", "pass.txt"]
-    code, _, err = run_here([*args, "--message", "m", "--out", "o", "--epochs", "0", *extra], capsys)
+    code, _, err = run_cli(*args, "--message", "m", "--out", "o", "--epochs", "0", *extra)
     assert code == EXIT_USAGE, err
     assert err.startswith(error) and err.count("\n") == 1
 
 
-def test_embed_cli_wrong_passphrase(
-    tmp_path: Path, key_files: keys.KeyPairPaths, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_embed_cli_wrong_passphrase(tmp_path: Path, key_files: keys.KeyPairPaths, run_cli: Callable[..., Any]) -> None:
     args = ["embed", "greedy-residuals", "--key", str(key_files.private), "--message", "m"]
-    code, _, err = run_here([*args, "--out", str(tmp_path / "o")], capsys)
+    code, _, err = run_cli(*args, "--out", str(tmp_path / "o"))
     assert (code, err) == (4, f"error: {key_files.private}: the key is encrypted: give its passphrase\n")
     (tmp_path / "pass.txt").write_bytes(b"wrong\n")
-    code, _, err = run_here(
-        [*args, "--out", str(tmp_path / "o"), "--passphrase-file", str(tmp_path / "pass.txt")], capsys
-    )
+    code, _, err = run_cli(*args, "--out", str(tmp_path / "o"), "--passphrase-file", str(tmp_path / "pass.txt"))
     assert (code, err) == (4, f"error: {key_files.private}: wrong passphrase or damaged key\n")
     assert not (tmp_path / "o").exists()
 
@@ -374,8 +361,8 @@ def test_embedder_is_registered() -> None:
     assert isinstance(registered("embedders")["greedy-residuals"].component, GreedyResidualsEmbedder)
 
 
-def test_help_lists_the_command(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_here(["embed", "--help"], capsys)
+def test_help_lists_the_command(run_cli: Callable[..., Any]) -> None:
+    code, out, _ = run_cli("embed", "--help")
     assert code == 0 and "greedy-residuals" in out
-    code, out, _ = run_here(["embed", "greedy-residuals", "--help"], capsys)
+    code, out, _ = run_cli("embed", "greedy-residuals", "--help")
     assert code == 0 and all(option in out for option in ("--key", "--model-factory", "--no-progress"))

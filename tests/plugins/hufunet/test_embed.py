@@ -5,15 +5,16 @@ from __future__ import annotations
 import base64
 import json
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from auditor.audit.load import load_model
-from auditor.cli import root as cli
 from auditor.errors import UsageError
 from auditor.findings import Verdict
 from auditor.plugins.hufunet.detector import audit_bundle
@@ -122,18 +123,16 @@ def test_plant_freezes_through_training(hufunet_owner: SimpleNamespace, one_thre
     assert not any("mask" in k or "eph" in k for k in model.state_dict())
 
 
-def test_cli_embed_hufunet(tmp_path: Path, hufunet_owner: SimpleNamespace, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_embed_hufunet(tmp_path: Path, hufunet_owner: SimpleNamespace, run_cli: Callable[..., Any]) -> None:
     out = tmp_path / "o"
     args = ["embed", "hufunet", "--hufunet", str(hufunet_owner.secret), "--out", str(out), "--epochs", "1",
             "--no-progress", "--device", "cpu", "--json"]  # fmt: skip
-    with pytest.raises(SystemExit) as exc:
-        cli.main(args)
-    assert exc.value.code == 0
-    summary = json.loads(capsys.readouterr().out)
+    code, stdout, _ = run_cli(*args)
+    assert code == 0
+    summary = json.loads(stdout)
     assert summary["eph_kernels"] == 548 and summary["host_kernels"] == 10272
     assert summary["files"]["bundle"]["secret"] is True
     assert hufunet_owner.payload["hmac_key"] not in json.dumps(summary)
-    with pytest.raises(SystemExit) as exc:
-        cli.main(args)
-    assert exc.value.code == 2
-    assert "already exists" in capsys.readouterr().err
+    code, _, stderr = run_cli(*args)
+    assert code == 2
+    assert "already exists" in stderr

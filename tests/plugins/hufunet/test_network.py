@@ -5,14 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import typer
-from typer.testing import CliRunner
 
 from auditor.bundle import load_bundle, save_bundle
 from auditor.errors import InputError, UsageError
@@ -160,25 +159,26 @@ def test_load_hufunet_round_trips_weights_and_accuracy(owner: tuple[Path, dict[s
 
 
 def test_cli_generate_prints_no_key_and_draws_a_fresh_key(
-    tmp_path: Path, owner: tuple[Path, dict[str, Any]], one_thread: None
+    tmp_path: Path, owner: tuple[Path, dict[str, Any]], one_thread: None, run_cli: Callable[..., Any]
 ) -> None:
     app = typer.Typer()
     gen.register_commands(app)
     gen.register_commands(app)  # twice in one process: added once
     assert len(app.registered_groups) == 1
     out = tmp_path / "second.json"
-    result = CliRunner().invoke(app, ["hufunet", "generate", "--out", str(out), "--no-progress"])
-    assert result.exit_code == 0, result.output
-    assert "test accuracy:" in result.output and "SECRET" in result.output and str(out) in result.output
+    result = run_cli("hufunet", "generate", "--out", str(out), "--no-progress")
+    output = result.stdout + result.stderr
+    assert result.code == 0, output
+    assert "test accuracy:" in output and "SECRET" in output and str(out) in output
     first, second = load_bundle(owner[0]).payload, load_bundle(out).payload
     key = gen.hmac_key(second)
     for shown in (second["hmac_key"], key.hex(), base64.b64encode(key).decode()):
-        assert shown not in result.output
+        assert shown not in output
     # same seed, same network; a different key (drawn from the OS, not the seed)
     assert second["eph"] == first["eph"] and second["sph"] == first["sph"]
     assert gen.hmac_key(first) != key
-    refused = CliRunner().invoke(app, ["hufunet", "generate", "--out", str(out), "--no-progress"])
-    assert refused.exit_code != 0 and "already exists" in str(refused.exception)
+    refused = run_cli("hufunet", "generate", "--out", str(out), "--no-progress")
+    assert refused.code != 0 and "already exists" in refused.stderr
 
 
 def test_digits_below_the_bar_is_refused(tmp_path: Path, one_thread: None) -> None:

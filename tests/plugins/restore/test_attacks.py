@@ -12,9 +12,6 @@ give the verdict it gives on the unattacked model (detected), with the weights b
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,31 +37,13 @@ RESTORERS = (ChannelRestorer(), FoldRestorer(), ScaleRestorer())
 MARKED = ("conv2", "conv3")  # the layers Greedy Residuals marks in SmallCNN
 
 
-def export(model: nn.Module, path: Path, *, fold: bool, dynamo: bool = False) -> Path:
-    quiet = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        warnings.simplefilter("ignore")
-        options = {"optimize": fold} if dynamo else {}
-        torch.onnx.export(
-            model.eval(), (torch.zeros(1, 1, 8, 8),), str(path), dynamo=dynamo, do_constant_folding=fold, **options
-        )
-    return path
-
-
-def cnn_from(tensors: Tensors) -> nn.Module:
-    """A SmallCNN whose layers take the (possibly resized) shapes of ``tensors``."""
-    model = zoo.SmallCNN()
-    for i in (1, 2, 3):
-        out_c, in_c = tensors[f"conv{i}"]["weight"].shape[:2]
-        setattr(model, f"conv{i}", nn.Conv2d(in_c, out_c, 3, padding=1, bias=False))
-        setattr(model, f"bn{i}", nn.BatchNorm2d(out_c))
-    model.head = nn.Linear(tensors["head"]["weight"].shape[1], 10)
-    model.load_state_dict({f"{m}.{r}": t for m, params in tensors.items() for r, t in params.items()})
-    return model.eval()
-
-
 @pytest.fixture(scope="module", params=["greedy-residuals", "hufunet"])
-def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+def case(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    onnx_export: Callable[..., Path],
+    cnn_from: Callable[[Tensors], nn.Module],
+) -> SimpleNamespace:
     """The watermarked SmallCNN of either scheme's owner (``gr_owner``: width 1; ``hufunet_owner``: width 2)."""
     if request.param == "greedy-residuals":
         owner = request.getfixturevalue("gr_owner")
@@ -74,13 +53,13 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         model, released = zoo.build("cnn", width=2), owner.model_file
         model.load_state_dict(load_file(released))
     out = tmp_path_factory.mktemp("restore_attacks")
-    graph = load_model(export(model, out / "unfolded.onnx", fold=False))
+    graph = load_model(onnx_export(model, out / "unfolded.onnx", fold=False))
     x = owner.data.test.tensors[0]
     with torch.no_grad():
         logits = model.eval()(x)
     reference = load_model(released)
     return SimpleNamespace(owner=owner, model=model, out=out, graph=graph, x=x, logits=logits, reference=reference,
-                           baseline=verdict(reference, owner))  # fmt: skip
+                           baseline=verdict(reference, owner), cnn_from=cnn_from)  # fmt: skip
 
 
 def verdict(graph: LayerGraph, owner: SimpleNamespace) -> Verdict:
@@ -90,7 +69,7 @@ def verdict(graph: LayerGraph, owner: SimpleNamespace) -> Verdict:
 
 def publish(case: SimpleNamespace, tensors: Tensors, name: str) -> tuple[LayerGraph, float]:
     """Save the edited model as safetensors, load it as a suspect; also the max logit difference."""
-    model = cnn_from(tensors)
+    model = case.cnn_from(tensors)
     with torch.no_grad():
         diff = float((model(case.x) - case.logits).abs().max())
     path = case.out / f"{name}.safetensors"
@@ -148,12 +127,14 @@ def test_positive_scaling_is_logged_per_channel(case: SimpleNamespace) -> None:
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
-def test_batch_norm_folding_by_the_onnx_exporter_is_undone(case: SimpleNamespace, dynamo: bool) -> None:
+def test_batch_norm_folding_by_the_onnx_exporter_is_undone(
+    case: SimpleNamespace, dynamo: bool, onnx_export: Callable[..., Path]
+) -> None:
     # The legacy export also carries a permutation and negated channels, which make some folded factors negative.
     permuted, _ = attacks.permute(case.graph, attacks.module_tensors(case.model), seed=5)
     edited = attacks.negate(case.graph, permuted, seed=6)
-    model = cnn_from(edited) if not dynamo else case.model
-    path = export(model, case.out / f"folded_{dynamo}.onnx", fold=True, dynamo=dynamo)
+    model = case.cnn_from(edited) if not dynamo else case.model
+    path = onnx_export(model, case.out / f"folded_{dynamo}.onnx", fold=True, dynamo=dynamo)
     suspect = load_model(path)
     assert not [x for x in suspect.layers if x.kind.value == "batch-norm"], "the exporter was expected to fold"
     restored, log = run_restorers(suspect, case.reference, restorers=RESTORERS)

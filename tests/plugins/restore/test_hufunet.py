@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +23,6 @@ from auditor.toolkit import edits as attacks
 from auditor.toolkit import models as zoo
 from auditor.toolkit.channels import tensors_of
 from auditor.toolkit.edits import negate, permute
-from tests.plugins.restore.test_attacks import cnn_from, export
 
 
 def _stolen_onnx(owner: SimpleNamespace, out: Path) -> Path:
@@ -65,11 +65,17 @@ def _owner_cnn(owner: SimpleNamespace) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_hufunet_verifies_after_a_5_percent_cut_off(tmp_path: Path, hufunet_owner: SimpleNamespace, seed: int) -> None:
+def test_hufunet_verifies_after_a_5_percent_cut_off(
+    tmp_path: Path,
+    hufunet_owner: SimpleNamespace,
+    seed: int,
+    onnx_export: Callable[..., Path],
+    cnn_from: Callable[..., torch.nn.Module],
+) -> None:
     """5% of every layer's channels cut off (the paper's Table 4 cuts 2.3-6.75%): the host's shapes no
     longer fit the bundle until restore pads the missing channels with zeros; then HufuNet verifies."""
     model = _owner_cnn(hufunet_owner)
-    graph = load_model(export(model, tmp_path / "unfolded.onnx", fold=False))
+    graph = load_model(onnx_export(model, tmp_path / "unfolded.onnx", fold=False))
     cut, removed = attacks.cut_off(graph, attacks.module_tensors(model), 0.05, seed=seed)
     path = tmp_path / "cut.safetensors"
     save_file({k: v.contiguous() for k, v in cnn_from(cut).state_dict().items()}, str(path))
