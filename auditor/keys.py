@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from auditor.errors import InputError, UsageError
+from auditor.safeio import read_small_file, write_atomically
 
 __all__ = [
     "ALGORITHMS",
@@ -114,18 +115,14 @@ def generate_keypair(out_dir: Path, *, algorithm: str = "rsa", passphrase: bytes
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    # O_EXCL: never replace a file (or follow a planted symlink); the mode is set
-    # at creation, so a private key is never readable by others, not even briefly.
+    # Never replace a file (or follow a planted symlink); the mode is set at
+    # creation, so a private key is never readable by others, not even briefly.
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+        write_atomically(path, data, mode=mode, exclusive=True)
     except FileExistsError:
         raise UsageError(f"{path}: already exists: auditor never overwrites a key file") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def pem_kind(data: bytes) -> str:
@@ -143,8 +140,6 @@ def pem_kind(data: bytes) -> str:
 
 def read_key_file(path: Path) -> bytes:
     """The bytes of a key file, refusing a missing, empty or oversized one (:class:`InputError`)."""
-    from auditor.smallfiles import read_small_file
-
     data = read_small_file(Path(path), limit=MAX_KEY_BYTES, what="a key file")
     if not data:
         raise InputError(path, "the file is empty")

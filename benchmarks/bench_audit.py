@@ -124,7 +124,7 @@ def in_process(model: Path, bundle: Path, out: Path) -> Callable[[], dict[str, A
 
 
 def hashlib_alone(model: Path) -> float:
-    from auditor.hashing import sha256_file
+    from auditor.safeio import sha256_file
 
     start = time.perf_counter()
     sha256_file(model)

@@ -45,7 +45,7 @@ CHUNK = 1 << 22  # elements per generated chunk: 16 MiB of float32
 SEED = 1234
 ALIGN = 4096  # external-data offsets, so a loader may map each initializer
 
-# What inspect's hashing costs on its own: auditor.hashing's loop (1 MiB reads into hashlib), no torch.
+# What inspect's hashing costs on its own: auditor.safeio.sha256_file's loop (1 MiB reads into hashlib), no torch.
 HASHLIB = """
 import hashlib, sys
 for name in sys.argv[1:]:

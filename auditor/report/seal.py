@@ -171,7 +171,7 @@ def verify_document(
 
 def read_report(path: Path) -> Any:
     """A report's JSON, read as hostile input: size-capped, strict UTF-8 and JSON, no repeated keys."""
-    from auditor.smallfiles import read_small_file
+    from auditor.safeio import read_small_file
 
     data = read_small_file(Path(path), limit=MAX_REPORT_BYTES, what="a report")
     try:

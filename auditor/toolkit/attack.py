@@ -1,25 +1,54 @@
-"""What every built-in attack shares: declared options, their parsing, and the output checks.
+"""What every built-in attack shares: declared options, their parsing, the output checks, and the
+pieces of the attacks that train the stolen model.
 
 An attack declares its options as :class:`Param` rows (name, default, help,
 allowed values); :meth:`BuiltinAttack.apply` converts the values it is given
 (strings from the command line, or Python values), refuses unknown names,
-checks ``out`` (:func:`~.model_io.check_out`) and then calls ``run``. Every
-attack takes ``seed``, ``overwrite`` and ``model_factory``.
+checks ``out`` (:func:`check_out`) and then calls ``run``. Every attack takes
+``seed``, ``overwrite`` and ``model_factory``. Importing this module imports no
+torch, so a plugin can declare its attacks at registration for free.
+
+An attack that trains (fine-tuning, overwriting with the adversary's own
+watermark) takes :data:`TRAIN_PARAMS` and :data:`DATA_PARAMS`: the thief's data
+is a seeded ``fraction`` of the owner's digits training split (the owner's test
+split stays unseen, so the accuracy an evaluation measures on it is honest), or
+whatever ``data_factory`` returns (:func:`thief_data`).
 """
 
 from __future__ import annotations
 
 import abc
+import hashlib
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from auditor.bases import Attack, Param, parse_options
-from auditor.errors import InputError
-from auditor.toolkit.modelio import SUFFIXES, check_out
+from auditor.errors import InputError, UsageError
 
-__all__ = ["COMMON", "BuiltinAttack", "Param", "parse_options"]
+if TYPE_CHECKING:
+    from torch.utils.data import TensorDataset
+
+    from auditor.toolkit.training import TrainConfig
+
+__all__ = [
+    "COMMON",
+    "DATA_PARAMS",
+    "SUFFIXES",
+    "TRAIN_PARAMS",
+    "BuiltinAttack",
+    "Param",
+    "adversary_secret",
+    "check_out",
+    "parse_options",
+    "thief_data",
+    "train_config",
+]
+
+#: The formats an attack writes, by the suffix of ``--out``.
+SUFFIXES = (".safetensors", ".pt", ".onnx")
 
 #: The options every built-in attack takes.
 COMMON = (
@@ -27,6 +56,48 @@ COMMON = (
     Param("overwrite", False, "Replace an existing output file.", bool),
     Param("model_factory", None, "module:function building the model, when it is not a built-in architecture."),
 )
+
+#: The thief's data (:func:`thief_data`).
+DATA_PARAMS = (
+    Param("fraction", 0.5, "The thief's share of the owner's digits training split (0 to 1).", float),
+    Param("data_factory", None, "module:function returning (train, test) TensorDatasets: the thief's own data."),
+)
+#: How an attack trains (:func:`train_config`).
+TRAIN_PARAMS = (
+    Param("epochs", 10, "Training epochs over the thief's data.", int),
+    Param("lr", 1e-3, "Initial learning rate.", float),
+    Param("optimizer", "sgd", "sgd (momentum 0.9), adam or adamw.", choices=("sgd", "adam", "adamw")),
+    Param("weight_decay", 5e-4, "Weight decay (0.0005, the 'decay factor' of the papers' fine-tuning).", float),
+    Param(
+        "schedule",
+        "constant",
+        "Learning-rate schedule: constant, or cosine annealing to zero.",
+        choices=("constant", "cosine"),
+    ),
+    Param("batch_size", 64, "Batch size.", int),
+)
+
+
+def check_out(model: Path, out: Path, *, overwrite: bool, suffixes: tuple[str, ...] = SUFFIXES) -> None:
+    """Refuse an ``out`` that is the input (or inside an input folder), exists without ``overwrite``,
+    is a folder, or has a suffix this attack does not write; create its folder."""
+    suffix = out.suffix.lower()
+    if suffix not in suffixes:
+        shown = f"a {suffix} file" if suffix else "a file without a suffix"
+        raise UsageError(f"{out}: cannot write {shown}; --out must end in {', '.join(suffixes)}")
+    src, dst = model.resolve(), out.resolve()
+    if dst == src:
+        raise UsageError(f"{out}: --out is the input model; an attack never writes over its input")
+    if src.is_dir() and src in dst.parents:
+        raise UsageError(f"{out}: --out is inside the input model's folder; an attack never writes into its input")
+    if out.exists() or out.is_symlink():
+        if out.is_dir():
+            raise UsageError(f"{out} is a folder; --out names the file to write")
+        if model.exists() and os.path.samefile(out, model):
+            raise UsageError(f"{out}: --out is the input model; an attack never writes over its input")
+        if not overwrite:
+            raise UsageError(f"{out} already exists; choose another --out or --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
 
 
 class BuiltinAttack(Attack):
@@ -62,3 +133,30 @@ class BuiltinAttack(Attack):
     @abc.abstractmethod
     def run(self, model: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
         """Write the attacked ``model`` to ``out``; return what was done (JSON-ready)."""
+
+
+def thief_data(options: Mapping[str, Any]) -> TensorDataset:
+    """The thief's training data from the :data:`DATA_PARAMS` and ``seed`` options (see the module docstring)."""
+    from auditor.toolkit import data as datasets
+
+    if options["data_factory"]:
+        return datasets.owner_dataset(options["data_factory"]).train
+    fraction = options["fraction"]
+    if fraction >= 1.0:
+        return datasets.digits().train
+    return datasets.split(datasets.digits(), fraction, seed=options["seed"])[0]
+
+
+def train_config(options: Mapping[str, Any]) -> TrainConfig:
+    """The training loop's settings from the :data:`TRAIN_PARAMS` and ``seed`` options, on the CPU."""
+    from auditor.toolkit.training import TrainConfig
+
+    return TrainConfig(
+        epochs=options["epochs"], batch_size=options["batch_size"], lr=options["lr"], optimizer=options["optimizer"],
+        weight_decay=options["weight_decay"], seed=options["seed"], schedule=options["schedule"], device="cpu",
+    )  # fmt: skip
+
+
+def adversary_secret(seed: int) -> bytes:
+    """32 bytes the adversary's keys are derived from, fixed by ``seed`` so that an attack repeats."""
+    return hashlib.sha256(f"adversary {seed}".encode()).digest()

@@ -29,6 +29,7 @@ from auditor.errors import UsageError
 from auditor.graph import Edge, Layer, LayerGraph, LayerKind, TensorRef
 
 __all__ = [
+    "DEFAULT_EPS",
     "PRODUCER_KINDS",
     "Consumer",
     "Space",
@@ -45,6 +46,8 @@ __all__ = [
 #: ``layer name -> role -> tensor``: the weights an operation reads and returns.
 Tensors = dict[str, dict[str, torch.Tensor]]
 
+#: PyTorch's batch-norm epsilon, for a batch-norm whose file does not record its own.
+DEFAULT_EPS = 1e-5
 #: Layers whose output channels can be reordered (each output row is one channel).
 PRODUCER_KINDS = (LayerKind.CONV1D, LayerKind.CONV2D, LayerKind.LINEAR)
 _CONV = (LayerKind.CONV1D, LayerKind.CONV2D)

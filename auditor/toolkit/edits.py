@@ -25,8 +25,7 @@ from torch import nn
 from auditor.errors import UsageError
 from auditor.formats.statedict import split_key
 from auditor.graph import LayerGraph
-from auditor.plugins.restore.fold import DEFAULT_EPS
-from auditor.toolkit.channels import Space, Tensors, apply_channel_maps, channel_spaces, input_params
+from auditor.toolkit.channels import DEFAULT_EPS, Space, Tensors, apply_channel_maps, channel_spaces, input_params
 
 __all__ = ["cut_off", "expand", "free_spaces", "module_tensors", "negate", "permute", "scale"]
 

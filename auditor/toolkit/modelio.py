@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import os
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
@@ -26,51 +25,28 @@ import torch
 from auditor.audit.load import load_model
 from auditor.errors import UsageError
 from auditor.graph import EdgeSource, LayerGraph
+from auditor.safeio import write_atomically
+from auditor.toolkit.attack import SUFFIXES
 from auditor.toolkit.channels import Tensors, graph_with_tensors, tensors_of
 from auditor.toolkit.recognise import DIGITS_INPUT, Runnable, load_into, require_runnable, runnable
-from auditor.toolkit.training import _atomic_write
 
 __all__ = [
     "DIGITS_INPUT",
     "SUFFIXES",
     "Runnable",
     "Source",
-    "check_out",
     "export_onnx",
     "predictor",
     "read_model",
+    "read_runnable",
     "require_runnable",
     "save",
     "runnable",
     "state_dict",
     "working_graph",
     "write_model",
+    "write_runnable",
 ]
-
-#: The formats an attack writes, by the suffix of ``--out``.
-SUFFIXES = (".safetensors", ".pt", ".onnx")
-
-
-def check_out(model: Path, out: Path, *, overwrite: bool, suffixes: tuple[str, ...] = SUFFIXES) -> None:
-    """Refuse an ``out`` that is the input (or inside an input folder), exists without ``overwrite``,
-    is a folder, or has a suffix this attack does not write; create its folder."""
-    suffix = out.suffix.lower()
-    if suffix not in suffixes:
-        shown = f"a {suffix} file" if suffix else "a file without a suffix"
-        raise UsageError(f"{out}: cannot write {shown}; --out must end in {', '.join(suffixes)}")
-    src, dst = model.resolve(), out.resolve()
-    if dst == src:
-        raise UsageError(f"{out}: --out is the input model; an attack never writes over its input")
-    if src.is_dir() and src in dst.parents:
-        raise UsageError(f"{out}: --out is inside the input model's folder; an attack never writes into its input")
-    if out.exists() or out.is_symlink():
-        if out.is_dir():
-            raise UsageError(f"{out} is a folder; --out names the file to write")
-        if model.exists() and os.path.samefile(out, model):
-            raise UsageError(f"{out}: --out is the input model; an attack never writes over its input")
-        if not overwrite:
-            raise UsageError(f"{out} already exists; choose another --out or --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
 
 
 @dataclass
@@ -116,9 +92,9 @@ def write_model(state: Mapping[str, torch.Tensor], out: Path, *, model: Runnable
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     suffix = out.suffix.lower()
     if suffix == ".safetensors":
-        _atomic_write(out, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        write_atomically(out, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     elif suffix == ".pt":
-        _atomic_write(out, lambda p: torch.save(tensors, p))
+        write_atomically(out, lambda p: torch.save(tensors, p))
     elif suffix == ".onnx":
         if model is None:
             raise UsageError(f"{out}: writing ONNX needs a model it can run (a built-in architecture or "
@@ -151,7 +127,7 @@ def export_onnx(model: Runnable, out: Path, *, exporter: str = "legacy", trainin
         def export(path: Path) -> None:
             torch.onnx.export(module, example, str(path), **kwargs)
 
-        _atomic_write(out, export)
+        write_atomically(out, export)
 
 
 def working_graph(source: Source, model: Runnable | None) -> tuple[LayerGraph, str]:
@@ -231,3 +207,17 @@ def save(source: Source, tensors: Mapping[str, Mapping[str, torch.Tensor]], out:
         model = require_runnable(state, model_factory=model_factory, why="writing ONNX")
     write_model(state, out, model=model, exporter=exporter)
     return model
+
+
+def read_runnable(path: Path, *, model_factory: str | None, why: str) -> Runnable:
+    """The model file ``path`` as a module to train further (in training mode); ``why`` names the
+    attack in the error when no architecture fits."""
+    found = require_runnable(read_model(path).state_dict(), model_factory=model_factory, why=why)
+    found.module.train()
+    return found
+
+
+def write_runnable(found: Runnable, out: Path) -> None:
+    """Write a trained module's weights to ``out`` (any suffix :func:`write_model` takes), in eval mode."""
+    found.module.eval()
+    write_model(found.module.state_dict(), out, model=found)

@@ -9,8 +9,6 @@ and data, it gives bit-identical weights on CPU.
 from __future__ import annotations
 
 import math
-import os
-import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from auditor.errors import UsageError
+from auditor.safeio import write_atomically
 
 __all__ = ["TrainConfig", "TrainResult", "evaluate", "resolve_device", "save_model", "train"]
 
@@ -214,21 +213,6 @@ def evaluate(model: nn.Module, dataset: Dataset[tuple[torch.Tensor, ...]], devic
     return correct / total if total else 0.0
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    # The temporary file sits beside the target (os.replace is then one rename) and is
-    # created with the usual mode for a new file (mkstemp's 0600 would stick).
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
-    try:
-        mode = tmp.stat().st_mode & 0o777  # 0666 less the umask
-        write(tmp)
-        os.chmod(tmp, mode)  # safetensors writes a fresh file of its own (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def model_files(out_dir: Path, stem: str = "model") -> dict[str, Path]:
     """The files :func:`save_model` writes: ``out_dir/stem.safetensors`` and ``out_dir/stem.pt``."""
     return {"safetensors": Path(out_dir) / f"{stem}.safetensors", "pt": Path(out_dir) / f"{stem}.pt"}
@@ -256,6 +240,6 @@ def save_model(model: nn.Module, out_dir: Path, stem: str = "model", *, overwrit
     out_dir.mkdir(parents=True, exist_ok=True)
     # Clones: safetensors refuses tensors that share storage (tied weights), and CUDA tensors come home.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write(paths["safetensors"], lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic_write(paths["pt"], lambda p: torch.save(state, p))
+    write_atomically(paths["safetensors"], lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    write_atomically(paths["pt"], lambda p: torch.save(state, p))
     return paths

@@ -46,11 +46,11 @@ def parse_params(pairs: list[str] | None) -> dict[str, str]:
 
 
 def _print_catalogue(as_json: bool) -> None:
-    from auditor.cli.root import _emit_json, out, shown
+    from auditor.cli.console import emit_json, out, shown
 
     rows = attack_catalogue()
     if as_json:
-        _emit_json(rows)
+        emit_json(rows)
         return
     for row in rows:
         keeps = "  \\[function-preserving]" if row["function_preserving"] else ""
@@ -86,7 +86,7 @@ def attack(  # noqa: PLR0917 (typer passes options positionally)
     as_json: opt.Json = False,
 ) -> None:
     """Attack a model and write the result to a new file (the input is never changed); --list shows the attacks."""
-    from auditor.cli.root import _emit_json, out, shown
+    from auditor.cli.console import emit_json, out, shown
     from auditor.plugin_manager import registered
 
     if list_attacks:
@@ -107,7 +107,7 @@ def attack(  # noqa: PLR0917 (typer passes options positionally)
     assert isinstance(chosen, Attack)  # the registry checked it
     summary = chosen.apply(model, out_path, options=options)
     if as_json:
-        _emit_json(summary)
+        emit_json(summary)
         return
     out.print(f"wrote {shown(summary.get('out', out_path))} ({shown(name)}, {summary.get('seconds', 0):.1f} s)")
     for key, value in summary.items():
@@ -140,7 +140,7 @@ def evaluate(  # noqa: PLR0917
     as_json: opt.Json = False,
 ) -> None:
     """Attack the model across a grid of attacks and strengths and audit each result; resumable."""
-    from auditor.cli.root import _emit_json, out, shown
+    from auditor.cli.console import emit_json, out, shown
     from auditor.plugins.attacks.evaluate import evaluate_model
     from auditor.plugins.attacks.render import summary
 
@@ -150,7 +150,7 @@ def evaluate(  # noqa: PLR0917
                              restart=restart,
                              progress=not no_progress)  # fmt: skip
     if as_json:
-        _emit_json({k: v for k, v in results.items() if k != "cells"} | {"summary": summary(results)})
+        emit_json({k: v for k, v in results.items() if k != "cells"} | {"summary": summary(results)})
         return
     for line in summary(results):
         out.print(shown(line))

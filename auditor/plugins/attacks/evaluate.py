@@ -1,9 +1,10 @@
 """``auditor evaluate``: one watermarked model through the attack grid, audited after every attack.
 
-Per cell: the attack writes the attacked model to a temporary file; the file
-is loaded with the safe loaders, audited by every detector (``direct``) and,
-with a reference model, again after the restore stage (``restored``); its
-accuracy is measured on the test split of ``data_factory`` (the owner's data)
+Per cell: the attack writes the attacked model to a temporary file, which
+goes through the audit pipeline of ``auditor audit``
+(:func:`~auditor.audit.pipeline.audit_suspect`): every detector on the file as
+it is (``direct``) and, with a reference model, again after the restore stage
+(``restored``); its accuracy is measured on the test split of ``data_factory`` (the owner's data)
 or of the bundled digits when it can be run; attacks that train are given
 the same factory (the thief's data is the owner's train split). Each
 finished cell is written at once to ``state.json`` in the output folder, so an
@@ -13,8 +14,8 @@ interrupted run picks up where it stopped; ``robustness.json``, ``.md`` and
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import shutil
 import time
 import traceback
@@ -53,19 +54,19 @@ def finding_row(f: Finding) -> dict[str, Any]:
 
 
 def _sha256(path: Path) -> str:
-    from auditor.hashing import sha256_file
+    from auditor.safeio import sha256_file
 
     return sha256_file(path) if path.is_file() else f"folder:{path.resolve()}"
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    from auditor.safeio import write_atomically
+
+    write_atomically(path, (json.dumps(data, indent=1, sort_keys=False, default=str) + "\n").encode())
 
 
 class _Context:
-    """What every cell needs, loaded once."""
+    """What every cell needs, loaded once: the audit's inputs (as ``auditor audit`` loads them) and the test data."""
 
     def __init__(
         self,
@@ -75,23 +76,23 @@ class _Context:
         model_factory: str | None,
         data_factory: str | None = None,
     ):
-        from auditor.audit.load import load_model
-        from auditor.bundle import load_bundle
+        from auditor.audit.pipeline import load_inputs
         from auditor.toolkit import data as datasets
         from auditor.toolkit.modelio import predictor
 
         self.model, self.model_factory, self.data_factory = model, model_factory, data_factory
-        self.bundles = [load_bundle(Path(b)) for b in bundles]
-        self.reference = load_model(reference) if reference is not None else None
+        self.inputs = load_inputs(bundles=[Path(b) for b in bundles], reference=reference)
+        # The same inputs without the reference: the detectors on the attacked file as it is.
+        self.direct = dataclasses.replace(self.inputs, reference=None)
+        by_path = {b.path: b for b in self.inputs.bundles}
+        self.bundles = [by_path[Path(b)] for b in bundles]  # in the order given
         self.test = datasets.owner_dataset(data_factory).test
         run = predictor(model, model_factory=model_factory)
         self.original = run(self.test.tensors[0]) if run is not None else None
 
     def audit(self, path: Path) -> dict[str, Any]:
         """Accuracy, change of outputs, and the detectors' rows before and after restore."""
-        from auditor.audit.detect import run_detectors
-        from auditor.audit.load import load_model
-        from auditor.audit.restore import run_restorers
+        from auditor.audit.pipeline import audit_suspect
         from auditor.toolkit.modelio import predictor
 
         result: dict[str, Any] = {"accuracy": None, "max_output_change": None}
@@ -101,15 +102,14 @@ class _Context:
             result["accuracy"] = float((logits.argmax(1) == self.test.tensors[1]).float().mean())
             if self.original is not None and logits.shape == self.original.shape:
                 result["max_output_change"] = float((logits - self.original).abs().max())
-        graph = load_model(path)
-        result["direct"] = [finding_row(f) for f in run_detectors(graph, bundles=self.bundles)]
-        if self.reference is not None:
-            restored, log = run_restorers(graph, self.reference)
+        result["direct"] = [finding_row(f) for f in audit_suspect(path, self.direct).findings]
+        if self.inputs.reference is not None:
+            record = audit_suspect(path, self.inputs)
             result["restore"] = [
                 {"restorer": e["restorer"], "status": e["status"], "acted": bool(e.get("log", {}).get("acted")),
-                 "reason": e.get("log", {}).get("reason", e.get("error", ""))} for e in log
+                 "reason": e.get("log", {}).get("reason", e.get("error", ""))} for e in record.restore
             ]  # fmt: skip
-            result["restored"] = [finding_row(f) for f in run_detectors(restored, bundles=self.bundles)]
+            result["restored"] = [finding_row(f) for f in record.findings]
         return result
 
 

@@ -9,16 +9,14 @@ renames the folded weights.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from auditor.errors import UsageError
 from auditor.graph import LayerGraph, LayerKind
-from auditor.plugins.restore.fold import DEFAULT_EPS
 from auditor.toolkit.attack import BuiltinAttack, Param
-from auditor.toolkit.channels import Tensors, is_pass_through
-from auditor.toolkit.modelio import read_model, runnable, save, working_graph
+
+if TYPE_CHECKING:  # torch and the model I/O load when an attack runs, not when it registers
+    from auditor.toolkit.channels import Tensors
 
 __all__ = ["BatchNormFolding", "OnnxExport", "fold_batch_norm"]
 
@@ -29,6 +27,10 @@ def fold_batch_norm(graph: LayerGraph, tensors: Tensors) -> tuple[Tensors, dict[
     """Every batch-norm that reads one producer alone (which feeds nothing else) folded into it:
     ``W' = W * g``, ``b' = beta + (b - mean) * g`` with ``g = gamma / sqrt(var + eps)`` per channel.
     Returns new tensors without the folded batch-norms, and which batch-norm went into which layer."""
+    import torch
+
+    from auditor.toolkit.channels import DEFAULT_EPS, is_pass_through
+
     out = {name: dict(params) for name, params in tensors.items()}
     layers = {layer.name: layer for layer in graph.layers}
     folded: dict[str, str] = {}
@@ -65,6 +67,8 @@ class BatchNormFolding(BuiltinAttack):
 
     def run(self, model: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
         """Fold and write."""
+        from auditor.toolkit.modelio import read_model, runnable, save, working_graph
+
         source = read_model(model)
         module = runnable(source.state_dict(), model_factory=options["model_factory"])
         graph, edges_from = working_graph(source, module)
@@ -87,6 +91,8 @@ class OnnxExport(BuiltinAttack):
 
     def run(self, model: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
         """Build the model, load the weights, export."""
+        from auditor.toolkit.modelio import read_model, save
+
         source = read_model(model)
         built = save(source, source.tensors, out, model_factory=options["model_factory"], exporter=options["exporter"])
         return {"model": built.name if built is not None else None, "exporter": options["exporter"]}

@@ -11,21 +11,23 @@ reads, which do not.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from auditor.errors import UsageError
 from auditor.graph import LayerGraph
-from auditor.toolkit import edits
 from auditor.toolkit.attack import BuiltinAttack, Param
-from auditor.toolkit.channels import Tensors, graph_with_tensors, input_params
-from auditor.toolkit.modelio import Source, read_model, runnable, save, working_graph
+
+if TYPE_CHECKING:  # torch, the edits and the model I/O load when an attack runs, not when it registers
+    from auditor.toolkit.channels import Tensors
+    from auditor.toolkit.modelio import Source
 
 __all__ = ["ChannelExpansion", "CutOff", "Permutation", "Scaling", "SignFlip", "Supplement"]
 
 
 def _prepare(model: Path, options: dict[str, Any]) -> tuple[Source, LayerGraph, str]:
+    from auditor.toolkit import edits
+    from auditor.toolkit.modelio import read_model, runnable, working_graph
+
     source = read_model(model)
     module = runnable(source.state_dict(), model_factory=options["model_factory"])
     graph, edges_from = working_graph(source, module)
@@ -36,12 +38,16 @@ def _prepare(model: Path, options: dict[str, Any]) -> tuple[Source, LayerGraph, 
 
 
 def _spaces(graph: LayerGraph) -> list[dict[str, Any]]:
+    from auditor.toolkit import edits
+
     return [{"producers": sp.producers, "width": sp.width} for sp in edits.free_spaces(graph)]
 
 
 class _ChannelAttack(BuiltinAttack):
     def run(self, model: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
         """Read, edit the channels, write."""
+        from auditor.toolkit.modelio import save
+
         source, graph, edges_from = _prepare(model, options)
         tensors, info = self.edit(graph, source.tensors, options)
         save(source, tensors, out, model_factory=options["model_factory"])
@@ -62,6 +68,10 @@ class Permutation(_ChannelAttack):
 
     def edit(self, graph: LayerGraph, tensors: Tensors, options: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
         """Permute."""
+        import torch
+
+        from auditor.toolkit import edits
+
         result, maps = edits.permute(graph, tensors, seed=options["seed"])
         moved = sum(int((index != torch.arange(len(index))).sum()) for index in maps.values())
         return result, {"channels_moved": moved}
@@ -83,6 +93,8 @@ class Scaling(_ChannelAttack):
 
     def edit(self, graph: LayerGraph, tensors: Tensors, options: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
         """Scale."""
+        from auditor.toolkit import edits
+
         low, high = options["low"], options["high"]
         if not 0 < low <= high:
             raise UsageError(f"scale factors need 0 < low <= high, not low={low}, high={high}")
@@ -102,6 +114,8 @@ class SignFlip(_ChannelAttack):
 
     def edit(self, graph: LayerGraph, tensors: Tensors, options: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
         """Negate."""
+        from auditor.toolkit import edits
+
         return edits.negate(graph, tensors, seed=options["seed"], fraction=options["fraction"]), {}
 
 
@@ -119,6 +133,10 @@ class ChannelExpansion(_ChannelAttack):
 
     def edit(self, graph: LayerGraph, tensors: Tensors, options: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
         """Expand one space."""
+        import torch
+
+        from auditor.toolkit import edits
+
         producers = [sp.producers[0] for sp in edits.free_spaces(graph)]
         layer = options["layer"]
         if layer is None:
@@ -141,6 +159,8 @@ class CutOff(_ChannelAttack):
 
     def edit(self, graph: LayerGraph, tensors: Tensors, options: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
         """Cut off."""
+        from auditor.toolkit import edits
+
         if not 0 < options["fraction"] < 1:
             raise UsageError(f"the fraction must be between 0 and 1, not {options['fraction']}")
         result, removed = edits.cut_off(graph, tensors, options["fraction"], seed=options["seed"])
@@ -160,6 +180,11 @@ class Supplement(_ChannelAttack):
 
     def edit(self, graph: LayerGraph, tensors: Tensors, options: dict[str, Any]) -> tuple[Tensors, dict[str, Any]]:
         """Expand every space and give the readers non-zero weights for the new channels."""
+        import torch
+
+        from auditor.toolkit import edits
+        from auditor.toolkit.channels import graph_with_tensors, input_params
+
         if not 0 < options["fraction"] < 1:
             raise UsageError(f"the fraction must be between 0 and 1, not {options['fraction']}")
         gen = torch.Generator().manual_seed(options["seed"])

@@ -10,15 +10,15 @@ convert every floating tensor.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from auditor.errors import UsageError
-from auditor.graph import LayerKind
+from auditor.graph import LayerKind, torch_dtype
 from auditor.toolkit.attack import BuiltinAttack, Param
-from auditor.toolkit.channels import Tensors
-from auditor.toolkit.modelio import Source, read_model, save
+
+if TYPE_CHECKING:  # torch and the model I/O load when an attack runs, not when it registers
+    from auditor.toolkit.channels import Tensors
+    from auditor.toolkit.modelio import Source
 
 __all__ = [
     "Bf16Cast",
@@ -69,6 +69,8 @@ def _copy(tensors: Tensors) -> Tensors:
 def magnitude_prune(tensors: Tensors, targets: list[tuple[str, str]], rate: float, *, scope: str) -> Tensors:
     """The ``rate`` smallest-|w| weights set to zero, over all ``targets`` at once (``global``) or in
     each (``layer``); exactly ``round(rate * n)`` of them, ties broken by position."""
+    import torch
+
     out = _copy(tensors)
     groups = [targets] if scope == "global" else [[t] for t in targets]
     for group in groups:
@@ -101,6 +103,8 @@ class MagnitudePruning(BuiltinAttack):
 
     def run(self, model: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
         """Prune and write."""
+        from auditor.toolkit.modelio import read_model, save
+
         source = read_model(model)
         targets = weight_roles(source, options["layers"])
         pruned = magnitude_prune(source.tensors, targets, _check_rate(options["rate"]), scope=options["scope"])
@@ -118,6 +122,10 @@ class RandomPruning(BuiltinAttack):
 
     def run(self, model: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
         """Prune and write."""
+        import torch
+
+        from auditor.toolkit.modelio import read_model, save
+
         source = read_model(model)
         targets = weight_roles(source, options["layers"])
         rate = _check_rate(options["rate"])
@@ -141,6 +149,10 @@ class ChannelPruning(BuiltinAttack):
 
     def run(self, model: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
         """Zero the weakest filters of every convolution and write."""
+        import torch
+
+        from auditor.toolkit.modelio import read_model, save
+
         source = read_model(model)
         rate = _check_rate(options["rate"])
         pruned = _copy(source.tensors)
@@ -158,14 +170,17 @@ class ChannelPruning(BuiltinAttack):
 
 
 class _Cast(BuiltinAttack):
-    dtype: ClassVar[torch.dtype] = torch.float16
+    dtype: ClassVar[str] = "float16"  # auditor's dtype name
     suffixes = (".safetensors", ".pt")
 
     def run(self, model: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
         """Convert every floating tensor and write it in the new type."""
+        from auditor.toolkit.modelio import read_model, save
+
         source = read_model(model)
+        dtype = torch_dtype(self.dtype)
         cast = {
-            n: {r: t.to(self.dtype) if t.is_floating_point() else t for r, t in params.items()}
+            n: {r: t.to(dtype) if t.is_floating_point() else t for r, t in params.items()}
             for n, params in source.tensors.items()
         }
         save(source, cast, out)
@@ -174,7 +189,7 @@ class _Cast(BuiltinAttack):
              if t.is_floating_point() and t.numel() for c in (cast[n][r],)),
             default=0.0,
         )  # fmt: skip
-        return {"dtype": str(self.dtype).removeprefix("torch."), "max_abs_change": err}
+        return {"dtype": self.dtype, "max_abs_change": err}
 
 
 class Fp16Cast(_Cast):
@@ -183,7 +198,7 @@ class Fp16Cast(_Cast):
     id = "cast-fp16"
     description = "Cast every floating tensor to float16 (half precision) and store it so."
     paper = "deployment casts (neither paper measures them)"
-    dtype = torch.float16
+    dtype = "float16"
 
 
 class Bf16Cast(_Cast):
@@ -192,7 +207,7 @@ class Bf16Cast(_Cast):
     id = "cast-bf16"
     description = "Cast every floating tensor to bfloat16 and store it so."
     paper = "deployment casts (neither paper measures them)"
-    dtype = torch.bfloat16
+    dtype = "bfloat16"
 
 
 class Int8Quantization(BuiltinAttack):
@@ -209,6 +224,10 @@ class Int8Quantization(BuiltinAttack):
 
     def run(self, model: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
         """Round every weight to its channel's grid and write."""
+        import torch
+
+        from auditor.toolkit.modelio import read_model, save
+
         if not 2 <= options["bits"] <= 8:
             raise UsageError(f"bits must be from 2 to 8, not {options['bits']}")
         levels = 2 ** (options["bits"] - 1) - 1

@@ -81,8 +81,8 @@ def embed_greedy_residuals(
     import torch
 
     from auditor import keys
-    from auditor.hashing import sha256_file
     from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
+    from auditor.safeio import sha256_file
     from auditor.toolkit import data as datasets
     from auditor.toolkit import models as zoo
     from auditor.toolkit import training

@@ -242,7 +242,7 @@ class GreedyResidualsWatermark:
         factory), ``training`` optionally records how the model was trained
         (data set, test split hash, accuracy); neither is needed to detect.
         """
-        from auditor.hashing import sha256_file
+        from auditor.safeio import sha256_file
 
         model_file = Path(model_file)
         rates = self.rates(model)

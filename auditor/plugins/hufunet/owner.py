@@ -22,6 +22,7 @@ from torch import nn
 from auditor.errors import UsageError
 from auditor.plugins.hufunet.freezing import FrozenKernels
 from auditor.plugins.hufunet.placement import HostView, eph_kernels, host_kernel_count, host_refs, place
+from auditor.plugins.hufunet.scheme import SCHEME, public_dataset
 from auditor.toolkit.models import model_graph
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "write_bundle",
 ]
 
-SCHEME = "hufunet"
 BUNDLE_FILE = "owner_bundle.json"
 MODEL_STEM = "model"
 #: The fields of the secret HufuNet file copied into the owner bundle's ``hufunet`` section.
@@ -147,10 +147,9 @@ def write_bundle(
     import torch
 
     from auditor.bundle import save_bundle
-    from auditor.hashing import sha256_file
-    from auditor.plugins.hufunet.detector import public_dataset
     from auditor.plugins.hufunet.network import accuracy, assemble, sph_of
     from auditor.plugins.hufunet.placement import retrieve
+    from auditor.safeio import sha256_file
 
     convs = [m.weight for m in hufunet.modules() if isinstance(m, nn.Conv2d)]
     eph = eph_kernels(convs)
@@ -159,7 +158,7 @@ def write_bundle(
         raise RuntimeError("EPH did not come out of training bit-identical")  # the freezing contract: a bug
     widths = [int(w.shape[0]) for w in convs]
     combined = assemble(read_back, sph_of(hufunet), widths, int(convs[0].shape[1]))  # type: ignore[arg-type]
-    acc_combined = accuracy(combined, public_dataset(secret["dataset"], {}))
+    acc_combined = accuracy(combined, public_dataset(secret["dataset"]))
     released = {"file": Path(files["safetensors"]).name, "sha256": sha256_file(Path(files["safetensors"]))}
     if "pt" in files:
         released.update(pt_file=Path(files["pt"]).name, pt_sha256=sha256_file(Path(files["pt"])))

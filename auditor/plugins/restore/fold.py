@@ -29,12 +29,9 @@ from auditor.graph import Edge, EdgeSource, Layer, LayerGraph, LayerKind, Tensor
 from auditor.plugins.restore.align import per_channel_edges
 from auditor.plugins.restore.factors import least_squares_factors
 from auditor.plugins.restore.plan import Plan
-from auditor.toolkit.channels import PRODUCER_KINDS, is_pass_through
+from auditor.toolkit.channels import DEFAULT_EPS, PRODUCER_KINDS, is_pass_through
 
-__all__ = ["DEFAULT_EPS", "unfold"]
-
-#: PyTorch's default, for a reference batch-norm whose file does not record its epsilon.
-DEFAULT_EPS = 1e-5
+__all__ = ["unfold"]
 
 
 def _following_bn(graph: LayerGraph, name: str, edges: list[Edge] | None = None) -> Layer | None:

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from auditor.plugins.restore.plan import LayerMatch
+if TYPE_CHECKING:  # plan imports torch; the guard's numbers are plain floats
+    from auditor.plugins.restore.plan import LayerMatch
 
 __all__ = ["MIN_ROW", "THRESHOLD", "Evidence", "assess"]
 

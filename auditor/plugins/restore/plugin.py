@@ -3,29 +3,53 @@
 Channel order comes first because every later step compares a suspect channel
 with *its* reference channel; |cosine| finds it whatever the channel's scale,
 sign or folding. Unfolding needs the reference's channel to measure the
-folded factor against; scale comes last. Each restorer builds its own plan
-from the graph it receives and asks the guard (:mod:`.guard`) before it
-changes anything, so each is safe alone and an innocent model passes through
-all three untouched, with the reason in the log.
+folded factor against; scale comes last. Each restorer plans against the
+graph it receives and asks the guard (:mod:`.guard`) before it changes
+anything, so each is safe alone and an innocent model passes through all three
+untouched, with the reason in the log. The plan is made once per suspect graph
+(:func:`shared_plan`): a restorer that changes nothing hands the next one the
+same graph, and with it the same plan; only a changed graph is planned again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, ClassVar
-
-import torch
+import weakref
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from auditor import hookimpl
 from auditor.bases import Restorer
 from auditor.graph import LayerGraph
 from auditor.plugins.restore import guard as _guard
-from auditor.plugins.restore.fold import unfold
-from auditor.plugins.restore.plan import Plan, make_plan
-from auditor.plugins.restore.scale import restore_scales
-from auditor.toolkit.channels import apply_channel_maps, graph_with_tensors, tensors_of
+from auditor.plugins.restore import report
 
-__all__ = ["ChannelRestorer", "FoldRestorer", "GuardedRestorer", "ScaleRestorer", "register_restorers"]
+if TYPE_CHECKING:  # the planning modules import torch: they load when a restorer runs, not when it registers
+    from auditor.plugins.restore.plan import Plan
+
+__all__ = ["ChannelRestorer", "FoldRestorer", "GuardedRestorer", "ScaleRestorer", "register_restorers", "shared_plan"]
+
+_last_plan: tuple[weakref.ref[LayerGraph], weakref.ref[LayerGraph], Plan] | None = None
+
+
+def shared_plan(suspect: LayerGraph, reference: LayerGraph) -> Plan:
+    """The plan of ``suspect`` against ``reference``, made once for this pair of graph objects.
+
+    The restorers run one after another on the graph the previous one returned,
+    which is the same object when it changed nothing; the plan (layer alignment
+    and channel matching, the costly part) is then the same too. The last plan
+    is kept with weak references to its graphs, so that it never outlives them
+    and a new graph that happens to get an old one's ``id`` is never mistaken
+    for it. Nothing that uses a plan may change it.
+    """
+    global _last_plan
+    from auditor.plugins.restore.plan import make_plan
+
+    last = _last_plan  # one read: another thread may replace it (then both plan, and both plans are right)
+    if last is not None and last[0]() is suspect and last[1]() is reference:
+        return last[2]
+    plan = make_plan(suspect, reference)
+    _last_plan = (weakref.ref(suspect), weakref.ref(reference), plan)
+    return plan
 
 
 def _round(x: float | None) -> float | None:
@@ -60,6 +84,13 @@ class GuardedRestorer(Restorer):
     happen to an innocent model); ``threshold`` overrides the calibrated one."""
 
     order: ClassVar[int] = 100
+    explanation = report.EXPLANATION
+    metric_labels = report.METRIC_LABELS
+    columns = report.COLUMNS
+
+    def figure(self, entry: Mapping[str, Any]) -> tuple[str, Any] | None:
+        """The similarity chart and the channel matching of the logged layers."""
+        return report.figure(entry)
 
     def __init__(self, *, guard: bool = True, threshold: float = _guard.THRESHOLD) -> None:
         self.guarded = guard
@@ -67,7 +98,7 @@ class GuardedRestorer(Restorer):
 
     def restore(self, suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph, dict[str, Any]]:
         """The restored suspect (or the suspect itself, untouched) and the log."""
-        plan = make_plan(suspect, reference)
+        plan = shared_plan(suspect, reference)
         evidence = _guard.assess(plan.matches.values(), threshold=self.threshold)
         log: dict[str, Any] = {
             "acted": False, "edges_from": plan.edges_from, "evidence": evidence.to_log(),
@@ -96,6 +127,10 @@ class ChannelRestorer(GuardedRestorer):
         self, suspect: LayerGraph, reference: LayerGraph, plan: Plan, log: dict[str, Any]
     ) -> tuple[LayerGraph, dict[str, Any]]:
         """Apply the plan's channel maps to every producer, per-channel layer and reader."""
+        import torch
+
+        from auditor.toolkit.channels import apply_channel_maps, graph_with_tensors, tensors_of
+
         log["layers"] = _layers_log(plan)
         spaces = {sp.id: sp for sp in plan.spaces}
         maps = {
@@ -126,6 +161,8 @@ class FoldRestorer(GuardedRestorer):
         self, suspect: LayerGraph, reference: LayerGraph, plan: Plan, log: dict[str, Any]
     ) -> tuple[LayerGraph, dict[str, Any]]:
         """Unfold every folded convolution whose reference counterpart has a batch-norm after it."""
+        from auditor.plugins.restore.fold import unfold
+
         graph, entries = unfold(suspect, reference, plan)
         log["layers"] = entries
         if graph is None:
@@ -146,6 +183,9 @@ class ScaleRestorer(GuardedRestorer):
         self, suspect: LayerGraph, reference: LayerGraph, plan: Plan, log: dict[str, Any]
     ) -> tuple[LayerGraph, dict[str, Any]]:
         """Estimate each channel's factor against the reference and divide it out."""
+        from auditor.plugins.restore.scale import restore_scales
+        from auditor.toolkit.channels import graph_with_tensors
+
         tensors, entries, notes = restore_scales(suspect, reference, plan)
         log["layers"] = entries
         log["notes"] += notes

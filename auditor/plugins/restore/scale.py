@@ -30,9 +30,8 @@ import torch
 
 from auditor.graph import LayerGraph
 from auditor.plugins.restore import factors
-from auditor.plugins.restore.fold import DEFAULT_EPS
 from auditor.plugins.restore.plan import Plan, creates_cycle
-from auditor.toolkit.channels import Space, Tensors, input_params, tensors_of
+from auditor.toolkit.channels import DEFAULT_EPS, Space, Tensors, input_params, tensors_of
 
 __all__ = ["DEADBAND", "restore_scales"]
 
@@ -273,7 +272,9 @@ def restore_scales(
     w = _Weights(suspect, reference)
     entries: list[dict[str, Any]] = []
     notes: list[str] = []
-    if plan.readers_from_data:
+    if plan.readers_from_data:  # on a copy of the spaces: the plan is shared (see plugin.shared_plan)
+        spaces = [dataclasses.replace(sp, consumers=list(sp.consumers)) for sp in plan.spaces]
+        plan = dataclasses.replace(plan, spaces=spaces)
         _rechoose_readers(w, plan)
     order = []
     for space in _input_side_first(plan, reference):

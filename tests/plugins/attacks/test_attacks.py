@@ -16,7 +16,7 @@ from auditor.audit.load import load_model
 from auditor.bases import Attack
 from auditor.errors import InputError, UsageError
 from auditor.plugin_manager import registered
-from auditor.toolkit import training
+from auditor.toolkit import models, training
 from auditor.toolkit.modelio import predictor, read_model, runnable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,14 +44,14 @@ def _randomise_norms(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SimpleNamespace]:
     """cnn, resnet and lstm (width 1, seeded, batch-norm randomised), each saved as .pt and .safetensors."""
     out = tmp_path_factory.mktemp("zoo")
-    models = {}
+    built = {}
     for i, arch in enumerate(("cnn", "resnet", "lstm")):
         model = _randomise_norms(models.build(arch, seed=i), seed=i)
         files = training.save_model(model, out / arch, "model")
         x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(i))
         with torch.no_grad():
-            models[arch] = SimpleNamespace(model=model, files=files, x=x, y=model(x), out=out / arch)
-    return models
+            built[arch] = SimpleNamespace(model=model, files=files, x=x, y=model(x), out=out / arch)
+    return built
 
 
 def _digest(path: Path) -> tuple[str, int]:

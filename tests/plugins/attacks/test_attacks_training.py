@@ -16,7 +16,7 @@ from auditor.bases import Attack
 from auditor.bundle import load_bundle
 from auditor.findings import Finding, Verdict
 from auditor.plugin_manager import registered
-from auditor.plugins.attacks.forging import MATCH_RANGES
+from auditor.plugins.hufunet.attacks import MATCH_RANGES
 from auditor.toolkit.modelio import predictor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
