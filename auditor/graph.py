@@ -23,10 +23,13 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+from auditor.jsondata import jsonable
+
+if TYPE_CHECKING:  # torch and numpy load on first use, so `import auditor` stays light
+    import numpy as np
+    import torch
 
 __all__ = [
     "Edge",
@@ -37,6 +40,7 @@ __all__ = [
     "Quantization",
     "TensorRef",
     "dtype_name",
+    "itemsize",
     "torch_dtype",
 ]
 
@@ -69,38 +73,52 @@ class EdgeSource(str, enum.Enum):
         return self.value
 
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
+#: Bytes per element of each dtype auditor reads, by auditor's name (torch's and numpy's names agree).
+_ITEMSIZE: dict[str, int] = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
 }
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def _supported(name: str) -> str:
+    if name not in _ITEMSIZE:
+        raise ValueError(f"unsupported dtype {name!r}")
+    return name
+
+
+def itemsize(name: str) -> int:
+    """Bytes per element of one of auditor's dtype names (``float32``: 4)."""
+    return _ITEMSIZE[_supported(name)]
 
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of one of auditor's dtype names (``float32``, ``bfloat16``...)."""
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unsupported dtype {name!r}") from None
+    import torch
+
+    dtype: torch.dtype = getattr(torch, _supported(name))
+    return dtype
 
 
 def dtype_name(dtype: torch.dtype | np.dtype[Any]) -> str:
     """auditor's name of a torch or numpy dtype."""
+    import numpy as np
+    import torch
+
     if isinstance(dtype, torch.dtype):
-        try:
-            return _DTYPE_NAMES[dtype]
-        except KeyError:
-            raise ValueError(f"unsupported dtype {dtype}") from None
+        name = str(dtype).removeprefix("torch.")
+        if name not in _ITEMSIZE:
+            raise ValueError(f"unsupported dtype {dtype}")
+        return name
     name = np.dtype(dtype).name
-    if name not in _DTYPES:
+    if name not in _ITEMSIZE:
         raise ValueError(f"unsupported dtype {name}")
     return name
 
@@ -119,6 +137,9 @@ class Quantization:
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         """The float32 values of the quantized tensor ``q``."""
+        import numpy as np
+        import torch
+
         scale = torch.as_tensor(np.asarray(self.scale, dtype=np.float32))
         zero = torch.as_tensor(np.asarray(self.zero_point).astype(np.float32))
         if self.axis is not None and scale.ndim == 1 and q.ndim > 0:
@@ -150,7 +171,7 @@ class TensorRef:
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         quantization: Quantization | None = None,
     ) -> None:
-        torch_dtype(dtype)  # validates the name
+        _supported(dtype)
         self.name = name
         self.shape = tuple(int(s) for s in shape)
         self.dtype = dtype
@@ -171,7 +192,7 @@ class TensorRef:
     @property
     def nbytes(self) -> int:
         """Bytes the stored tensor occupies."""
-        return self.numel * torch.empty((), dtype=torch_dtype(self.dtype)).element_size()
+        return self.numel * _ITEMSIZE[self.dtype]
 
     def read(self, *, float32: bool = False) -> torch.Tensor:
         """The tensor in its canonical layout.
@@ -182,6 +203,8 @@ class TensorRef:
         memory-mapped file opened copy-on-write: writing to it never changes
         the file.
         """
+        import torch
+
         tensor = self._reader()
         if self._transform is not None:
             tensor = self._transform(tensor)
@@ -281,7 +304,7 @@ class Layer:
                 }
                 for role, t in self.params.items()
             },
-            "attrs": {k: _jsonable(v) for k, v in sorted(self.attrs.items())},
+            "attrs": {k: jsonable(v) for k, v in sorted(self.attrs.items())},
         }
 
 
@@ -384,7 +407,7 @@ class LayerGraph:
             "edge_source": self.edge_source.value,
             "layers": [layer.describe() for layer in self.layers],
             "edges": [edge.describe() for edge in self.edges],
-            "metadata": {k: _jsonable(v) for k, v in sorted(self.metadata.items())},
+            "metadata": {k: jsonable(v) for k, v in sorted(self.metadata.items())},
             "notes": list(self.notes),
             "totals": {
                 "layers": len(self.layers),
@@ -393,17 +416,3 @@ class LayerGraph:
                 "edges": len(self.edges),
             },
         }
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)

@@ -11,29 +11,37 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import BinaryIO
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from auditor.errors import InputError, UnsafeInputError
-from auditor.graph import torch_dtype
+from auditor.graph import itemsize, torch_dtype
 
-__all__ = ["NUMPY_DTYPES", "inside_folder", "mmap_tensor", "read_exact"]
+if TYPE_CHECKING:  # numpy and torch load when a tensor is read, not when a format registers
+    import numpy as np
+    import torch
 
-#: numpy dtypes (little-endian) used to map each auditor dtype; bfloat16 maps as raw uint16.
-NUMPY_DTYPES: dict[str, np.dtype] = {
-    "float64": np.dtype("<f8"),
-    "float32": np.dtype("<f4"),
-    "float16": np.dtype("<f2"),
-    "bfloat16": np.dtype("<u2"),
-    "int64": np.dtype("<i8"),
-    "int32": np.dtype("<i4"),
-    "int16": np.dtype("<i2"),
-    "int8": np.dtype("i1"),
-    "uint8": np.dtype("u1"),
-    "bool": np.dtype("?"),
+__all__ = ["inside_folder", "mmap_tensor", "numpy_dtype", "read_exact"]
+
+# numpy dtype codes (little-endian) used to map each auditor dtype; bfloat16 maps as raw uint16.
+_NUMPY_CODES: dict[str, str] = {
+    "float64": "<f8",
+    "float32": "<f4",
+    "float16": "<f2",
+    "bfloat16": "<u2",
+    "int64": "<i8",
+    "int32": "<i4",
+    "int16": "<i2",
+    "int8": "i1",
+    "uint8": "u1",
+    "bool": "?",
 }
+
+
+def numpy_dtype(dtype: str) -> np.dtype[Any]:
+    """The numpy dtype (little-endian) that maps auditor's ``dtype``; bfloat16 maps as raw uint16."""
+    import numpy as np
+
+    return np.dtype(_NUMPY_CODES[dtype])
 
 
 def inside_folder(base: Path, relative: str, *, what: str, origin: Path) -> Path:
@@ -67,9 +75,11 @@ def mmap_tensor(
     The range is checked against the file size first, so a header that claims
     more than the file holds fails with a message instead of a bus error.
     """
-    np_dtype = NUMPY_DTYPES[dtype]
+    import numpy as np
+    import torch
+
     numel = math.prod(shape)
-    nbytes = numel * np_dtype.itemsize
+    nbytes = numel * itemsize(dtype)
     size = os.stat(path).st_size
     if offset < 0 or offset + nbytes > size:
         raise InputError(
@@ -79,7 +89,7 @@ def mmap_tensor(
         )
     if numel == 0:
         return torch.empty(shape, dtype=torch_dtype(dtype))
-    array = np.memmap(path, dtype=np_dtype, mode="c", offset=offset, shape=(numel,))
+    array = np.memmap(path, dtype=numpy_dtype(dtype), mode="c", offset=offset, shape=(numel,))
     tensor = torch.from_numpy(array)
     if dtype == "bfloat16":
         tensor = tensor.view(torch.bfloat16)

@@ -22,12 +22,13 @@ import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from auditor.graph import Edge, EdgeSource, Quantization, TensorRef
+
+if TYPE_CHECKING:  # numpy and torch load with the first ONNX file, not when the format registers
+    import numpy as np
+    import torch
 
 __all__ = [
     "ELEMENTWISE",
@@ -383,6 +384,8 @@ class Param:
 def _small(t: StoredTensor, what: str, limit: int = 1 << 20) -> np.ndarray:
     if math.prod(t.shape) > limit:
         raise Unusable(f"{what} {t.name!r} has {math.prod(t.shape)} elements")
+    import torch
+
     tensor = t.read()
     if tensor.dtype in (torch.bfloat16, torch.float16):
         tensor = tensor.to(torch.float32)
@@ -390,6 +393,8 @@ def _small(t: StoredTensor, what: str, limit: int = 1 << 20) -> np.ndarray:
 
 
 def _dequantize_linear(g: Scope, node: Any, base: StoredTensor) -> Quantization:
+    import numpy as np
+
     attrs = {a.name: attr_value(a) for a in node.attribute}
     if attrs.get("block_size"):
         raise Unusable("blocked DequantizeLinear")
@@ -512,6 +517,8 @@ def _apply(tensor: torch.Tensor, steps: list[Step]) -> torch.Tensor:
 
 def _quant_through(q: Quantization, steps: list[Step]) -> Quantization:
     """The quantization of the canonical tensor: the per-channel scale follows the steps."""
+    import numpy as np
+
     scale, zero, axis = np.asarray(q.scale), np.asarray(q.zero_point), q.axis
     for step in steps:
         kind = step[0]

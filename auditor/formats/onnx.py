@@ -31,14 +31,11 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from auditor.bases import Format
 from auditor.errors import AuditorError, InputError
-from auditor.formats._io import NUMPY_DTYPES, inside_folder, mmap_tensor
+from auditor.formats._io import inside_folder, mmap_tensor, numpy_dtype
 from auditor.formats._onnx_graph import (
     A_GRAPH,
     A_GRAPHS,
@@ -53,8 +50,11 @@ from auditor.formats._onnx_graph import (
     trace_edges,
 )
 from auditor.formats._onnx_layers import layer_name, recognise
-from auditor.graph import EdgeSource, Layer, LayerGraph, TensorRef
+from auditor.graph import EdgeSource, Layer, LayerGraph, TensorRef, itemsize
 from auditor.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # numpy, torch and onnx load with the first ONNX file, not when the format registers
+    import torch
 
 __all__ = ["MAX_PROTOBUF", "OnnxFormat", "load", "sniff"]
 
@@ -183,7 +183,10 @@ class _Context:
 
 
 def _from_buffer(data: bytes | bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    array = np.frombuffer(bytearray(data), dtype=NUMPY_DTYPES[dtype])
+    import numpy as np
+    import torch
+
+    array = np.frombuffer(bytearray(data), dtype=numpy_dtype(dtype))
     tensor = torch.from_numpy(array)
     if dtype == "bfloat16":
         tensor = tensor.view(torch.bfloat16)
@@ -192,6 +195,9 @@ def _from_buffer(data: bytes | bytearray, dtype: str, shape: tuple[int, ...]) ->
 
 def _from_field(values: Any, dtype: str, shape: tuple[int, ...], name: str, path: Path) -> torch.Tensor:
     """Values of a typed field (``int32_data`` carries int8/uint8/bool and fp16/bf16 bit patterns)."""
+    import numpy as np
+    import torch
+
     if dtype in ("float16", "bfloat16"):
         bits = np.asarray(values, dtype=np.int64)
         if bits.size and (bits.min() < 0 or bits.max() > 0xFFFF):
@@ -199,17 +205,17 @@ def _from_field(values: Any, dtype: str, shape: tuple[int, ...], name: str, path
         return _from_buffer(bits.astype("<u2").tobytes(), dtype, shape)
     if dtype in ("int8", "uint8", "int16", "bool"):
         raw = np.asarray(values, dtype=np.int64)
-        info = np.iinfo(np.int8 if dtype == "bool" else NUMPY_DTYPES[dtype])
+        info = np.iinfo(np.int8 if dtype == "bool" else numpy_dtype(dtype))
         low, high = (0, 1) if dtype == "bool" else (info.min, info.max)
         if raw.size and (raw.min() < low or raw.max() > high):
             raise InputError(path, f"tensor {name!r}: int32_data values out of range for {dtype}")
-        return torch.from_numpy(raw.astype(NUMPY_DTYPES[dtype])).reshape(shape)
-    return torch.from_numpy(np.asarray(values, dtype=NUMPY_DTYPES[dtype]).copy()).reshape(shape)
+        return torch.from_numpy(raw.astype(numpy_dtype(dtype))).reshape(shape)
+    return torch.from_numpy(np.asarray(values, dtype=numpy_dtype(dtype)).copy()).reshape(shape)
 
 
 def _external(t: Any, name: str, shape: tuple[int, ...], dtype: str, ctx: _Context) -> Callable[[], torch.Tensor]:
     """A reader mapping external data, after refusing locations outside the folder and ranges past the end."""
-    nbytes = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize
+    nbytes = math.prod(shape) * itemsize(dtype)
     info = {entry.key: entry.value for entry in t.external_data}
     location = info.get("location", "")
     what = f"external data of tensor {name!r}"
@@ -251,7 +257,7 @@ def _tensor(t: Any, name: str, origin: str, ctx: _Context) -> StoredTensor | Non
     if any(d < 0 for d in dims):
         raise InputError(path, f"tensor {name!r}: negative dimension in {list(dims)}")
     numel = math.prod(dims)
-    nbytes = numel * NUMPY_DTYPES[dtype].itemsize
+    nbytes = numel * itemsize(dtype)
     if t.data_location == _EXTERNAL:
         return StoredTensor(name, dtype, dims, _external(t, name, dims, dtype, ctx), origin)
     if t.HasField("raw_data"):
@@ -278,6 +284,9 @@ def _constant(node: Any, origin: str, ctx: _Context) -> StoredTensor | None:
         if a.name == "value" and a.type == A_TENSOR:
             return _tensor(a.t, name, origin, ctx)
         if a.name in ("value_float", "value_floats", "value_int", "value_ints"):
+            import numpy as np
+            import torch
+
             array = np.asarray(attr_value(a), dtype=np.float32 if "float" in a.name else np.int64)
             tensor = torch.from_numpy(array)
             return StoredTensor(name, str(array.dtype), tuple(array.shape), _constantly(tensor), origin)

@@ -19,14 +19,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from auditor.bases import Format
 from auditor.errors import AuditorError, InputError, UnsafeInputError
-from auditor.formats._io import NUMPY_DTYPES, mmap_tensor, read_exact
+from auditor.formats._io import mmap_tensor, read_exact
 from auditor.formats._unpickle import (
     STORAGE_ITEMSIZE,
     Malformed,
@@ -40,8 +37,11 @@ from auditor.formats._unpickle import (
     unpickle,
 )
 from auditor.formats.statedict import graph_from_tensors
-from auditor.graph import LayerGraph, LayerKind, TensorRef, torch_dtype
+from auditor.graph import LayerGraph, LayerKind, TensorRef, itemsize, torch_dtype
 from auditor.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # torch loads when a tensor is read, not when the format registers
+    import torch
 
 __all__ = ["LEGACY_MAGIC", "MAX_PICKLE", "STATE_DICT_KEYS", "PyTorchFormat", "load", "sniff"]
 
@@ -123,6 +123,8 @@ class _Blob:
 
 
 def _bytes_tensor(data: bytes, dtype: str, numel: int) -> torch.Tensor:
+    import torch
+
     if numel == 0:
         return torch.empty(0, dtype=torch_dtype(dtype))
     return torch.frombuffer(bytearray(data), dtype=torch_dtype(dtype), count=numel)
@@ -163,6 +165,8 @@ def _verify_crc(path: Path, blob: _Blob) -> None:
     if blob.nbytes == 0:
         crc = 0
     else:
+        import numpy as np
+
         data = np.memmap(path, dtype=np.uint8, mode="r", offset=blob.offset, shape=(blob.nbytes,))
         crc = zlib.crc32(data)  # type: ignore[arg-type]  # numpy arrays are buffers; the stubs disagree
     if crc != blob.crc:
@@ -177,11 +181,13 @@ def _tensor_ref(
     count = ref.view_offset + ref.numel  # elements of the root storage the view may touch
 
     def read() -> torch.Tensor:
+        import torch
+
         try:
             if blob.crc is not None and blob.what not in verified:
                 _verify_crc(path, blob)
                 verified.add(blob.what)
-            nbytes = count * NUMPY_DTYPES[dtype].itemsize
+            nbytes = count * itemsize(dtype)
             if blob.zip_info is not None:  # compressed: cannot be mapped
                 storage = _bytes_tensor(_inflate(path, blob.zip_info, nbytes, blob.what), dtype, count)
             elif mmap:
@@ -200,8 +206,7 @@ def _tensor_ref(
 def _check_record(path: Path, name: str, record: TensorRecord, dtype: str, blob: _Blob) -> None:
     """Sizes the pickle declares for ``name`` must fit the storage, and the storage its bytes."""
     ref = record.storage
-    itemsize = NUMPY_DTYPES[dtype].itemsize
-    need = (ref.view_offset + ref.numel) * itemsize
+    need = (ref.view_offset + ref.numel) * itemsize(dtype)
     if need > blob.nbytes:
         raise InputError(
             path,

@@ -18,11 +18,11 @@ from typing import Any
 
 from auditor.bases import Format
 from auditor.errors import InputError
-from auditor.formats._io import NUMPY_DTYPES, inside_folder, mmap_tensor, read_exact
+from auditor.formats._io import inside_folder, mmap_tensor, read_exact
 from auditor.formats.statedict import graph_from_tensors, split_key
-from auditor.graph import LayerGraph, TensorRef
+from auditor.graph import LayerGraph, TensorRef, itemsize
 from auditor.hookspecs import hookimpl
-from auditor.strictjson import DuplicateKeyError, unique_keys
+from auditor.jsondata import DuplicateKeyError, unique_keys
 
 __all__ = ["MAX_HEADER", "SafetensorsFormat", "load", "read_header", "sniff"]
 
@@ -204,7 +204,7 @@ def _tensor_refs(
             skipped.add(name)
             continue
         dtype = _DTYPES[dtype_code]
-        nbytes = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize
+        nbytes = math.prod(shape) * itemsize(dtype)
         if offsets[1] - offsets[0] != nbytes:
             raise InputError(
                 path,

@@ -17,10 +17,7 @@ import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from auditor import hookimpl
 from auditor.bases import Detector, Param
@@ -29,6 +26,9 @@ from auditor.graph import Layer, LayerGraph, LayerKind
 from auditor.plugins.greedy_residuals import report, stats
 from auditor.plugins.greedy_residuals.scheme import SCHEME, GRParams, alpha_from_signature, match_bits, residuals
 from auditor.toolkit.matching import MISSING, LayerMatch, find_layer, unpack_bundle
+
+if TYPE_CHECKING:  # numpy and torch load when a bundle is checked, not when the detector registers
+    import torch
 
 __all__ = ["DEFAULT_P_THRESHOLD", "GreedyResidualsDetector", "Identity", "LayerMatch", "find_layer", "forging_check"]
 
@@ -148,6 +148,9 @@ def forging_check(suspect: LayerGraph, bundle: Any, n: int = 200, seed: int = 0)
     """Paper Table 6: the match rates of ``n`` random signatures (random bytes hashed to
     bits exactly like the owner's) on the bundle's layers found in the suspect,
     averaged over those layers; an honest scheme gives rates around 0.5."""
+    import numpy as np
+    import torch
+
     payload, _ = unpack_bundle(bundle, "greedy-residuals")
     params = GRParams.from_dict(payload.get("params", {}))
     rng = np.random.default_rng(seed)
@@ -241,6 +244,8 @@ def audit_bundle(suspect: LayerGraph, bundle: Any, settings: Mapping[str, Any]) 
     scored = [r for r in rows if r["found_by"] != MISSING]
     finding.metrics.update(layers_tried=len(scored), layers_missing=len(rows) - len(scored), suspect_layers_m=m)
     if settings.get("forging_check"):
+        import numpy as np
+
         rates = forging_check(suspect, bundle, n=int(settings.get("forging_check_n", 200)))
         finding.details["forging_check"] = {
             "signatures": len(rates), "mean_rate": float(np.mean(rates)) if rates else None,
@@ -275,6 +280,10 @@ class GreedyResidualsDetector(Detector):
     scheme = SCHEME
     description = "Greedy Residuals (ICML 2021): owner's signature bits in the signs of weight residuals."
     title = "Greedy Residuals"
+    short_title = "GR"
+    measure = ("best_detection_rate", "detection rate")
+    p_metric = "log10_combined_p"
+    table_metrics: ClassVar[dict[str, str]] = {"layers_missing": "layers_missing"}
     explanation = report.EXPLANATION
     metric_labels = report.METRIC_LABELS
     public_details = report.PUBLIC_DETAILS

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:  # torch loads on first use: the detector registers with SCHEME and GRParams alone
+    import torch
 
 __all__ = ["SCHEME", "GRParams", "alpha_from_signature", "match_bits", "penalty_term", "residuals"]
 
@@ -61,6 +61,8 @@ def alpha_from_signature(signature: bytes, bits: int = 256) -> torch.Tensor:
 
     More than 256 bits extend the stream with SHA-256(digest || counter) blocks.
     """
+    import torch
+
     stream = b""
     block = hashlib.sha256(signature).digest()
     counter = 0
@@ -80,6 +82,9 @@ def residuals(weight: torch.Tensor, params: GRParams) -> torch.Tensor:
     weights when m < d), reshape to b x b', keep the ``kept_per_row`` entries
     of largest |value| in each row, and divide each row's sum by b'.
     """
+    import torch
+    import torch.nn.functional as F
+
     flat = weight.reshape(1, 1, -1).to(torch.float32)
     if flat.shape[-1] == 0:
         raise ValueError("cannot extract residuals from an empty tensor")
@@ -91,10 +96,14 @@ def residuals(weight: torch.Tensor, params: GRParams) -> torch.Tensor:
 
 def penalty_term(weight: torch.Tensor, alpha: torch.Tensor, params: GRParams) -> torch.Tensor:
     """lambda * sum_i ReLU(mu - alpha_i * psi_i) for one layer (add it to the task loss)."""
+    import torch.nn.functional as F
+
     psi = residuals(weight, params)
     return params.lam * F.relu(params.mu - alpha.to(psi.device) * psi).sum()
 
 
 def match_bits(psi: torch.Tensor, alpha: torch.Tensor) -> int:
     """k: the number of bits whose residual sign equals alpha (psi == 0 counts as a mismatch)."""
+    import torch
+
     return int((torch.sign(psi) == alpha.to(psi.device)).sum())

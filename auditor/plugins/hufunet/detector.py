@@ -13,9 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from auditor import hookimpl
 from auditor.bases import Detector, Param
@@ -24,10 +22,13 @@ from auditor.findings import Finding, Verdict
 from auditor.graph import LayerGraph
 from auditor.plugins.hufunet import report
 from auditor.plugins.hufunet.generate import hmac_key, hufunet_from_payload
-from auditor.plugins.hufunet.network import accuracy, assemble, sph_of
-from auditor.plugins.hufunet.placement import HostView, eph_kernels, place, retrieve
 from auditor.plugins.hufunet.scheme import SCHEME, DataUnavailable, public_dataset
 from auditor.toolkit.matching import MISSING, find_layer, unpack_bundle
+
+if TYPE_CHECKING:  # torch, the network and the placement load when a bundle is checked, not at registration
+    import torch
+
+    from auditor.plugins.hufunet.placement import HostView
 
 __all__ = ["DEFAULT_P_THRESHOLD", "TAU_ACC", "DataUnavailable", "HufuNetDetector", "audit_bundle", "public_dataset"]
 
@@ -106,6 +107,11 @@ def _inconclusive(finding: Finding, summary: str) -> Finding:
 def audit_bundle(suspect: LayerGraph, bundle: Any, settings: Mapping[str, Any]) -> Finding:
     """The finding for one owner bundle (see the module docstring); ``settings`` holds the detector's
     options by name (:data:`PARAMS`; a missing one takes its default)."""
+    import torch
+
+    from auditor.plugins.hufunet.network import accuracy, assemble, sph_of
+    from auditor.plugins.hufunet.placement import HostView, eph_kernels, place, retrieve
+
     payload, sha = unpack_bundle(bundle, SCHEME)
     raw_host = payload.get("host")
     host: Mapping[str, Any] = raw_host if isinstance(raw_host, Mapping) else {}
@@ -229,6 +235,9 @@ class HufuNetDetector(Detector):
     scheme = SCHEME
     description = "HufuNet (Lv et al., 2023): the owner's secret network rebuilt from keyed kernel positions."
     title = "HufuNet"
+    measure = ("acc_combined", "Acc_combined")
+    p_metric = "log10_binomial_p"
+    table_metrics: ClassVar[dict[str, str]] = {"diff_acc": "diff_acc", "bit_identical": "bit_identical_fraction"}
     explanation = report.EXPLANATION
     metric_labels = report.METRIC_LABELS
     percent_metrics = report.PERCENT

@@ -13,24 +13,18 @@ import binascii
 import math
 import secrets
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
-import torch
 import typer
 
 from auditor import hookimpl
 from auditor.errors import InputError, UsageError
-from auditor.plugins.hufunet.network import (
-    DIGITS_WIDTHS,
-    HufuNet,
-    accuracy,
-    check_shape,
-    eph_count,
-    eph_of,
-    sph_of,
-)
-from auditor.toolkit.training import TrainConfig, train
+
+if TYPE_CHECKING:  # torch and the network load when a HufuNet is trained or read, not when the command registers
+    import numpy as np
+    import torch
+
+    from auditor.plugins.hufunet.network import HufuNet
 
 __all__ = [
     "DEFAULTS",
@@ -57,6 +51,8 @@ hufunet_app = typer.Typer(help="HufuNet (Lv et al., 2023): the owner's secret ne
 
 
 def _le_bytes(t: torch.Tensor) -> bytes:
+    import torch
+
     return t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
 
 
@@ -67,6 +63,8 @@ def _b64(*tensors: torch.Tensor) -> str:
 
 def _fit(net: HufuNet, data: Any, *, epochs: int, lr: float, batch_size: int, seed: int, progress: bool) -> float:
     """Adam with a cosine schedule on the train split (the shared loop); returns the seconds it took."""
+    from auditor.toolkit.training import TrainConfig, train
+
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer="adam", seed=seed, schedule="cosine")
     result = train(net, data, config, progress=progress)
     net.eval()
@@ -100,8 +98,19 @@ def generate_hufunet(
     is given: that is for tests, reproductions and attack simulations, which
     must give the same positions on every run; an owner never passes one.
     """
+    import torch
+
     from auditor.bundle import save_bundle
     from auditor.plugins.hufunet import idx
+    from auditor.plugins.hufunet.network import (
+        DIGITS_WIDTHS,
+        HufuNet,
+        accuracy,
+        check_shape,
+        eph_count,
+        eph_of,
+        sph_of,
+    )
     from auditor.toolkit import data as datasets
 
     out = Path(out)
@@ -187,6 +196,8 @@ def generate_hufunet(
 
 
 def _decode(path: Path | None, text: Any, what: str, count: int) -> np.ndarray:
+    import numpy as np
+
     if not isinstance(text, str):
         raise InputError(path, f"{what} must be a base64 string")
     try:
@@ -227,6 +238,10 @@ def hufunet_from_payload(p: Any, path: Path | None = None) -> HufuNet:
     """The HufuNet a secret payload describes (the secret file's payload, or the
     ``hufunet`` section of an owner bundle), every field checked as
     :func:`load_hufunet` says; errors name ``path``."""
+    import torch
+
+    from auditor.plugins.hufunet.network import HufuNet, check_shape
+
     if not isinstance(p, dict):
         raise InputError(path, "the HufuNet section must be an object")
     for name in ("widths", "in_channels", "num_classes", "eph", "sph", "hmac_key", "dataset", "acc_original"):
@@ -287,6 +302,8 @@ def hmac_key(payload: dict[str, Any], path: Path | None = None) -> bytes:
 
 def parse_widths(text: str) -> tuple[int, ...]:
     """``"4,8,16,16,8"`` as a tuple of ints (UsageError if it is not five positive integers)."""
+    from auditor.plugins.hufunet.network import check_shape
+
     try:
         widths = tuple(int(part) for part in text.split(","))
     except ValueError:
@@ -319,8 +336,8 @@ def generate(  # noqa: PLR0917 (typer passes options positionally)
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Train your HufuNet on a public data set and write it with a fresh placement key, as a secret file."""
-    from auditor.cli.root import out as console
-    from auditor.cli.root import shown
+    from auditor.cli.console import out as console
+    from auditor.cli.console import shown
 
     summary = generate_hufunet(
         out=out,
