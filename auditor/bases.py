@@ -226,6 +226,14 @@ class Detector(Presentable):
     """
 
     scheme: ClassVar[str] = ""
+    #: A short name for narrow columns and plot legends (``GR``); :attr:`title` where empty.
+    short_title: ClassVar[str] = ""
+    #: What a robustness table shows of a finding: ``(metric key, words)`` of the measure of how much of the
+    #: watermark is left (a rate, an accuracy), the key of its log10 p-value, and further metrics by the
+    #: row key they are shown under.
+    measure: ClassVar[tuple[str, str]] = ("", "")
+    p_metric: ClassVar[str] = ""
+    table_metrics: ClassVar[Mapping[str, str]] = {}
 
     @abc.abstractmethod
     def detect(self, suspect: LayerGraph, *, bundle: Any | None, context: Mapping[str, Any]) -> list[Finding]:
@@ -268,8 +276,16 @@ class Embedder(PluginComponent):
 class Attack(PluginComponent):
     """A removal or ambiguity attack on a model file."""
 
+    #: Where an option's value in :attr:`grid` is this, ``auditor evaluate`` puts the path of the audited
+    #: owner bundle of the attack's :attr:`scheme` there (and leaves the cell out when there is none).
+    BUNDLE: ClassVar[str] = "{bundle}"
     #: True when the attack keeps the model's function (outputs within 1e-4).
     function_preserving: ClassVar[bool] = False
+    #: The owner-bundle scheme the attack targets (a forgery, an overwriting); empty for any model.
+    scheme: ClassVar[str] = ""
+    #: The cells this attack adds to ``auditor evaluate``'s robustness grid: each a mapping with ``label``,
+    #: ``group`` (``overwriting``, ``forging``...) and ``options``, and optionally ``series`` and ``strength``.
+    grid: ClassVar[tuple[Mapping[str, Any], ...]] = ()
 
     @abc.abstractmethod
     def apply(self, model: Path, out: Path, *, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -37,17 +37,21 @@ STATE_VERSION = 1
 
 
 def finding_row(f: Finding) -> dict[str, Any]:
-    """What the table shows of one finding: verdict, the scheme's own measure and its p-value."""
+    """What the table shows of one finding: verdict, the detector's own measure and its p-value, as the
+    detector declares them (:attr:`auditor.bases.Detector.measure`, ``p_metric``, ``table_metrics``)."""
+    from auditor.bases import Detector
+    from auditor.plugin_manager import registered
+
     m = f.metrics
     row: dict[str, Any] = {"detector": f.detector, "scheme": f.scheme, "verdict": f.verdict.value}
-    if f.detector == "greedy-residuals":
-        row.update(measure="detection rate", value=m.get("best_detection_rate"), log10_p=m.get("log10_combined_p"),
-                   layers_missing=m.get("layers_missing"))  # fmt: skip
-    elif f.detector == "hufunet":
-        row.update(measure="Acc_combined", value=m.get("acc_combined"), log10_p=m.get("log10_binomial_p"),
-                   diff_acc=m.get("diff_acc"), bit_identical=m.get("bit_identical_fraction"))  # fmt: skip
-    else:
-        row.update(measure="", value=None, log10_p=None)
+    reg = registered("detectors").get(f.detector)
+    d = reg.component if reg is not None and isinstance(reg.component, Detector) else None
+    key, words = d.measure if d is not None else ("", "")
+    row.update(
+        measure=words, value=m.get(key) if key else None, log10_p=m.get(d.p_metric) if d and d.p_metric else None
+    )
+    if d is not None:
+        row.update({name: m.get(metric) for name, metric in d.table_metrics.items()})
     if f.verdict.value in ("inconclusive", "error"):
         row["why"] = f.summary
     return row
@@ -187,9 +191,10 @@ def evaluate_model(
         raise UsageError(f"unknown grid {grid!r}; full or quick")
     model, out_dir = Path(model), Path(out_dir)
     ctx = _Context(model, bundles, reference, model_factory, data_factory)
-    gr = next((str(Path(p).resolve()) for p, b in zip(bundles, ctx.bundles, strict=True)
-               if b.scheme == "greedy-residuals"), None)  # fmt: skip
-    cells = select((full_grid if grid == "full" else quick_grid)(gr_bundle=gr), attacks, registered("attacks"))
+    by_scheme: dict[str, str] = {}
+    for p, b in zip(bundles, ctx.bundles, strict=True):
+        by_scheme.setdefault(b.scheme, str(Path(p).resolve()))
+    cells = select((full_grid if grid == "full" else quick_grid)(bundles=by_scheme), attacks, registered("attacks"))
     identity = {
         "model_sha256": _sha256(model), "bundles_sha256": sorted(b.sha256 for b in ctx.bundles),
         "reference_sha256": _sha256(reference) if reference is not None else None, "seed": seed,

@@ -14,7 +14,7 @@ from typing import Any
 
 from auditor.errors import UsageError
 
-__all__ = ["BASELINE", "Cell", "full_grid", "quick_grid", "select"]
+__all__ = ["BASELINE", "GROUP_ORDER", "Cell", "contributed", "full_grid", "quick_grid", "select"]
 
 #: The cell that evaluates the model as it is.
 BASELINE = "none"
@@ -71,8 +71,34 @@ def _fine_tuning() -> Iterable[Cell]:
                {"optimizer": "adam", "lr": 0.05, "weight_decay": 0.0, "epochs": 20})  # fmt: skip
 
 
-def full_grid(*, gr_bundle: str | None = None) -> list[Cell]:
-    """Every attack at the papers' strengths (``gr_bundle`` enables the Greedy Residuals forgery)."""
+#: The order of the groups other plugins' attacks add cells to (unknown groups follow, by name).
+GROUP_ORDER = ("overwriting", "forging")
+
+
+def contributed(bundles: Mapping[str, str] | None = None) -> list[Cell]:
+    """The cells the registered attacks declare (:attr:`auditor.bases.Attack.grid`), by group then attack id;
+    a cell asking for its scheme's owner bundle gets its path from ``bundles`` (scheme -> path), or is left out."""
+    from auditor.bases import Attack
+    from auditor.plugin_manager import components
+
+    bundles = bundles or {}
+    cells = []
+    for attack in components("attacks", Attack):
+        for spec in attack.grid:
+            options = dict(spec.get("options", {}))
+            if Attack.BUNDLE in options.values():
+                if attack.scheme not in bundles:
+                    continue
+                options = {k: bundles[attack.scheme] if v == Attack.BUNDLE else v for k, v in options.items()}
+            cells.append(Cell(attack.id, str(spec["label"]), str(spec["group"]), options,
+                              str(spec.get("series", "")), spec.get("strength")))  # fmt: skip
+    rank = {g: i for i, g in enumerate(GROUP_ORDER)}
+    return sorted(cells, key=lambda c: (rank.get(c.group, len(rank)), c.group, c.attack))
+
+
+def full_grid(*, bundles: Mapping[str, str] | None = None) -> list[Cell]:
+    """Every attack at the papers' strengths, with the cells other plugins' attacks add; ``bundles`` (scheme ->
+    path of the audited owner bundle) enables the cells that need one (a forgery against the owner's layers)."""
     cells = [Cell(BASELINE, "no attack (the model as released)", "baseline")]
     cells += [
         Cell("permute", "permutation of every layer's channels", "function-preserving"),
@@ -95,33 +121,15 @@ def full_grid(*, gr_bundle: str | None = None) -> list[Cell]:
     cells += [Cell("cut-off", f"kernels cut-off {f:.0%}", "channels", {"fraction": f}) for f in (0.02, 0.05, 0.1)]
     cells += [Cell("supplement", f"kernels supplement {f:.0%}", "channels", {"fraction": f}) for f in (0.05, 0.1)]
     cells += list(_fine_tuning())
-    cells += [
-        Cell("overwrite-gr", "overwrite: adversary's Greedy Residuals, with data (Adam 0.001, 10 epochs)",
-             "overwriting", {"optimizer": "adam", "lr": 1e-3, "epochs": 10}),
-        Cell("overwrite-gr", "overwrite: adversary's Greedy Residuals, without data (noise, 10 epochs)",
-             "overwriting", {"optimizer": "adam", "lr": 1e-3, "epochs": 10, "with_data": False}),
-        Cell("overwrite-gr", "overwrite: adversary's Greedy Residuals, the owner's recipe (Adam 0.01, 20 epochs)",
-             "overwriting", {"optimizer": "adam", "lr": 1e-2, "weight_decay": 0.0, "epochs": 20}),
-        Cell("overwrite-hufunet", "overwrite: adversary's HufuNet, with data (frozen, SGD 0.001, 10 epochs)",
-             "overwriting", {**_SGD, "epochs": 10}),
-        Cell("overwrite-hufunet", "overwrite: adversary's HufuNet, without data (written in only)", "overwriting",
-             {"with_data": False}),
-    ]  # fmt: skip
-    if gr_bundle:
-        cells.append(Cell("forge-gr", "forging: 200 random signatures", "forging", {"bundle": gr_bundle}))
-    cells += [
-        Cell("forge-hufunet", "forging: 100 keys, first correlation then accuracy", "forging"),
-        Cell("forge-hufunet", "forging: own HufuNet searched, first accuracy then correlation", "forging",
-             {"method": "accuracy"}),
-    ]  # fmt: skip
+    cells += contributed(bundles)
     return cells
 
 
-def quick_grid(*, gr_bundle: str | None = None) -> list[Cell]:
+def quick_grid(*, bundles: Mapping[str, str] | None = None) -> list[Cell]:
     """A few cheap cells: a smoke test of the whole pipeline."""
     keep = {"no attack (the model as released)", "permutation of every layer's channels", "batch-norm folded",
             "magnitude pruning global 30%", "magnitude pruning global 90%", "float16 cast"}  # fmt: skip
-    return [c for c in full_grid(gr_bundle=gr_bundle) if c.label in keep]
+    return [c for c in full_grid(bundles=bundles) if c.label in keep]
 
 
 def select(cells: list[Cell], attacks: list[str] | None, known: Iterable[str]) -> list[Cell]:
@@ -133,5 +141,7 @@ def select(cells: list[Cell], attacks: list[str] | None, known: Iterable[str]) -
         raise UsageError(f"unknown attack(s) {', '.join(unknown)}; `auditor attack --list` shows them")
     chosen = [c for c in cells if c.attack == BASELINE or c.attack in attacks]
     if len(chosen) == 1:
-        raise UsageError(f"the grid has no cell for {', '.join(attacks)} (forge-gr needs a Greedy Residuals bundle)")
+        raise UsageError(
+            f"the grid has no cell for {', '.join(attacks)} (an attack on a scheme needs an owner bundle of it)"
+        )
     return chosen

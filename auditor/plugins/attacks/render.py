@@ -1,9 +1,9 @@
 """The robustness table as JSON, Markdown and a self-contained HTML page with inline SVG plots.
 
 For every detector the table shows the verdict after the restore stage (when
-the evaluation had a reference model) and without it, the scheme's own
-measure (Greedy Residuals: the best layer's detection rate; HufuNet:
-Acc_combined) and the log10 p-value. The summary states, per scheme, which
+the evaluation had a reference model) and without it, the detector's own
+measure and log10 p-value (as the detector declares them:
+:attr:`auditor.bases.Detector.measure`). The summary states, per scheme, which
 function-preserving attacks it survived, and where pruning first defeats it
 next to the accuracy the thief keeps there.
 """
@@ -18,8 +18,19 @@ from typing import Any
 
 __all__ = ["markdown", "page", "summary", "write_outputs"]
 
-_NAMES = {"greedy-residuals": "Greedy Residuals", "hufunet": "HufuNet"}
-_SHORT = {"greedy-residuals": "GR", "hufunet": "HufuNet"}
+
+def _name(detector_id: str, *, short: bool = False) -> str:
+    """The detector's title (or short title) as it declares it; its id when it is not installed."""
+    from auditor.bases import Detector
+    from auditor.plugin_manager import registered
+
+    reg = registered("detectors").get(detector_id)
+    d = reg.component if reg is not None and isinstance(reg.component, Detector) else None
+    if d is None:
+        return detector_id
+    return (d.short_title if short and d.short_title else "") or d.display_name
+
+
 _COLOURS = ("#222222", "#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 
 
@@ -92,7 +103,7 @@ def summary(results: Mapping[str, Any]) -> list[str]:
     restored = bool(results.get("reference"))
     after = "after restore" if restored else "without restore (no reference model)"
     for det in _detectors(cells):
-        name = _NAMES.get(det, det)
+        name = _name(det)
         fp = [c for c in cells if c["group"] == "function-preserving"]
         missed = [c["label"] for c in fp if not _detected(c, det, "final")]
         lines.append(f"{name}, {after}: detected through {len(fp) - len(missed)} of {len(fp)} function-preserving "
@@ -126,7 +137,7 @@ def markdown(results: Mapping[str, Any]) -> str:
     restored = bool(results.get("reference"))
     head = ["attack", "group", "accuracy", "max output change"]
     for det in dets:
-        head += [f"{_NAMES.get(det, det)} after restore", "direct"] if restored else [_NAMES.get(det, det)]
+        head += [f"{_name(det)} after restore", "direct"] if restored else [_name(det)]
     head.append("attack's own result")
     out = [f"# Robustness of `{results['model']}`", ""]
     out += ["- bundles: " + ", ".join(f"{b['scheme']} (sha256 {b['sha256'][:12]})" for b in results["bundles"]),
@@ -197,7 +208,7 @@ def _plots(results: Mapping[str, Any]) -> list[str]:
         }
         for det in _detectors(pts):
             measure = next((r["measure"] for c in pts if (r := _final(c, det))), "")
-            series[f"{_SHORT.get(det, det)} {measure}"] = [
+            series[f"{_name(det, short=True)} {measure}"] = [
                 (c["strength"], r["value"], r["verdict"] == "detected") for c in pts
                 if (r := _final(c, det)) is not None and r.get("value") is not None
             ]  # fmt: skip

@@ -44,6 +44,8 @@ class ForgeGreedyResiduals(BuiltinAttack):
     function_preserving = True
     description = "Greedy Residuals forging: match rates of random signatures on the owner's layers (model unchanged)."
     paper = "GR Table 6 and Fig. 5 (200 random signatures: rates near 50%)"
+    scheme = "greedy-residuals"
+    grid = ({"label": "forging: 200 random signatures", "group": "forging", "options": {"bundle": Attack.BUNDLE}},)
     params = (
         Param("bundle", None, "The owner's Greedy Residuals bundle: which layers to read (required)."),
         Param("signatures", 200, "Random signatures to try.", int),
@@ -83,6 +85,14 @@ class OverwriteGreedyResiduals(BuiltinAttack):
     id = "overwrite-gr"
     description = "Re-embed a Greedy Residuals watermark of the adversary's own key, with or without training data."
     paper = "GR Table 7 (overwriting, train with and without data)"
+    grid = (
+        {"label": "overwrite: adversary's Greedy Residuals, with data (Adam 0.001, 10 epochs)", "group": "overwriting",
+         "options": {"optimizer": "adam", "lr": 1e-3, "epochs": 10}},
+        {"label": "overwrite: adversary's Greedy Residuals, without data (noise, 10 epochs)", "group": "overwriting",
+         "options": {"optimizer": "adam", "lr": 1e-3, "epochs": 10, "with_data": False}},
+        {"label": "overwrite: adversary's Greedy Residuals, the owner's recipe (Adam 0.01, 20 epochs)",
+         "group": "overwriting", "options": {"optimizer": "adam", "lr": 1e-2, "weight_decay": 0.0, "epochs": 20}},
+    )  # fmt: skip
     params = (
         Param(
             "with_data",

@@ -66,6 +66,11 @@ class ForgeHufuNet(BuiltinAttack):
     function_preserving = True
     description = "HufuNet forging: keys tried for the placement correlation, or own kernels searched (unchanged)."
     paper = "HufuNet section 5.7 and Table 8"
+    grid = (
+        {"label": "forging: 100 keys, first correlation then accuracy", "group": "forging", "options": {}},
+        {"label": "forging: own HufuNet searched, first accuracy then correlation", "group": "forging",
+         "options": {"method": "accuracy"}},
+    )  # fmt: skip
     params = (
         Param(
             "method",
@@ -137,6 +142,12 @@ class OverwriteHufuNet(BuiltinAttack):
     id = "overwrite-hufunet"
     description = "Embed the adversary's own HufuNet (own key), then train with it frozen or not train at all."
     paper = "HufuNet section 5.7 (the adversary embeds a second HufuNet; both are found)"
+    grid = (
+        {"label": "overwrite: adversary's HufuNet, with data (frozen, SGD 0.001, 10 epochs)", "group": "overwriting",
+         "options": {"optimizer": "sgd", "lr": 1e-3, "weight_decay": 5e-4, "epochs": 10}},
+        {"label": "overwrite: adversary's HufuNet, without data (written in only)", "group": "overwriting",
+         "options": {"with_data": False}},
+    )  # fmt: skip
     params = (
         Param(
             "with_data", True, "Train on the thief's data with the adversary's EPH frozen (else only write it).", bool

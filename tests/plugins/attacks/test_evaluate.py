@@ -89,7 +89,7 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(gr_owner: SimpleName
 
 def test_the_full_grid_covers_every_attack() -> None:
     known = set(registered("attacks"))
-    cells = full_grid(gr_bundle="owner_bundle.json")
+    cells = full_grid(bundles={"greedy-residuals": "owner_bundle.json"})
     assert {c.attack for c in cells} - {"none"} == known
     assert len({c.key for c in cells}) == len(cells)
     fp = {c.attack for c in cells if c.group == "function-preserving"}
@@ -97,6 +97,37 @@ def test_the_full_grid_covers_every_attack() -> None:
     assert "forge-gr" not in {c.attack for c in full_grid()}  # no Greedy Residuals bundle: nothing to forge against
     with pytest.raises(UsageError, match="unknown attack"):
         select(cells, ["no-such-attack"], known)
+    groups = [c.group for c in cells]
+    assert groups.index("overwriting") > groups.index("fine-tuning") and groups[-1] == "forging"
+
+
+def test_an_attack_plugin_adds_its_own_cells_to_the_grid(plugin: Any) -> None:
+    from auditor import hookimpl
+    from auditor.bases import Attack
+
+    class Smudge(Attack):
+        id = "test-smudge"
+        scheme = "test-scheme"
+        grid = (
+            {"label": "smudge lightly", "group": "smudging", "options": {"amount": 0.1}},
+            {"label": "smudge against the owner's bundle", "group": "smudging", "options": {"bundle": Attack.BUNDLE}},
+        )
+
+        def apply(self, model: Any, out: Any, *, options: Any) -> dict[str, Any]:
+            return {}
+
+    class Plugin:
+        @hookimpl
+        def register_attacks(self, register: Any) -> None:
+            register(Smudge())
+
+    with plugin(Plugin(), "test-smudge"):
+        without = [c for c in full_grid() if c.attack == "test-smudge"]
+        with_bundle = [c for c in full_grid(bundles={"test-scheme": "b.json"}) if c.attack == "test-smudge"]
+    assert [c.label for c in without] == ["smudge lightly"]  # no bundle of its scheme: that cell is left out
+    assert [dict(c.options) for c in with_bundle] == [{"amount": 0.1}, {"bundle": "b.json"}]
+    assert all(c.group == "smudging" for c in with_bundle)
+    assert "test-smudge" not in {c.attack for c in full_grid()}
 
 
 def test_owner_factories_give_the_accuracy_and_the_thiefs_data(tmp_path: Path, owner_factories: dict[str, str]) -> None:
