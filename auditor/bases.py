@@ -247,9 +247,9 @@ class Detector(Presentable):
         given = context.get("options") if isinstance(context, Mapping) else None
         return self.options(given if isinstance(given, Mapping) else {})
 
-    def bundle_summary(self, bundle: Any) -> dict[str, Any]:
-        """What a report may show of an owner bundle of this scheme beyond its file, hash and scheme, named
-        field by field (never "everything but the secrets"); merged into the report's bundle entry."""
+    def bundle_summary(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """What a report may show of an owner bundle's ``payload`` (of this scheme) beyond its file, hash and
+        scheme, named field by field (never "everything but the secrets"); merged into the report's bundle entry."""
         return {}
 
 

@@ -107,7 +107,7 @@ def bundle_entry(bundle: OwnerBundle) -> dict[str, Any]:
         "released_model": {"file": _plain(model.get("file")), "sha256": _plain(model.get("sha256"))},
     }  # fmt: skip
     for detector in _readers(bundle.scheme):
-        extra = detector.bundle_summary(bundle)
+        extra = detector.bundle_summary(payload)
         entry.update({k: v for k, v in extra.items() if k not in entry})
     return jsonable(entry)
 

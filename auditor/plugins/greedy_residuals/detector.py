@@ -304,10 +304,9 @@ class GreedyResidualsDetector(Detector):
         """The bit-agreement chart."""
         return report.figure(entry)
 
-    def bundle_summary(self, bundle: Any) -> dict[str, Any]:
+    def bundle_summary(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """The statement, signature algorithm, key fingerprint and watermarked layers of the bundle."""
-        payload = getattr(bundle, "payload", bundle)
-        return report.bundle_summary(payload if isinstance(payload, Mapping) else {})
+        return report.bundle_summary(payload)
 
 
 @hookimpl

@@ -255,10 +255,9 @@ class HufuNetDetector(Detector):
         """The accuracy chart."""
         return report.figure(entry)
 
-    def bundle_summary(self, bundle: Any) -> dict[str, Any]:
+    def bundle_summary(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """The host architecture the bundle names."""
-        payload = getattr(bundle, "payload", bundle)
-        return report.bundle_summary(payload if isinstance(payload, Mapping) else {})
+        return report.bundle_summary(payload)
 
 
 @hookimpl
