@@ -19,7 +19,7 @@ from auditor.plugin_manager import registered
 from auditor.plugins.hufunet.attacks import MATCH_RANGES
 from auditor.toolkit.modelio import predictor
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # every test here trains or forges
 
 
 def attack(name: str) -> Attack:

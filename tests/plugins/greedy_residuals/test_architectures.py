@@ -21,6 +21,7 @@ def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # The LSTM runs with the embedder's defaults (every bit must be embedded); the ResNet,
 # the slowest to train on two cores, with fewer epochs (the verdict must still hold).
+@pytest.mark.slow
 @pytest.mark.parametrize(("arch", "epochs", "min_rate"), [("lstm", None, 1.0), ("resnet", 6, 0.95)])
 def test_embed_and_audit(key: Path, tmp_path: Path, arch: str, epochs: int | None, min_rate: float) -> None:
     options = {} if epochs is None else {"epochs": epochs}

@@ -54,6 +54,7 @@ def test_owner_bundle_detects_the_released_model(owner: SimpleNamespace) -> None
 # --- integrity -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_innocent_models_never_reach_the_threshold(owner: SimpleNamespace) -> None:
     rates, ps, accuracies = [], [], []
     for seed in range(1, INNOCENTS + 1):

@@ -170,6 +170,7 @@ def trained(private_key: Any) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 def test_fidelity(trained: dict[str, Any]) -> None:
     """The issue's requirement: same training (seed 0) with and without the watermark,
     test accuracy within 1 percentage point, and every marked layer at 100%.
@@ -183,6 +184,7 @@ def test_fidelity(trained: dict[str, Any]) -> None:
     assert all(0.35 < r < 0.65 for r in rates_clean)  # the unmarked twin is at chance
 
 
+@pytest.mark.slow
 def test_payload(trained: dict[str, Any], tmp_path: Path, key_files: keys.KeyPairPaths) -> None:
     model, wm = trained["model"], trained["wm"]
     files = training.save_model(model, tmp_path)
@@ -220,6 +222,7 @@ def test_payload(trained: dict[str, Any], tmp_path: Path, key_files: keys.KeyPai
     assert "PRIVATE" not in text and not _private_lines(key_files) & set(text.splitlines())
 
 
+@pytest.mark.slow
 def test_bundle_is_detected(trained: dict[str, Any], tmp_path: Path) -> None:
     """The detector reads the payload as written (a smoke test across the two halves)."""
     from auditor.audit.load import load_model
@@ -245,6 +248,7 @@ def test_docs_show_the_example() -> None:
     assert EXAMPLE.read_text() in blocks
 
 
+@pytest.mark.slow
 def test_example_runs(tmp_path: Path) -> None:
     # A fresh interpreter: the example script itself, run as a reader would run it, is under test.
     source = EXAMPLE.read_text()
@@ -266,6 +270,7 @@ def _private_lines(pair: keys.KeyPairPaths) -> set[str]:
     return {line for line in pair.private.read_text().splitlines() if len(line) > 40}
 
 
+@pytest.mark.slow
 def test_embed_cli_end_to_end(
     tmp_path: Path, key_files: keys.KeyPairPaths, run_cli: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:

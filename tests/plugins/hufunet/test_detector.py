@@ -44,6 +44,7 @@ def innocents(hufunet_owner: SimpleNamespace, one_thread: None) -> list[torch.nn
     return models
 
 
+@pytest.mark.slow
 def test_innocent_hosts_of_the_same_architecture_are_never_claimed(
     hufunet_owner: SimpleNamespace, innocents: list[torch.nn.Module]
 ) -> None:
@@ -59,6 +60,7 @@ def test_innocent_hosts_of_the_same_architecture_are_never_claimed(
     assert max(accs) < (1 - TAU_ACC) * hufunet_owner.payload["acc_original"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet", "lstm"])
 def test_innocents_of_other_architectures_are_never_claimed(
     hufunet_owner: SimpleNamespace, arch: str, one_thread: None
