@@ -8,6 +8,7 @@ import io
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ def _export(model: nn.Module, path: Path, *, fold: bool, dynamo: bool = False) -
     quiet = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         warnings.simplefilter("ignore")
-        options = {"optimize": fold} if dynamo else {}
+        options: dict[str, Any] = {"optimize": fold} if dynamo else {}
         torch.onnx.export(
             model.eval(), (torch.zeros(1, 1, 8, 8),), str(path), dynamo=dynamo, do_constant_folding=fold, **options
         )
