@@ -64,13 +64,18 @@ def test_installed_example_runs_in_an_audit(site: Path, tmp_path: Path) -> None:
     weights = {"fc.weight": torch.ones(3, 4), "fc.bias": torch.tensor([0.0, float("nan"), float("inf")])}
     model = tmp_path / "suspect.safetensors"
     save_file(weights, str(model))
-    result = run_auditor(site, "audit", str(model), "--json")
+    result = run_auditor(site, "audit", str(model), "--json", "--option", "example-non-finite.min_count=2")
     assert result.returncode == 3, result.stderr  # no owner bundle: nothing looked for, inconclusive
-    findings = {f["detector"]: f for f in json.loads(result.stdout)["findings"]}
-    finding = findings["example-non-finite"]
+    report = json.loads(result.stdout)
+    finding = {f["detector"]: f for f in report["findings"]}["example-non-finite"]
     assert finding["verdict"] == "inconclusive"
-    assert finding["metrics"] == {"non_finite": 2, "weights": 15}
-    assert finding["details"]["per_tensor"] == {"fc.bias": 2}
+    assert finding["metrics"] == {"non_finite": 2, "weights": 15, "tensors_flagged": 1}
+    assert finding["details"]["per_tensor"] == [{"name": "fc.bias", "non_finite": 2, "size": 3}]
+    assert finding["explanation"].startswith("This check counts the weights that are not numbers")
+    assert "--option example-non-finite.min_count=2" in report["command"]
+    stricter = run_auditor(site, "audit", str(model), "--json", "--option", "example-non-finite.min_count=3")
+    flagged = {f["detector"]: f for f in json.loads(stricter.stdout)["findings"]}["example-non-finite"]
+    assert flagged["metrics"]["tensors_flagged"] == 0  # the option reached the installed plugin
 
 
 def test_load_plugins_variable_restricts_loading(site: Path) -> None:
