@@ -44,11 +44,25 @@ class InputError(AuditorError):
     """A file handed to auditor is missing, broken, truncated or not understood."""
 
     exit_code = EXIT_INPUT
+    #: Whether the error came from an unanticipated exception (see :class:`LoaderBugError`).
+    internal = False
 
     def __init__(self, path: str | Path | None, problem: str) -> None:
         self.path = None if path is None else str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class LoaderBugError(InputError):
+    """A format loader met malformed input it did not anticipate (an internal exception reached the
+    load stage's catch-all).
+
+    The user still sees one line and exit 4, like any :class:`InputError`; the distinct class lets the
+    fuzz tests fail on it, because every such case is a loader bug to fix with a precise message.
+    """
+
+    #: Always true here: the failure came from an exception the loader did not raise on purpose.
+    internal = True
 
 
 class UnsafeInputError(InputError):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from auditor.bases import Format
-from auditor.errors import AuditorError, InputError
+from auditor.errors import AuditorError, InputError, LoaderBugError
 from auditor.graph import LayerGraph
 from auditor.plugin_manager import components
 
@@ -76,7 +76,9 @@ def load_model(path: str | os.PathLike[str]) -> LayerGraph:
 
     Raises :class:`~auditor.errors.InputError` (or its subclass
     :class:`~auditor.errors.UnsafeInputError`) with one line that names the
-    file and the problem; never runs code from the file.
+    file and the problem; never runs code from the file. An exception the
+    loader did not raise on purpose becomes :class:`~auditor.errors.LoaderBugError`
+    (still exit 4 for the user; a bug for the fuzz tests).
     """
     p = Path(path)
     fmt = detect_format(p)
@@ -88,8 +90,8 @@ def load_model(path: str | os.PathLike[str]) -> LayerGraph:
         raise InputError(p, f"too large to load as {fmt.id} with the memory available") from None
     except RecursionError:
         raise InputError(p, f"nested too deeply to read as {fmt.id}") from None
-    except Exception as exc:  # a loader bug still reaches the user as one line
-        raise InputError(p, f"could not be read as {fmt.id}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # a loader bug still reaches the user as one line; the fuzz tests fail on it
+        raise LoaderBugError(p, f"could not be read as {fmt.id}: {type(exc).__name__}: {exc}") from exc
 
 
 def is_model(path: Path) -> bool:
