@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "BUNDLE_FORMAT",
     "BUNDLE_VERSION",
     "MAX_BUNDLE_BYTES",
+    "MAX_CONTAINERS",
     "OwnerBundle",
     "canonical_json",
     "load_bundle",
@@ -37,6 +39,9 @@ __all__ = [
 BUNDLE_FORMAT = "auditor-owner-bundle"
 BUNDLE_VERSION = 1
 MAX_BUNDLE_BYTES = 64 << 20
+#: Objects and lists in a bundle (payloads hold tens to thousands): an empty list costs Python 64 bytes
+#: for 3 bytes of JSON, so this bounds what a hostile bundle makes the parser build.
+MAX_CONTAINERS = 1_000_000
 REQUIRED_FIELDS = ("format", "version", "scheme", "secret", "payload", "payload_sha256")
 OPTIONAL_FIELDS = ("created_by",)
 
@@ -122,6 +127,13 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed in JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as infinity, which no bundle holds
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
 def _short(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
@@ -142,12 +154,14 @@ def load_bundle(path: Path) -> OwnerBundle:
     data = _read_bounded(path)
     if not data.strip():
         raise InputError(path, "the file is empty")
+    if data.count(b"[") + data.count(b"{") > MAX_CONTAINERS:  # an upper bound, counted before parsing
+        raise InputError(path, f"not an owner bundle: more than {MAX_CONTAINERS:,d} objects and lists")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(path, f"not UTF-8 text (bad byte at offset {exc.start})") from None
     try:
-        document = json.loads(text, object_pairs_hook=unique_keys, parse_constant=_refuse_constant)
+        document = json.loads(text, object_pairs_hook=unique_keys, parse_constant=_refuse_constant, parse_float=_finite)
     except json.JSONDecodeError as exc:
         raise InputError(
             path, f"not valid JSON, damaged or truncated: {exc.msg} (line {exc.lineno}, column {exc.colno})"

@@ -8,8 +8,10 @@ folder's conftest.py.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -62,6 +64,30 @@ def _seeded() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def special_files(tmp_path: Path) -> Iterator[SimpleNamespace]:
+    """Paths that are not regular files: ``fifo`` (a named pipe nobody writes), ``device`` (/dev/zero)
+    and ``folder``. While the test runs, a read that would wait on the pipe or loop over the device
+    fails after 10 seconds (SIGALRM) instead of hanging the suite."""
+    if not hasattr(os, "mkfifo") or not Path("/dev/zero").exists():
+        pytest.skip("needs named pipes and /dev/zero")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+
+    def stop(signum: int, frame: Any) -> None:  # pytest.fail: no `except Exception` or OSError catches it
+        pytest.fail("still reading after 10 s: a pipe or a device was opened")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, 10)
+    try:
+        yield SimpleNamespace(fifo=fifo, device=Path("/dev/zero"), folder=folder)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class CliResult(NamedTuple):

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -157,6 +158,12 @@ HOSTILE: list[tuple[str, Any, str]] = [
     ),
     ("trailing data", b"{}{}", "not valid JSON, damaged or truncated: Extra data (line 1, column 3)"),
     ("nan", b'{"x": NaN}', "not valid JSON for auditor: NaN is not allowed in JSON"),
+    ("infinite number", b'{"x": 1e999}', "not valid JSON for auditor: the number 1e999 is out of range"),
+    (
+        "too many lists",
+        b"[" + b"[]," * 1_000_000 + b"[]]",
+        "not an owner bundle: more than 1,000,000 objects and lists",
+    ),
     (
         "duplicate key",
         b'{"format": 1, "format": 2}',
@@ -209,9 +216,10 @@ def test_hostile_bundles(tmp_path: Path, name: str, content: Any, problem: str) 
     assert path.read_bytes() == before
 
 
-def test_missing_folder_and_oversized(tmp_path: Path) -> None:
+def test_missing_folder_and_oversized(tmp_path: Path, special_files: SimpleNamespace) -> None:
     assert refused(tmp_path / "nope.json") == "no such file"
     assert refused(tmp_path) == "is a folder, not an owner bundle"
+    assert refused(special_files.fifo) == "is a named pipe (FIFO), not a regular file: auditor reads only regular files"
     big = tmp_path / "big.json"
     with big.open("wb") as fh:  # sparse: the size cap acts before anything is read
         fh.truncate(MAX_BUNDLE_BYTES + 1)

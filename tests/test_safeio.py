@@ -1,16 +1,20 @@
 """The one atomic writer: whole files or none, the mode asked for, nothing left behind, never replacing
-when told not to."""
+when told not to; and the one careful reader: only regular files, never a pipe or a device, within a limit."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from auditor.safeio import sha256_file, write_atomically
+from auditor import safeio
+from auditor.errors import InputError
+from auditor.safeio import check_path, open_regular, read_small_file, sha256_file, write_atomically
 
 
 def _mode(path: Path) -> int:
@@ -70,3 +74,53 @@ def test_exclusive_never_replaces_a_file_or_follows_a_link(tmp_path: Path) -> No
     with pytest.raises(FileExistsError):
         write_atomically(planted, b"secret", exclusive=True)
     assert not (tmp_path / "elsewhere").exists()
+
+
+def _refusal(read: Callable[[], object]) -> str:
+    with pytest.raises(InputError) as info:
+        read()
+    return info.value.problem
+
+
+def test_pipes_devices_and_folders_are_refused_unopened(special_files: SimpleNamespace) -> None:
+    pipe = "is a named pipe (FIFO), not a regular file: auditor reads only regular files"
+    device = "is a character device, not a regular file: auditor reads only regular files"
+    readers: list[Callable[[Path], object]] = [
+        lambda p: read_small_file(p, limit=1 << 20, what="a report"),
+        lambda p: sha256_file(p, what="a report"),  # was: waited for a writer on the pipe, hashed /dev/zero for ever
+        lambda p: open_regular(p, what="a report"),
+        lambda p: check_path(p, what="a report"),
+    ]
+    for read in readers:
+        assert _refusal(lambda: read(special_files.fifo)) == pipe
+        assert _refusal(lambda: read(special_files.device)) == device
+        assert _refusal(lambda: read(special_files.folder)) == "is a folder, not a report"
+        assert _refusal(lambda: read(special_files.folder / "nope")) == "no such file"
+    assert check_path(special_files.folder, what="a model", folder_ok=True).st_size >= 0
+    assert _refusal(lambda: check_path(special_files.fifo, what="a model", folder_ok=True)) == pipe
+
+
+def test_a_path_swapped_for_a_pipe_after_its_stat_is_refused_on_the_open_descriptor(
+    special_files: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    regular = tmp_path / "regular"
+    regular.write_bytes(b"x")
+    # The stat saw a regular file; by the open the path names a pipe: the open must not wait for a writer.
+    monkeypatch.setattr(safeio, "check_path", lambda path, **_: regular.stat())
+    assert _refusal(lambda: open_regular(special_files.fifo, what="a report")).startswith("is a named pipe (FIFO)")
+
+
+def test_limits_are_checked_before_and_while_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "page.html"
+    path.write_bytes(b"<p>" * 1000)
+    too_large = "the file is too large for a page (the limit is 2,999 bytes)"
+    assert read_small_file(path, limit=3000, what="a page") == b"<p>" * 1000
+    assert sha256_file(path, limit=3000, what="a page") == hashlib.sha256(b"<p>" * 1000).hexdigest()
+    assert _refusal(lambda: read_small_file(path, limit=2999, what="a page")) == too_large
+    assert _refusal(lambda: sha256_file(path, limit=2999, what="a page")) == too_large
+    # A file that grows after its stat is cut off by the read itself.
+    small = tmp_path / "small"
+    small.write_bytes(b"x")
+    monkeypatch.setattr(safeio, "check_path", lambda p, **_: small.stat())
+    assert _refusal(lambda: read_small_file(path, limit=2999, what="a page")) == too_large
+    assert _refusal(lambda: sha256_file(path, limit=2999, what="a page")) == too_large

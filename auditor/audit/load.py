@@ -11,6 +11,7 @@ hashing over the file. The size recorded is the number of bytes hashed.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,14 +38,16 @@ def _formats() -> list[Format]:
 
 
 def _head(path: Path) -> bytes:
+    # A folder, or a regular file opened without blocking: a pipe or a device named as a model (or a
+    # link to one) is refused from its stat, unopened, so nothing waits on it or reads /dev/zero.
+    from auditor.safeio import check_path, open_regular
+
     if not path.exists() and not path.is_symlink():
         raise InputError(path, "no such file or folder")
-    if path.is_dir():
+    if stat.S_ISDIR(check_path(path, what="a model", folder_ok=True).st_mode):
         return b""
-    if not path.is_file():
-        raise InputError(path, "not a regular file or folder")
     try:
-        with path.open("rb") as fh:
+        with open_regular(path, what="a model") as fh:
             head = fh.read(HEAD_BYTES)
     except OSError as exc:
         raise InputError(path, f"cannot be read: {exc.strerror or exc}") from None

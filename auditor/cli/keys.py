@@ -15,9 +15,12 @@ import typer
 from auditor import keys
 from auditor.cli.console import printable
 from auditor.errors import InputError, UsageError
+from auditor.safeio import read_small_file
 
-__all__ = ["describe_key_file", "keys_app", "new_keys", "read_passphrase_file"]
+__all__ = ["MAX_PASSPHRASE_BYTES", "describe_key_file", "keys_app", "new_keys", "read_passphrase_file"]
 
+#: A passphrase file holds one line; anything far larger is not one, so it is never read whole.
+MAX_PASSPHRASE_BYTES = 64 << 10
 keys_app = typer.Typer(help="Make and manage owners' signing keys.", no_args_is_help=True)
 
 
@@ -39,15 +42,12 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print machine-readable JSO
 
 
 def read_passphrase_file(path: Path) -> bytes:
-    """The first line of ``path`` (without its line ending) as a passphrase."""
-    try:
-        with path.open("rb") as fh:
-            line = fh.readline(64 << 10)
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except OSError as exc:
-        raise InputError(path, f"cannot read: {exc.strerror or exc}") from None
-    passphrase = line.rstrip(b"\r\n")
+    """The first line of ``path`` (without its line ending) as a passphrase.
+
+    The file must be a regular file of at most :data:`MAX_PASSPHRASE_BYTES` (a pipe or a device is
+    refused unopened: :func:`auditor.safeio.read_small_file`)."""
+    data = read_small_file(path, limit=MAX_PASSPHRASE_BYTES, what="a passphrase file")
+    passphrase = data.split(b"\n", 1)[0].rstrip(b"\r")
     if not passphrase:
         raise InputError(path, "the first line is empty: it should hold the passphrase")
     return passphrase
@@ -69,7 +69,7 @@ def _passphrase(passphrase_file: Path | None, ask: bool, *, confirm: bool) -> by
 def new_keys(*, out_dir: Path, algorithm: str, passphrase: bytes | None) -> dict[str, Any]:
     """Make a key pair in ``out_dir`` and describe it (paths, algorithm, fingerprint)."""
     paths = keys.generate_keypair(out_dir, algorithm=algorithm, passphrase=passphrase)
-    public = keys.load_public_key(paths.public.read_bytes())
+    public = keys.load_public_key(keys.read_key_file(paths.public))
     return {
         "private_key": str(paths.private),
         "public_key": str(paths.public),

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from auditor.errors import InputError, UnsafeInputError
 from auditor.graph import itemsize, torch_dtype
+from auditor.safeio import check_path, open_regular
 
 if TYPE_CHECKING:  # numpy and torch load when a tensor is read, not when a format registers
     import numpy as np
@@ -63,6 +64,8 @@ def inside_folder(base: Path, relative: str, *, what: str, origin: Path) -> Path
     if not target.is_relative_to(root):
         raise UnsafeInputError(origin, f"{what} {relative!r} is a link that leaves the model's folder")
     if not target.is_file():
+        if target.exists():  # a folder, a pipe or a device: refused by name, never opened
+            check_path(target, what=f"{what} {relative!r}")
         raise InputError(origin, f"{what} {relative!r} does not exist next to the model")
     return target
 
@@ -89,7 +92,8 @@ def mmap_tensor(
         )
     if numel == 0:
         return torch.empty(shape, dtype=torch_dtype(dtype))
-    array = np.memmap(path, dtype=numpy_dtype(dtype), mode="c", offset=offset, shape=(numel,))
+    with open_regular(path, what="a model file") as fh:  # the map keeps its own descriptor
+        array = np.memmap(fh, dtype=numpy_dtype(dtype), mode="c", offset=offset, shape=(numel,))
     tensor = torch.from_numpy(array)
     if dtype == "bfloat16":
         tensor = tensor.view(torch.bfloat16)

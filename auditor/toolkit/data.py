@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,9 +22,22 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from auditor.errors import UsageError
+from auditor.errors import AuditorError, InputError, UsageError
 
-__all__ = ["Dataset", "digits", "from_factory_result", "load_factory", "owner_dataset", "split", "tensors_sha256"]
+__all__ = [
+    "MAX_FACTORY_BYTES",
+    "Dataset",
+    "digits",
+    "from_factory_result",
+    "load_factory",
+    "owner_dataset",
+    "split",
+    "tensors_sha256",
+]
+
+#: A factory's module file (``module:function`` or ``file.py:function``) is checked to be a regular file
+#: before Python reads it, and a source file to be at most this size.
+MAX_FACTORY_BYTES = 16 << 20
 
 
 @dataclass
@@ -115,6 +129,16 @@ def split(data: TensorDataset | Dataset, fraction: float, seed: int) -> tuple[Te
     )
 
 
+def _check_source(path: Path) -> None:
+    from auditor.safeio import check_path
+
+    # Python reads a source file whole; compiled and extension modules it maps or loads itself.
+    if check_path(path, what="a Python module").st_size > MAX_FACTORY_BYTES and path.suffix == ".py":
+        raise InputError(
+            path, f"the file is too large for a factory's module (the limit is {MAX_FACTORY_BYTES >> 20} MiB)"
+        )
+
+
 def load_factory(spec: str) -> Callable[..., Any]:
     """The callable named by ``module:function`` (``function`` may be dotted,
     ``module`` may be a path to a ``.py`` file).
@@ -122,7 +146,10 @@ def load_factory(spec: str) -> Callable[..., Any]:
     The owner names their own code, so importing it (and running its top
     level) is intended; the current folder is searched as well, as
     ``python -m`` would. Raises :class:`~auditor.errors.UsageError` for a
-    malformed spec, a module that cannot be imported or a missing attribute.
+    malformed spec, a module that cannot be imported or a missing attribute,
+    and :class:`~auditor.errors.InputError` when the module's file is not a
+    regular file (a pipe, a device) or is over :data:`MAX_FACTORY_BYTES`:
+    it is checked before Python reads it.
     """
     module_name, sep, attr = spec.partition(":")
     module_name, attr = module_name.strip(), attr.strip()
@@ -131,8 +158,9 @@ def load_factory(spec: str) -> Callable[..., Any]:
     try:
         if module_name.endswith(".py"):
             path = Path(module_name)
-            if not path.is_file():
+            if not path.exists():
                 raise UsageError(f"factory {spec!r}: no such file {module_name}")
+            _check_source(path)
             mod_spec = importlib.util.spec_from_file_location(f"_auditor_factory_{path.stem}", path)
             if mod_spec is None or mod_spec.loader is None:
                 raise UsageError(f"factory {spec!r}: cannot import {module_name}")
@@ -142,8 +170,11 @@ def load_factory(spec: str) -> Callable[..., Any]:
             cwd = str(Path.cwd())
             if cwd not in sys.path and "" not in sys.path:
                 sys.path.append(cwd)
+            found = importlib.util.find_spec(module_name)
+            if found is not None and found.has_location and found.origin and os.path.lexists(found.origin):
+                _check_source(Path(found.origin))
             module = importlib.import_module(module_name)
-    except UsageError:
+    except AuditorError:
         raise
     except ImportError as exc:
         raise UsageError(f"factory {spec!r}: cannot import module {module_name!r}: {exc}") from None

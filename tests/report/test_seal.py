@@ -1,16 +1,23 @@
-"""The report's seal: any one-character edit of its content is caught; signatures bind it to a key."""
+"""The report's seal: any one-character edit of its content is caught; signatures bind it, and every label
+of the seal, to a key; a file that is not a report, or not a regular file, is an input error."""
 
 from __future__ import annotations
 
+import base64
+import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from auditor import keys
-from auditor.errors import InputError
-from auditor.report.seal import seal, verify_document, verify_report
+from auditor.bundle import canonical_json
+from auditor.errors import EXIT_INPUT, EXIT_NOT_FOUND, EXIT_OK, InputError
+from auditor.report.seal import INTEGRITY_VERSION, read_report, seal, verify_document, verify_report
 
 
 def edits(text: str) -> list[tuple[str, str]]:
@@ -105,3 +112,148 @@ def test_broken_json_is_an_input_error(gr_reports: dict[str, Any], tmp_path: Pat
         verify_report(path)
     path.write_text('{"report_format": "x"}')
     assert verify_report(path).message == "not a sealed auditor report: it has no integrity block"
+
+
+# --- hand-made reports: what the signature covers, and files that are not reports ----------------------
+
+
+@pytest.fixture
+def small() -> dict[str, Any]:
+    """A tiny report signed with a fresh Ed25519 key (``document``, ``key``, ``public``), as :func:`seal`
+    writes it today."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    document = {
+        "report_format": "auditor-evidence-report", "report_version": 1, "run": {"date": "2025-01-01T00:00:00Z"},
+        "findings": [{"detector": "d", "verdict": "detected", "metrics": {"p": 1e-12, "k": 250}}],
+        "verdict": "detected", "exit_code": 0,
+    }  # fmt: skip
+    return {"document": {**document, "integrity": seal(document, key=key)}, "key": key, "public": key.public_key()}
+
+
+def test_the_signature_covers_every_label_verify_prints_or_uses(small: dict[str, Any]) -> None:
+    document, public = small["document"], small["public"]
+    result = verify_document(document, public_key=public)
+    assert result.intact and result.message.endswith(f"signer {keys.fingerprint(public)}, ed25519)")
+    assert document["integrity"]["version"] == INTEGRITY_VERSION
+    other_pem = keys.public_pem(ed25519.Ed25519PrivateKey.generate())
+    edits: dict[str, Callable[[dict[str, Any]], None]] = {
+        # issue 14 item 6: this label was not covered, and the edited report still verified as intact
+        "the signature algorithm": lambda i: i["signature"].update(algorithm="rsa-pkcs1v15-sha256"),
+        "the public key's text": lambda i: i["signature"].update(public_key=i["signature"]["public_key"] + "\n"),
+        "the public key": lambda i: i["signature"].update(public_key=other_pem),
+        "the fingerprint": lambda i: i["signature"].update(public_key_sha256="0" * 64),
+        "the seal algorithm": lambda i: i.update(algorithm="sha512-canonical-json"),
+        "the format version": lambda i: i.pop("version"),  # a downgrade to format 1 does not verify either
+        "a new field": lambda i: i.update(note="checked by the court"),
+        "a new signature field": lambda i: i["signature"].update(note="x"),
+    }
+    for what, edit in edits.items():
+        edited = copy.deepcopy(document)
+        edit(edited["integrity"])
+        for key in (public, None):
+            assert not verify_document(edited, public_key=key).intact, (what, key)
+
+
+def _format_1(small: dict[str, Any]) -> dict[str, Any]:
+    """``small`` sealed as auditor did before integrity format 2: its signature covers the hashes only."""
+    document = copy.deepcopy(small["document"])
+    integrity = document["integrity"]
+    integrity.pop("version")
+    signed = {k: integrity[k] for k in ("content_sha256", "evidence_sha256", "html_sha256")}
+    message = canonical_json({**signed, "report_format": document["report_format"]})
+    integrity["signature"]["value"] = base64.b64encode(small["key"].sign(message)).decode()
+    return document
+
+
+def test_format_1_reports_still_verify_and_their_labels_are_checked_against_the_key(small: dict[str, Any]) -> None:
+    old = _format_1(small)
+    result = verify_document(old, public_key=small["public"])
+    assert result.intact and result.message.endswith("ed25519; integrity format 1)")
+    for field, value in (("algorithm", "rsa-pkcs1v15-sha256"), ("public_key_sha256", "0" * 64)):
+        edited = copy.deepcopy(old)
+        edited["integrity"]["signature"][field] = value
+        assert not verify_document(edited).intact, field
+    edited = copy.deepcopy(old)
+    edited["integrity"]["signature"]["algorithm"] = "rsa-pkcs1v15-sha256"
+    assert verify_document(edited).message == "altered: the signature algorithm label is not the key's (ed25519)"
+
+
+def test_a_tampered_label_fails_on_the_command_line(
+    small: dict[str, Any], tmp_path: Path, run_cli: Callable[..., Any]
+) -> None:
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(small["document"], indent=2))
+    assert run_cli("report", "verify", path).code == EXIT_OK
+    edited = copy.deepcopy(small["document"])
+    edited["integrity"]["signature"]["algorithm"] = "rsa-pkcs1v15-sha256"
+    path.write_text(json.dumps(edited, indent=2))
+    code, stdout, _ = run_cli("report", "verify", path)
+    message = "altered: the signature algorithm label is not the key's (ed25519)"
+    assert (code, stdout) == (EXIT_NOT_FOUND, f"FAILED: {path}: {message}\n")
+
+
+NOT_REPORTS = {
+    # issue 14 item 7: 1e999 parsed as infinity and the file was called "altered" (exit 1)
+    "an infinite number": (b"1e999", "not valid JSON for auditor: the number 1e999 is out of range"),
+    "an infinite value inside": (b'{"report_format": "r", "x": -1e999}', "the number -1e999 is out of range"),
+    "NaN": (b'{"report_format": "r", "x": NaN}', "not valid JSON for auditor: NaN is not allowed in JSON"),
+    "Infinity": (b'{"report_format": "r", "x": Infinity}', "Infinity is not allowed in JSON"),
+    "a huge integer": (b'{"report_format": "r", "x": 123456789012345678901}', "larger than any auditor writes"),
+    "a 5,000-digit integer": (b'{"x": ' + b"9" * 5000 + b"}", "larger than any auditor writes"),
+    "a number auditor never writes": (b'{"report_format": "r", "x": 1e-999}', "not written as auditor writes"),
+    "a list": (b"[1, 2]", "not readable as a report: the top level is a list, not an object"),
+    "a string": (b'"report"', "not readable as a report: the top level is a string, not an object"),
+    "an owner bundle": (
+        b'{"format": "auditor-owner-bundle", "version": 1, "payload": {}}',
+        "not readable as a report: it is an owner bundle",
+    ),
+    "an object without report_format": (b'{"integrity": {}}', 'not readable as a report: it has no "report_format"'),
+    "a repeated key": (b'{"report_format": "r", "a": 1, "a": 2}', "the key 'a' appears twice in one object: altered"),
+    "65 levels": (b'{"report_format": "r", "x": ' + b"[" * 64 + b"]" * 64 + b"}", "nested more than 64 levels deep"),
+    "100,000 levels": (b"[" * 100_000 + b"]" * 100_000, "not readable as a report: nested too deeply"),
+    "too many lists": (b"[" + b"[]," * 1_000_000 + b"[]]", "more than 1,000,000 objects and lists"),
+    "Latin-1 text": (b'{"report_format": "caf\xe9"}', "not UTF-8 text (bad byte at offset 22): damaged or altered"),
+    "a lone surrogate": (b'{"report_format": "r", "x": "\\ud800"}', "it holds text that is not Unicode"),
+    "a byte-order mark": (b'\xef\xbb\xbf{"report_format": "r"}', "not valid JSON, damaged or altered"),
+    "nothing": (b"", "not valid JSON, damaged or altered"),
+}
+
+
+@pytest.mark.parametrize("content", NOT_REPORTS.values(), ids=NOT_REPORTS.keys())
+def test_files_that_are_not_reports_are_input_errors(
+    content: tuple[bytes, str], tmp_path: Path, run_cli: Callable[..., Any]
+) -> None:
+    data, message = content
+    path = tmp_path / "report.json"
+    path.write_bytes(data)
+    with pytest.raises(InputError) as info:
+        verify_report(path)
+    assert message in info.value.problem
+    code, stdout, stderr = run_cli("report", "verify", path)
+    assert (code, stdout) == (EXIT_INPUT, "")
+    assert stderr.startswith(f"error: {path}: ") and stderr.count("\n") == 1
+
+
+def test_a_real_nesting_of_64_levels_and_a_64_bit_integer_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "report.json"
+    path.write_bytes(b'{"report_format": "r", "x": ' + b"[" * 63 + b"18446744073709551615" + b"]" * 63 + b"}")
+    assert read_report(path)["report_format"] == "r"
+
+
+def test_the_html_page_is_hashed_only_when_it_is_a_regular_file(
+    small: dict[str, Any], special_files: SimpleNamespace, tmp_path: Path
+) -> None:
+    document = {k: v for k, v in small["document"].items() if k != "integrity"}
+    page = tmp_path / "report.html"
+    page.write_bytes(b"<html>page</html>")
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({**document, "integrity": seal(document, html=page.read_bytes())}))
+    assert verify_report(report, html=page).intact
+    for path, problem in (
+        (special_files.fifo, "is a named pipe (FIFO), not a regular file: auditor reads only regular files"),
+        (special_files.device, "is a character device, not a regular file: auditor reads only regular files"),
+        (special_files.folder, "is a folder, not an HTML report"),
+    ):
+        with pytest.raises(InputError) as info:
+            verify_report(report, html=path)
+        assert (info.value.path, info.value.problem) == (str(path), problem)

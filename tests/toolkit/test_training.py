@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from auditor.errors import UsageError
+from auditor.errors import InputError, UsageError
 from auditor.toolkit import data as datasets
 from auditor.toolkit import models as zoo
 from auditor.toolkit import training
@@ -133,6 +134,25 @@ def test_load_factory_module_that_fails(tmp_path: Path) -> None:
     bad.write_text("raise RuntimeError('boom')\n")
     with pytest.raises(UsageError, match=r"importing .*broken.py' failed: RuntimeError: boom"):
         datasets.load_factory(f"{bad}:make")
+
+
+def test_load_factory_checks_the_module_file_before_python_reads_it(
+    tmp_path: Path, special_files: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    piped = tmp_path / "piped.py"
+    os.mkfifo(piped)
+    with pytest.raises(InputError) as info:
+        datasets.load_factory(f"{piped}:make")
+    assert str(info.value) == f"{piped}: is a named pipe (FIFO), not a regular file: auditor reads only regular files"
+    big = tmp_path / "big.py"
+    with big.open("wb") as fh:  # sparse: refused from its size, never read
+        fh.truncate(datasets.MAX_FACTORY_BYTES + 1)
+    with pytest.raises(InputError, match="too large for a factory's module"):
+        datasets.load_factory(f"{big}:make")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    with pytest.raises(InputError, match="too large for a factory's module"):
+        datasets.load_factory("big:make")
 
 
 def test_factory_results(data: datasets.Dataset) -> None:

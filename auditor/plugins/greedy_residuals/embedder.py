@@ -42,12 +42,9 @@ DEFAULTS: dict[str, Any] = {
 
 def read_passphrase(path: Path) -> bytes:
     """A passphrase file's bytes without the trailing newline an editor adds."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise InputError(path, "no such passphrase file") from None
-    except OSError as exc:
-        raise InputError(path, f"cannot read the passphrase file: {exc.strerror or exc}") from None
+    from auditor.safeio import read_small_file  # a regular file of at most 64 KiB: never a pipe or a device
+
+    data = read_small_file(Path(path), limit=64 << 10, what="a passphrase file")
     data = data.removesuffix(b"\n").removesuffix(b"\r")
     if not data:
         raise InputError(path, "the passphrase file is empty")

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from auditor.errors import InputError
+from auditor.safeio import check_path, open_regular
 from auditor.toolkit.data import Dataset, tensors_sha256
 
 __all__ = ["FASHION_MNIST_FILES", "MAX_IDX_BYTES", "fashion_mnist", "read_idx", "write_idx"]
@@ -40,15 +41,21 @@ FASHION_MNIST_FILES = {
 
 
 def _read_raw(path: Path, limit: int) -> bytes:
-    """The file's content, decompressed when it starts with the gzip magic, at most ``limit`` bytes."""
+    """The file's content, decompressed when it starts with the gzip magic, at most ``limit`` bytes.
+
+    Only a regular file of at most ``limit`` bytes is opened (a pipe or a device is refused unopened);
+    gzipped, its content is cut at ``limit`` bytes too."""
+    too_large = f"the IDX file is larger than the {limit:,d}-byte limit"
+    if check_path(path, what="an IDX file").st_size > limit:
+        raise InputError(path, too_large)
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path, what="an IDX file") as fh:
             head = fh.read(2)
             fh.seek(0)
             if head != GZIP_MAGIC:
                 data = fh.read(limit + 1)
                 if len(data) > limit:
-                    raise InputError(path, f"the IDX file is larger than the {limit:,d}-byte limit")
+                    raise InputError(path, too_large)
                 return data
             try:
                 with gzip.GzipFile(fileobj=fh, mode="rb") as gz:
@@ -58,10 +65,6 @@ def _read_raw(path: Path, limit: int) -> bytes:
             if len(data) > limit:
                 raise InputError(path, f"the IDX file decompresses to more than the {limit:,d}-byte limit")
             return data
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except IsADirectoryError:
-        raise InputError(path, "is a folder, not an IDX file") from None
     except OSError as exc:
         raise InputError(path, f"cannot read the file: {exc.strerror or exc}") from None
 
@@ -108,7 +111,7 @@ def read_idx(path: Path, *, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
 def _find(folder: Path, stem: str) -> Path:
     for name in (stem, f"{stem}.gz"):
         candidate = folder / name
-        if candidate.is_file():
+        if candidate.exists():  # read_idx refuses, by name, one that is a pipe, a device or a folder
             return candidate
     raise InputError(folder, f"no {stem} or {stem}.gz in this folder (the Fashion-MNIST file names)")
 

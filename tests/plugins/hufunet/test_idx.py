@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -139,3 +141,17 @@ def test_generate_on_tiny_fashion_mnist(tmp_path: Path, one_thread: None) -> Non
     from auditor.plugins.hufunet.network import accuracy
 
     assert accuracy(net, fashion_mnist(folder)) == summary["accuracy"]
+
+
+def test_a_pipe_or_a_device_named_as_an_idx_file_is_refused_unopened(
+    tmp_path: Path, special_files: SimpleNamespace
+) -> None:
+    pipe = tmp_path / FASHION_MNIST_FILES["train_images"]
+    os.mkfifo(pipe)
+    (tmp_path / FASHION_MNIST_FILES["train_labels"]).write_bytes(b"")
+    with pytest.raises(InputError) as info:
+        fashion_mnist(tmp_path)
+    assert str(info.value) == f"{pipe}: is a named pipe (FIFO), not a regular file: auditor reads only regular files"
+    with pytest.raises(InputError) as info:
+        read_idx(special_files.device)
+    assert info.value.problem == "is a character device, not a regular file: auditor reads only regular files"
