@@ -40,6 +40,9 @@ __all__ = [
     "StoredTensor",
     "Unusable",
     "attr_value",
+    "float_attr",
+    "int_attr",
+    "ints_attr",
     "make_ref",
     "plan_steps",
     "resolve",
@@ -366,6 +369,37 @@ class Unusable(Exception):
     """A weight reaches its node in a way auditor cannot express as a lazy reference."""
 
 
+def _wrong(name: str, value: Any, want: str) -> Unusable:
+    got = "an attribute of another type" if value is None else f"{type(value).__name__} {str(value)[:40]!r}"
+    return Unusable(f"attribute {name!r} is {got}, not {want}")
+
+
+def int_attr(attrs: Mapping[str, Any], name: str, default: int) -> int:
+    """Attribute ``name`` (from :func:`attr_value`) as an integer; Unusable when the file stored another type."""
+    value = attrs.get(name, default)
+    if type(value) is not int:
+        raise _wrong(name, value, "an integer")
+    return value
+
+
+def float_attr(attrs: Mapping[str, Any], name: str, default: float) -> float:
+    """Attribute ``name`` as a finite number; Unusable when it is another type, NaN or infinite."""
+    value = attrs.get(name, default)
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise _wrong(name, value, "a finite number")
+    return float(value)
+
+
+def ints_attr(attrs: Mapping[str, Any], name: str) -> list[int] | None:
+    """Attribute ``name`` as a list of integers, ``None`` when absent; Unusable when it is another type."""
+    if name not in attrs:
+        return None
+    value = attrs[name]
+    if not isinstance(value, list) or not all(type(v) is int for v in value):
+        raise _wrong(name, value, "a list of integers")
+    return value
+
+
 # A step maps a tensor towards the canonical layout: ("perm", dims), ("reshape", shape),
 # ("select", index on axis 0), ("rows", start, stop on axis 0), ("blocks", gate order on axis 0), ("scale", factor).
 Step = tuple[Any, ...]
@@ -405,8 +439,10 @@ def _dequantize_linear(g: Scope, node: Any, base: StoredTensor) -> Quantization:
     zero_t = g.tensor(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     zero = _small(zero_t, "zero point") if zero_t is not None else np.zeros(scale.shape, dtype=np.int64)
     if scale.size == 1 and scale.ndim <= 1:
+        if zero.size != 1:
+            raise Unusable(f"DequantizeLinear zero point of shape {list(zero.shape)} does not fit a single scale")
         return Quantization(scale.reshape(()), zero.reshape(()), None)
-    axis = int(attrs.get("axis", 1))
+    axis = int_attr(attrs, "axis", 1)
     axis = axis + len(base.shape) if axis < 0 else axis
     if (
         scale.ndim != 1
@@ -438,12 +474,14 @@ def resolve(g: Scope, name: str) -> Param | None:
             return None
         op = node.op_type
         if op == "Transpose":
-            perm = next((attr_value(a) for a in node.attribute if a.name == "perm"), None)
+            perm = ints_attr({a.name: attr_value(a) for a in node.attribute}, "perm")
             steps.append(("perm", tuple(perm) if perm is not None else None))
         elif op == "Reshape":
             shape_t = g.tensor(node.input[1]) if len(node.input) > 1 else None
             if shape_t is None:
                 return None
+            if shape_t.dtype not in ("int64", "int32", "int16", "int8", "uint8"):
+                raise Unusable(f"Reshape shape {shape_t.name!r} is {shape_t.dtype}, not integers")
             steps.append(("reshape", tuple(int(v) for v in _small(shape_t, "shape", 64).reshape(-1))))
         elif op == "DequantizeLinear":
             if dq is not None:
@@ -478,7 +516,11 @@ def plan_steps(shape: tuple[int, ...], steps: list[Step]) -> tuple[tuple[int, ..
                 if rest <= 0 or math.prod(shape) % rest:
                     raise Unusable(f"cannot reshape {list(shape)} to {list(step[1])}")
                 target[target.index(-1)] = math.prod(shape) // rest
-            if any(v < 0 for v in target) or math.prod(target) != math.prod(shape):
+            if (
+                any(v < 0 for v in target)
+                or math.prod(target) != math.prod(shape)
+                or math.prod(max(v, 1) for v in target) >= 2**62  # an empty tensor of huge dimensions
+            ):
                 raise Unusable(f"cannot reshape {list(shape)} to {list(step[1])}")
             shape = tuple(target)
             step = ("reshape", shape)

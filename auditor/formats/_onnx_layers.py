@@ -20,6 +20,9 @@ from auditor.formats._onnx_graph import (
     StoredTensor,
     Unusable,
     attr_value,
+    float_attr,
+    int_attr,
+    ints_attr,
     make_ref,
     plan_steps,
     resolve,
@@ -53,20 +56,22 @@ def _conv(
     g: Scope, node: Any, attrs: dict[str, Any], p: dict[str, Param]
 ) -> tuple[LayerKind, dict[str, TensorRef], dict[str, Any]]:
     w = make_ref(p["weight"])
+    if len(w.shape) < 3:
+        raise Unusable(f"weight of shape {list(w.shape)} is not a convolution kernel")
     kind = {3: LayerKind.CONV1D, 4: LayerKind.CONV2D}.get(len(w.shape), LayerKind.OTHER)
     params = {"weight": w}
     if "bias" in p:
         params["bias"] = make_ref(p["bias"])
-    out: dict[str, Any] = {"groups": int(attrs.get("group", 1))}
+    out: dict[str, Any] = {"groups": int_attr(attrs, "group", 1)}
     for onnx_name, name in (("strides", "stride"), ("dilations", "dilation"), ("kernel_shape", "kernel_size")):
-        if onnx_name in attrs:
-            out[name] = attrs[onnx_name]
-    pads = attrs.get("pads")
+        if (value := ints_attr(attrs, onnx_name)) is not None:
+            out[name] = value
+    pads = ints_attr(attrs, "pads")
     if pads is not None:
         half = len(pads) // 2
         out["padding" if pads[:half] == pads[half:] else "pads"] = pads[:half] if pads[:half] == pads[half:] else pads
     if attrs.get("auto_pad", "NOTSET") != "NOTSET":
-        out["auto_pad"] = attrs["auto_pad"]
+        out["auto_pad"] = str(attrs["auto_pad"])
     if kind is LayerKind.OTHER:
         out["op"] = "Conv"
     return kind, params, out
@@ -75,8 +80,8 @@ def _conv(
 def _gemm(
     attrs: dict[str, Any], p: dict[str, Param], notes: list[str], label: str
 ) -> tuple[dict[str, TensorRef], dict[str, Any]]:
-    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
-    trans_b = int(attrs.get("transB", 0))
+    alpha, beta = float_attr(attrs, "alpha", 1.0), float_attr(attrs, "beta", 1.0)
+    trans_b = int_attr(attrs, "transB", 0)
     steps: list[tuple[Any, ...]] = [] if trans_b else [("perm", (1, 0))]
     if alpha != 1.0:
         steps.append(("scale", alpha))
@@ -92,7 +97,7 @@ def _gemm(
             notes.append(
                 f"{label}: bias of shape {list(bias.base.shape)} broadcasts over the outputs; not recorded as a bias"
             )
-    out = {"alpha": alpha, "beta": beta, "transA": int(attrs.get("transA", 0)), "transB": trans_b}
+    out = {"alpha": alpha, "beta": beta, "transA": int_attr(attrs, "transA", 0), "transB": trans_b}
     if out["transA"]:
         notes.append(f"{label}: Gemm with transA=1 takes its input transposed")
     return params, out
@@ -105,7 +110,7 @@ def _recurrent(
     direction = attrs.get("direction", "forward")
     dirs = 2 if direction == "bidirectional" else 1
     w_shape = p["W"].base.shape
-    hidden = int(attrs.get("hidden_size", w_shape[1] // gates if len(w_shape) == 3 else 0))
+    hidden = int_attr(attrs, "hidden_size", w_shape[1] // gates if len(w_shape) == 3 else 0)
     if len(w_shape) != 3 or w_shape[0] != dirs or w_shape[1] != gates * hidden or hidden <= 0:
         raise Unusable(f"W of shape {list(w_shape)} does not fit {dirs} direction(s) of {gates} gates x {hidden}")
     params: dict[str, TensorRef] = {}
@@ -124,13 +129,27 @@ def _recurrent(
         out["direction"] = "reverse"
         notes.append(f"{label}: runs in reverse only, which PyTorch has no module for; its weights are under *_l0")
     if "layout" in attrs:
-        out["batch_first"] = attrs["layout"] == 1
-    for key in ("linear_before_reset", "input_forget", "clip", "activations"):
-        if key in attrs:
-            out[key] = attrs[key]
-    if op == "GRU" and not attrs.get("linear_before_reset", 0):
+        out["batch_first"] = int_attr(attrs, "layout", 0) == 1
+    out.update(_recurrent_extras(attrs))
+    if op == "GRU" and not out.get("linear_before_reset", 0):
         notes.append(f"{label}: GRU with linear_before_reset=0 computes differently from PyTorch's GRU")
     return params, out
+
+
+def _recurrent_extras(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The recurrent attributes a layer records as they are, each checked for its type."""
+    out: dict[str, Any] = {}
+    for key in ("linear_before_reset", "input_forget"):
+        if key in attrs:
+            out[key] = int_attr(attrs, key, 0)
+    if "clip" in attrs:
+        out["clip"] = float_attr(attrs, "clip", 0.0)
+    if "activations" in attrs:
+        activations = attrs["activations"]
+        if not isinstance(activations, list):
+            raise Unusable("attribute 'activations' is not a list of names")
+        out["activations"] = activations
+    return out
 
 
 def recognise(g: Scope, index: int, node: Any, consumers: dict[str, list[int]], notes: list[str]) -> Found | None:
@@ -194,9 +213,9 @@ def recognise(g: Scope, index: int, node: Any, consumers: dict[str, list[int]], 
                 return None
             p[role] = found
         params = {role: make_ref(q) for role, q in p.items()}
-        out = {"eps": float(attrs.get("epsilon", 1e-5)), "momentum": float(attrs.get("momentum", 0.9))}
+        out = {"eps": float_attr(attrs, "epsilon", 1e-5), "momentum": float_attr(attrs, "momentum", 0.9)}
         if "training_mode" in attrs:
-            out["training_mode"] = attrs["training_mode"]
+            out["training_mode"] = int_attr(attrs, "training_mode", 0)
         kind = LayerKind.BATCH_NORM
         channels = params["weight"].shape[0] if params["weight"].shape else None
     elif op == "LayerNormalization":
@@ -206,10 +225,10 @@ def recognise(g: Scope, index: int, node: Any, consumers: dict[str, list[int]], 
         if "weight" not in p:
             return None
         params = {role: make_ref(q) for role, q in p.items()}
-        out = {"eps": float(attrs.get("epsilon", 1e-5)), "axis": int(attrs.get("axis", -1))}
+        out = {"eps": float_attr(attrs, "epsilon", 1e-5), "axis": int_attr(attrs, "axis", -1)}
         kind = LayerKind.LAYER_NORM
     elif op == "Gather":
-        if len(ins) < 2 or (w := param(0)) is None or param(1) is not None or int(attrs.get("axis", 0)) != 0:
+        if len(ins) < 2 or (w := param(0)) is None or param(1) is not None or int_attr(attrs, "axis", 0) != 0:
             return None
         p["weight"] = w
         params = {"weight": make_ref(w)}
@@ -258,7 +277,7 @@ def _torch_named_recurrent(g: Scope, index: int, node: Any, notes: list[str], la
         notes.append(f"{label}: W or R is computed, not stored, and not from PyTorch-named tensors; not a layer")
         return None
     gates = 4 if node.op_type == "LSTM" else 3
-    hidden = int(attrs.get("hidden_size", 0))
+    hidden = int_attr(attrs, "hidden_size", 0)
     if any(len(t.shape) not in (1, 2) or t.shape[0] != gates * hidden for t in found.values()):
         raise Unusable(f"PyTorch-named tensors do not fit {gates} gates x {hidden}")
     params = {
@@ -270,9 +289,9 @@ def _torch_named_recurrent(g: Scope, index: int, node: Any, notes: list[str], la
         "bidirectional": attrs.get("direction") == "bidirectional",
         "num_layers": 1,
     }
-    for key in ("linear_before_reset", "input_forget", "clip", "activations", "layout"):
-        if key in attrs:
-            out[key] = attrs[key]
+    out.update(_recurrent_extras(attrs))
+    if "layout" in attrs:
+        out["layout"] = int_attr(attrs, "layout", 0)
     kind = LayerKind.LSTM if node.op_type == "LSTM" else LayerKind.GRU
     names = [f"{prefix}.weight_ih" for prefix in sorted(prefixes) if prefix]
     return Found(kind, node, params, out, names, index, index, node.input[0] if node.input else "", None, 4)

@@ -34,12 +34,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from auditor.bases import Format
-from auditor.errors import AuditorError, InputError
+from auditor.errors import AuditorError, InputError, LoaderBugError
 from auditor.formats._io import inside_folder, mmap_tensor, numpy_dtype
 from auditor.formats._onnx_graph import (
+    A_FLOAT,
+    A_FLOATS,
     A_GRAPH,
     A_GRAPHS,
     A_INT,
+    A_INTS,
     A_TENSOR,
     LayerSite,
     NodeInfo,
@@ -56,10 +59,12 @@ from auditor.hookspecs import hookimpl
 if TYPE_CHECKING:  # numpy, torch and onnx load with the first ONNX file, not when the format registers
     import torch
 
-__all__ = ["MAX_PROTOBUF", "OnnxFormat", "load", "sniff"]
+__all__ = ["MAX_DIMS", "MAX_PROTOBUF", "OnnxFormat", "load", "sniff"]
 
 #: Protobuf cannot hold more than 2 GiB; bigger weights must be external data.
 MAX_PROTOBUF = 2 * 1024**3
+#: Most dimensions a tensor may have (a longer list is a hostile file, not a model).
+MAX_DIMS = 64
 
 # TensorProto.DataType -> auditor dtype name, and the typed field holding values when raw_data is absent.
 _DTYPES: dict[int, tuple[str, str]] = {
@@ -256,6 +261,11 @@ def _tensor(t: Any, name: str, origin: str, ctx: _Context) -> StoredTensor | Non
     dims = tuple(int(d) for d in t.dims)
     if any(d < 0 for d in dims):
         raise InputError(path, f"tensor {name!r}: negative dimension in {list(dims)}")
+    if len(dims) > MAX_DIMS:
+        raise InputError(path, f"tensor {name!r}: {len(dims)} dimensions, more than {MAX_DIMS}")
+    # Only an empty tensor passes the size checks with huge dimensions; torch cannot address them.
+    if math.prod(max(d, 1) for d in dims) >= 2**62:
+        raise InputError(path, f"tensor {name!r}: shape {list(dims)} is too large to address")
     numel = math.prod(dims)
     nbytes = numel * itemsize(dtype)
     if t.data_location == _EXTERNAL:
@@ -273,6 +283,10 @@ def _tensor(t: Any, name: str, origin: str, ctx: _Context) -> StoredTensor | Non
     return StoredTensor(name, dtype, dims, lambda: _from_field(getattr(t, typed), dtype, dims, name, path), origin)
 
 
+# The small forms of a Constant's value and the attribute type each must have.
+_SMALL_CONSTANTS = {"value_float": A_FLOAT, "value_floats": A_FLOATS, "value_int": A_INT, "value_ints": A_INTS}
+
+
 def _constantly(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
     return lambda: tensor
 
@@ -283,7 +297,7 @@ def _constant(node: Any, origin: str, ctx: _Context) -> StoredTensor | None:
     for a in node.attribute:
         if a.name == "value" and a.type == A_TENSOR:
             return _tensor(a.t, name, origin, ctx)
-        if a.name in ("value_float", "value_floats", "value_int", "value_ints"):
+        if _SMALL_CONSTANTS.get(a.name) == a.type:
             import numpy as np
             import torch
 
@@ -364,6 +378,50 @@ def _parse(path: Path) -> Any:
     return model
 
 
+def _repair_text(model: Any) -> tuple[int, str]:
+    """Make every text field of ``model`` a ``str``: ``(fields repaired, path of the first)``.
+
+    ONNX text must be UTF-8, but the protobuf runtime hands back ``bytes`` for a
+    string field that is not, and names would then mix ``bytes`` and ``str``.
+    Such bytes are decoded with ``\\x`` escapes, so the model is still read
+    and a note says so (a hostile file could make such a name equal another
+    one: it is marked invalid all the same). Walks every message once, without
+    recursion.
+    """
+    from google.protobuf.descriptor import FieldDescriptor
+
+    string, message = FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE
+    repaired, first = 0, ""
+    Chain = tuple[Any, str] | None  # (parent chain, "field[index]"): a path built only when it is shown
+    stack: list[tuple[Any, Chain]] = [(model, None)]
+
+    def shown(chain: Chain, label: str) -> str:
+        parts = [label]
+        while chain is not None:
+            chain, part = chain
+            parts.append(part)
+        return ".".join(reversed(parts))
+
+    while stack:
+        msg, chain = stack.pop()
+        for fd, value in msg.ListFields():
+            if fd.type == message:
+                if fd.is_repeated:
+                    stack.extend((m, (chain, f"{fd.name}[{i}]")) for i, m in enumerate(value))
+                else:
+                    stack.append((value, (chain, fd.name)))
+            elif fd.type == string:
+                if fd.is_repeated:
+                    for i, v in enumerate(value):
+                        if isinstance(v, bytes):
+                            value[i] = v.decode("utf-8", "backslashreplace")
+                            repaired, first = repaired + 1, first or shown(chain, f"{fd.name}[{i}]")
+                elif isinstance(value, bytes):
+                    setattr(msg, fd.name, value.decode("utf-8", "backslashreplace"))
+                    repaired, first = repaired + 1, first or shown(chain, fd.name)
+    return repaired, first
+
+
 def _shapes(graph: Any) -> dict[str, tuple[int | None, ...]]:
     shapes: dict[str, tuple[int | None, ...]] = {}
     for info in (*graph.input, *graph.value_info, *graph.output):
@@ -379,6 +437,11 @@ def _shapes(graph: Any) -> dict[str, tuple[int | None, ...]]:
 def _load(path: Path) -> LayerGraph:
     model = _parse(path)
     ctx = _Context(path, files=[path])
+    repaired, first = _repair_text(model)
+    if repaired:
+        ctx.notes.append(
+            f"{repaired} text field(s) are not UTF-8 (invalid ONNX), read with \\x escapes (first: {first})"
+        )
     graphs = _graphs(model, ctx)
     layers: list[Layer] = []
     sites: list[LayerSite] = []
@@ -459,7 +522,8 @@ def load(path: str | os.PathLike[str]) -> LayerGraph:
 
     Raises :class:`~auditor.errors.InputError` for a broken file and
     :class:`~auditor.errors.UnsafeInputError` for external data outside the
-    model's folder; no other exception escapes.
+    model's folder; no other exception escapes (an unanticipated one becomes
+    :class:`~auditor.errors.LoaderBugError`).
     """
     p = Path(path)
     try:
@@ -470,9 +534,9 @@ def load(path: str | os.PathLike[str]) -> LayerGraph:
         raise InputError(p, "too large to load as ONNX with the memory available") from None
     except RecursionError:
         raise InputError(p, "nested too deeply to read as ONNX") from None
-    except Exception as exc:  # a malformed file reaching a corner the checks missed is still the file's fault
+    except Exception as exc:  # a corner the checks missed: one line for the user, a bug for the fuzz tests
         problem = " ".join(str(exc).split())[:200]
-        raise InputError(p, f"could not be read as ONNX: {type(exc).__name__}: {problem}") from None
+        raise LoaderBugError(p, f"could not be read as ONNX: {type(exc).__name__}: {problem}") from None
 
 
 def iter_tensors(graph: LayerGraph) -> Iterator[tuple[str, str, TensorRef]]:
