@@ -59,14 +59,21 @@ def inside_folder(base: Path, relative: str, *, what: str, origin: Path) -> Path
         )
     if ".." in rel.parts or ".." in relative.replace("\\", "/").split("/"):
         raise UnsafeInputError(origin, f"{what} points outside the model's folder ({relative!r})")
-    root = base.resolve()
-    target = (base / rel).resolve()
-    if not target.is_relative_to(root):
-        raise UnsafeInputError(origin, f"{what} {relative!r} is a link that leaves the model's folder")
-    if not target.is_file():
-        if target.exists():  # a folder, a pipe or a device: refused by name, never opened
-            check_path(target, what=f"{what} {relative!r}")
-        raise InputError(origin, f"{what} {relative!r} does not exist next to the model")
+    try:
+        os.fsencode(relative)
+    except UnicodeEncodeError:  # a lone surrogate from JSON: no file system holds such a name
+        raise InputError(origin, f"{what} has a file name that is not valid text ({relative!r})") from None
+    try:
+        root = base.resolve()
+        target = (base / rel).resolve()
+        if not target.is_relative_to(root):
+            raise UnsafeInputError(origin, f"{what} {relative!r} is a link that leaves the model's folder")
+        if not target.is_file():
+            if target.exists():  # a folder, a pipe or a device: refused by name, never opened
+                check_path(target, what=f"{what} {relative!r}")
+            raise InputError(origin, f"{what} {relative!r} does not exist next to the model")
+    except OSError as exc:  # a name too long, a link loop
+        raise InputError(origin, f"{what} {relative!r} cannot be looked up: {exc.strerror or exc}") from None
     return target
 
 

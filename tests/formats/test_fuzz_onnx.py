@@ -226,7 +226,7 @@ class Generator:
             t.data_location = TensorProto.EXTERNAL
             entries = {
                 "location": r.choice(
-                    ["onnx_external.bin", "missing.bin", "../x.bin", "/etc/passwd", "", ".", "a\x7f\x01"]
+                    ["onnx_external.bin", "missing.bin", "../x.bin", "/etc/passwd", "", ".", "a\x7f\x01", "x" * 300]
                 ),
                 "offset": r.choice(["0", "4", "1728", "1748", "-1", "abc", "", "1e3", " 8 ", "1_0", "9" * 5000]),
                 "length": r.choice([str(n * size), "0", "-4", "x", "", str(2**64)]),
@@ -372,6 +372,20 @@ def test_external_location_that_is_not_utf8_is_named(target: Path) -> None:
     assert not caught.value.internal
     assert caught.value.problem == (
         "external data of tensor 'conv.weight' 'onnx_external.bin\\\\xff\\\\xfe' does not exist next to the model"
+    )
+
+
+def test_external_location_too_long_for_the_file_system_is_named(target: Path) -> None:
+    # an OSError (ENAMETOOLONG) from the file system before
+    model = onnx.load(str(ASSETS / "onnx_external.onnx"), load_external_data=False)
+    model.graph.initializer[0].external_data[0].value = "x" * 300
+    with pytest.raises(InputError) as caught:
+        _load_bytes(target, model.SerializeToString())
+    assert not caught.value.internal
+    long_name = repr("x" * 300)
+    assert (
+        caught.value.problem
+        == f"external data of tensor 'conv.weight' {long_name} cannot be looked up: File name too long"
     )
 
 

@@ -1,21 +1,27 @@
-"""Fuzzing the safetensors loader: whatever the bytes, the only error is InputError.
+"""Fuzzing the safetensors loader: whatever the bytes, the only way out is an InputError that a check
+raised on purpose, never the load stage's catch-all (:class:`~auditor.errors.LoaderBugError`).
 
-Three sources of hostile files: random bytes; a valid length prefix with a
-random JSON-ish header (arbitrary JSON values, and tensor tables with random
-dtypes, shapes and offsets) and random data; byte mutations of a valid tiny
-file. Each is loaded with the format's ``load`` and with ``load_model``; when a
-file loads, every tensor is read, which must work or raise InputError.
+Five sources of hostile files: random bytes; a valid length prefix with a random JSON-ish header
+(arbitrary JSON values, and tensor tables with random dtypes, shapes and offsets) and random data;
+byte mutations of a valid tiny file (hypothesis); seeded byte mutations of every safetensors asset
+in tests/assets; and seeded sharded folders whose index maps tensors to shards that may be missing,
+outside the folder, oddly named or not safetensors at all. Each is loaded with the format's ``load``
+and with ``load_model``; when it loads, every tensor is read, which must work or raise a deliberate
+InputError. The seeded loops run in chunks: the first of each in the fast run, all of them (over
+5,000 inputs with the hypothesis tests) in ``make test``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -75,7 +81,7 @@ def tensor_tables(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
     header: dict[str, Any] = {}
     offset = 0
     for name in draw(st.lists(names, max_size=6, unique=True)):
-        code = draw(st.sampled_from(CODES))
+        code: Any = draw(st.sampled_from(CODES))
         shape: Any = draw(shapes)
         nbytes = math.prod(shape) * ITEMSIZE.get(code, 1)
         offsets: Any = [offset, offset + nbytes]
@@ -117,13 +123,17 @@ def tiny_file() -> bytes:
 TINY = tiny_file()
 
 
-def check(path: Path) -> None:
-    """Load with both entry points; only InputError may escape, and every tensor reads or raises InputError."""
+def check(path: Path, label: str = "") -> bool:
+    """Load with both entry points; only a deliberate InputError may escape, and every tensor reads or
+    raises one. Whether the file loaded."""
+    loaded = False
     for loader in (st_format.load, load_model):
         try:
             graph = loader(path)
-        except InputError:
+        except InputError as exc:
+            assert not exc.internal, f"{label} reached the loader's catch-all: {exc}"
             continue
+        loaded = True
         json.dumps(graph.describe())
         for layer in graph:
             for ref in layer.params.values():
@@ -131,8 +141,9 @@ def check(path: Path) -> None:
                     tensor = ref.read()
                     assert tuple(tensor.shape) == ref.shape
                     ref.read(float32=True)
-                except InputError:
-                    pass
+                except InputError as exc:
+                    assert not exc.internal, f"{label} reached a catch-all reading {ref.name!r}: {exc}"
+    return loaded
 
 
 @FUZZ
@@ -193,3 +204,112 @@ def test_the_unmutated_file_loads_and_reads() -> None:
         assert set(values) == {"conv.weight", "conv.bias", "fc.weight", "fc.bias"}
         assert values["fc.bias"].tolist() == [0, 1, 2]
         assert np.isfinite(values["conv.weight"].numpy()).all()
+
+
+# ---------------------------------------------------------------- seeded loops
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+CORPUS = [TINY] + [p.read_bytes() for p in sorted(ASSETS.glob("st_*.safetensors")) if p.stat().st_size]
+#: Seeded chunks of the corpus mutations and sharded folders; chunk 0 runs in the fast run.
+CHUNKS, MUTANTS_PER_CHUNK, FOLDERS_PER_CHUNK = 10, 400, 100
+CHUNK_PARAMS = [pytest.param(c, marks=() if c == 0 else pytest.mark.slow) for c in range(CHUNKS)]
+
+
+def mutate(rng: random.Random, original: bytes) -> bytes:
+    """One to six edits: bit flips, JSON-ish bytes, inserts, deletes, cut runs, spliced random bytes; now
+    and then a new header length."""
+    data = bytearray(original)
+    for _ in range(rng.randint(1, 6)):
+        if not data:
+            break
+        where, kind = rng.randrange(len(data)), rng.randrange(7)
+        if kind == 0:
+            data[where] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            data[where] = rng.choice(b'0123456789[]{}",:-eE ')
+        elif kind == 2:
+            data.insert(where, rng.randrange(256))
+        elif kind == 3:
+            del data[where]
+        elif kind == 4:
+            del data[where : where + rng.randint(1, 16)]
+        elif kind == 5:
+            data[where:where] = rng.randbytes(rng.randint(1, 8))
+        elif len(data) >= 8:
+            (n,) = struct.unpack("<Q", data[:8])
+            data[:8] = struct.pack("<Q", max(0, n + rng.randint(-3, 3)))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("chunk", CHUNK_PARAMS)
+def test_mutated_assets(tmp_path: Path, chunk: int) -> None:
+    rng = random.Random(3000 + chunk)
+    path = tmp_path / "x.safetensors"
+    for i in range(MUTANTS_PER_CHUNK):
+        path.write_bytes(mutate(rng, rng.choice(CORPUS)))
+        check(path, f"mutant {i} of chunk {chunk}")
+
+
+_SHARD_NAMES = ["model-1.safetensors", "model-2.safetensors", "missing.safetensors", "../model-1.safetensors",
+                "/etc/passwd", "", ".", "sub", "sub/../model-1.safetensors", "a\x00b", "\ud800.safetensors",
+                "\udcff", "x" * 300, "model.safetensors.index.json", "link.safetensors"]  # fmt: skip
+
+
+def sharded_folder(rng: random.Random, folder: Path) -> None:
+    """A folder of shards (valid, mutated or not safetensors) and an index that maps tensors to them."""
+    folder.mkdir()
+    (folder / "sub").mkdir()
+    (folder / "link.safetensors").symlink_to(ASSETS / "st_cnn.safetensors")
+    tensors = {f"layer{i}.{role}": torch.randn(2, 3) for i in range(3) for role in ("weight", "bias")}
+    names = list(tensors)
+    weight_map: dict[str, Any] = {}
+    for shard in ("model-1.safetensors", "model-2.safetensors"):
+        held = rng.sample(names, rng.randint(0, 4))
+        data = save({n: tensors[n] for n in held})
+        if rng.random() < 0.15:
+            data = mutate(rng, data)
+        if rng.random() < 0.95:
+            (folder / shard).write_bytes(data)
+        weight_map.update({n: shard for n in held if rng.random() < 0.95})
+    for name in rng.sample(names, rng.randint(1, 2) if rng.random() < 0.4 else 0):
+        weight_map[name] = rng.choice(_SHARD_NAMES)
+    index: Any = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    if rng.random() < 0.1:
+        index = rng.choice([[], {"weight_map": []}, {"weight_map": {"a": 1}}, {}, "x", None])
+    text = json.dumps(index)
+    if rng.random() < 0.1:
+        text = mutate(rng, text.encode()).decode("utf-8", "replace")
+    name = "model.safetensors.index.json" if rng.random() < 0.9 else "other.safetensors.index.json"
+    (folder / name).write_text(text, encoding="utf-8", errors="surrogatepass")
+
+
+@pytest.mark.parametrize("chunk", CHUNK_PARAMS)
+def test_sharded_folders(tmp_path: Path, chunk: int) -> None:
+    rng = random.Random(4000 + chunk)
+    loaded = 0
+    for i in range(FOLDERS_PER_CHUNK):
+        folder = tmp_path / f"m{i}"
+        sharded_folder(rng, folder)
+        loaded += check(folder, f"sharded folder {i} of chunk {chunk}")
+    assert loaded > FOLDERS_PER_CHUNK // 5, loaded  # the generator must keep reaching the loads, not only refusals
+
+
+# ---------------------------------------------------------------- the loader bugs the fuzzers found
+
+
+@pytest.mark.parametrize(
+    ("shard", "problem"),
+    [
+        ("\ud800.safetensors", "shard has a file name that is not valid text ('\\ud800.safetensors')"),
+        ("x" * 300, f"shard {'x' * 300!r} cannot be looked up: File name too long"),
+    ],
+)
+def test_shard_names_no_file_system_holds_are_named(tmp_path: Path, shard: str, problem: str) -> None:
+    # a UnicodeEncodeError and an OSError (ENAMETOOLONG) from the file system before
+    (tmp_path / "model-1.safetensors").write_bytes(TINY)
+    index = {"weight_map": {"conv.weight": "model-1.safetensors", "fc.bias": shard}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index), encoding="utf-8")
+    with pytest.raises(InputError) as caught:
+        st_format.load(tmp_path)
+    assert caught.value.problem == problem
+    assert caught.value.path == str(tmp_path / "model.safetensors.index.json")
