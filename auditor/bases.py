@@ -234,6 +234,12 @@ class Detector(Presentable):
     measure: ClassVar[tuple[str, str]] = ("", "")
     p_metric: ClassVar[str] = ""
     table_metrics: ClassVar[Mapping[str, str]] = {}
+    #: The null hypothesis the deciding p-value (:attr:`p_metric`) is computed under, in plain words
+    #: ("the suspect's ... are unrelated to the owner's ..."); the report's first screen shows it.
+    null_hypothesis: ClassVar[str] = ""
+    #: What a finding of this detector does not prove, in a sentence or two, for the first screen
+    #: (:attr:`explanation` says it at length further down).
+    limitations: ClassVar[str] = ""
 
     @abc.abstractmethod
     def detect(self, suspect: LayerGraph, *, bundle: Any | None, context: Mapping[str, Any]) -> list[Finding]:
@@ -251,6 +257,32 @@ class Detector(Presentable):
         """What a report may show of an owner bundle's ``payload`` (of this scheme) beyond its file, hash and
         scheme, named field by field (never "everything but the secrets"); merged into the report's bundle entry."""
         return {}
+
+    def first_screen(self, entry: Mapping[str, Any], bundle_entry: Mapping[str, Any] | None) -> dict[str, Any]:
+        """What the report's first screen says of one finding (``entry``, as the report holds it) made with
+        the owner bundle described by ``bundle_entry`` (the report's entry for it, ``None`` for a bundle-free
+        check). Every key is optional; the report fills in plain defaults for the ones left out:
+
+        * ``owner``: whose watermark, the owner identity the bundle proves, in full;
+        * ``owner_basis``: why the report may name that owner (what was verified, or what holding the
+          bundle means);
+        * ``statistic``: the deciding statistic in words, with its value;
+        * ``log10_p``: the exact log10 of its tail bound under the null (``None`` where there is none);
+        * ``p_label``: what that tail bound is (the test, the correction);
+        * ``null_hypothesis``: the null, in plain words;
+        * ``not_proven``: what the finding does not prove.
+
+        The default gives :attr:`null_hypothesis`, :attr:`limitations` and the :attr:`p_metric` value."""
+        metrics = entry.get("metrics")
+        log10 = metrics.get(self.p_metric) if isinstance(metrics, Mapping) and self.p_metric else None
+        return {"log10_p": log10, "null_hypothesis": self.null_hypothesis, "not_proven": self.limitations}
+
+    def describes(self, payload: Mapping[str, Any], graph: LayerGraph) -> str | None:
+        """Whether an owner bundle's ``payload`` (of this scheme) describes the architecture of ``graph``, the
+        reference model given for the restore stage: ``None`` when it does (or this detector cannot tell), else
+        why not, in words ("it has no layer like the watermarked conv2 [32, 16, 3, 3]"). The report states
+        a reason at its top and says that the restore evidence rests on an unverified reference."""
+        return None
 
 
 class Restorer(Presentable):

@@ -38,6 +38,8 @@ class Finding:
     subject: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    #: The SHA-256 of the owner bundle the finding was made with (set by the core; empty for bundle-free checks).
+    bundle: str = ""
 
     def sort_key(self) -> tuple[str, str, str]:
         """The stable key findings are ordered by: scheme, detector, subject."""
@@ -53,6 +55,7 @@ class Finding:
             "summary": self.summary,
             "metrics": self.metrics,
             "details": self.details,
+            "bundle": self.bundle,
         }
 
 

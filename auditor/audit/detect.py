@@ -69,8 +69,9 @@ def run_detectors(
     for bundle in bundles:
         scheme = bundle_scheme(bundle)
         readers = [d for d in chosen if d.scheme and d.scheme == scheme]
+        made: list[Finding] = []
         if not readers:
-            findings.append(
+            made.append(
                 Finding(
                     detector="core",
                     scheme=scheme,
@@ -80,7 +81,11 @@ def run_detectors(
                 )
             )
         for detector in readers:
-            findings.extend(_run_one(detector, suspect, bundle, context_of(detector)))
+            made.extend(_run_one(detector, suspect, bundle, context_of(detector)))
+        sha = bundle.get("sha256") if isinstance(bundle, Mapping) else getattr(bundle, "sha256", "")
+        for finding in made:  # which bundle each finding was made with, for the report
+            finding.bundle = finding.bundle or str(sha or "")
+        findings.extend(made)
     return sort_findings(findings)
 
 

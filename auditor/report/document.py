@@ -7,8 +7,9 @@ whitelisting: what a report holds of an owner bundle is named field by field
 
 * ``run``: case id, analyst and date, the only fields that differ between two
   runs of the same audit; ``integrity`` (:mod:`auditor.report.seal`) seals the rest;
-* ``tool``, ``command``, ``suspect``, ``reference``, ``bundles``, ``restore``,
-  ``findings``, ``verdict``, ``exit_code``.
+* ``tool``, ``command``, ``suspect``, ``reference``, ``bundles``,
+  ``reference_check`` (is the reference the owner's released model?), ``restore``,
+  ``findings`` (each with what it was ``measured_on`` and its ``first_screen``), ``verdict``, ``exit_code``.
 
 Everything is sorted or kept in the order the audit defines (findings by
 their stable key, bundles by scheme and SHA-256), so the same audit gives the
@@ -27,6 +28,7 @@ from auditor import __version__
 from auditor.errors import UsageError
 from auditor.findings import Finding
 from auditor.jsondata import dump_json, jsonable
+from auditor.report import text
 from auditor.report.guard import SecretGuard
 from auditor.safeio import write_atomically
 
@@ -40,6 +42,8 @@ __all__ = [
     "REPORT_VERSION",
     "build_report",
     "bundle_entry",
+    "finding_entry",
+    "reference_check",
     "run_block",
     "tool_info",
     "write_report",
@@ -116,14 +120,22 @@ def _plain(value: Any) -> Any:
     return value if isinstance(value, str | int | float | bool) else None
 
 
-def finding_entry(finding: Finding, guard: SecretGuard) -> dict[str, Any]:
+def finding_entry(
+    finding: Finding,
+    guard: SecretGuard,
+    *,
+    bundle: Mapping[str, Any] | None = None,
+    measured_on: str = text.AS_GIVEN,
+) -> dict[str, Any]:
     """A finding as the report holds it: the detector's words and numbers, the details it declares public,
-    its explanation. A finding that would show secret material is withheld whole."""
+    its explanation, what its numbers were measured on (the suspect as given or after restore) and what the
+    report's first screen says of it (``bundle`` is the report's entry for the owner bundle it was made
+    with). A finding that would show secret material is withheld whole."""
     from auditor.report.view import view_of
 
     view = view_of("detectors", finding.detector)
     details = view.component.public(finding.details) if view.component is not None else dict(finding.details)
-    entry = jsonable(finding.to_dict() | {"details": details})
+    entry = jsonable(finding.to_dict() | {"details": details, "measured_on": measured_on})
     if guard.leaks(entry):
         entry.update(
             summary="This finding's words and numbers are withheld: they contain material from a secret owner"
@@ -131,7 +143,58 @@ def finding_entry(finding: Finding, guard: SecretGuard) -> dict[str, Any]:
             metrics={}, details={}, withheld=True,
         )  # fmt: skip
     entry["explanation"] = view.explanation(entry["verdict"])
+    first = jsonable(view.first_screen(entry, bundle))
+    if guard.leaks(first):  # the detector's own words quote a secret: the plain defaults stand in
+        first = jsonable(view_of("detectors", "").first_screen(entry, bundle))
+    entry["first_screen"] = first
     return entry
+
+
+def reference_check(inputs: AuditInputs) -> dict[str, Any] | None:
+    """Whether the reference model given for the restore stage is the owner's released model: its SHA-256
+    against the released-model hash each owner bundle records, and its architecture against what each
+    bundle describes (asked of the scheme's detectors, :meth:`~auditor.bases.Detector.describes`).
+    ``None`` without a reference; else ``verified``, the ``problems`` in words and one row per bundle."""
+    if inputs.reference is None:
+        return None
+    ref = inputs.reference
+    hashes = {f.get("sha256") for f in ref.files if isinstance(f, Mapping) and f.get("sha256")}
+    ref_sha = ", ".join(sorted(str(h) for h in hashes)) or "none"
+    rows, problems = [], []
+    for bundle in inputs.bundles:
+        entry = bundle_entry(bundle)
+        name, released = entry["name"] or bundle.sha256[:12], entry["released_model"]["sha256"]
+        if not released:
+            state = "not recorded"
+            problems.append(
+                f"owner bundle {name} records no SHA-256 of the owner's released model, so the reference"
+                f" {ref.path.name} cannot be matched to it"
+            )
+        elif released in hashes:
+            state = "matches"
+        else:
+            state = "differs"
+            problems.append(
+                f"the reference {ref.path.name} (SHA-256 {ref_sha}) is not the model released with owner bundle"
+                f" {name}, whose SHA-256 is {released}"
+            )
+        why = None
+        for detector in _readers(bundle.scheme):
+            try:
+                why = detector.describes(bundle.payload, ref.graph)
+            except Exception as exc:  # a broken check is no verification
+                why = f"the {detector.id} detector could not check it ({type(exc).__name__}: {exc})"
+            if why:
+                problems.append(f"owner bundle {name} does not describe the reference's architecture: {why}")
+                break
+        rows.append({"bundle": bundle.sha256, "name": name, "released_sha256": released, "sha256": state,
+                     "architecture": str(why) if why else None})  # fmt: skip
+    if not inputs.bundles:
+        problems.append("no owner bundle records the owner's released model, so the reference cannot be checked")
+    return jsonable({
+        "verified": not problems, "reference_sha256": sorted(str(h) for h in hashes), "bundles": rows,
+        "problems": problems, "caveat": "" if not problems else text.UNVERIFIED_REFERENCE,
+    })  # fmt: skip
 
 
 def build_report(record: AuditRecord, *, inputs: AuditInputs, run: Mapping[str, str], command: str) -> dict[str, Any]:
@@ -139,6 +202,7 @@ def build_report(record: AuditRecord, *, inputs: AuditInputs, run: Mapping[str, 
 
     guard = SecretGuard(inputs.bundles)
     bundles = [bundle_entry(b) for b in inputs.bundles]
+    by_sha = {b["sha256"]: b for b in bundles}
     suspect = record.model.entry()
     hashes = {f["sha256"] for f in record.files}
     suspect.update(
@@ -148,10 +212,13 @@ def build_report(record: AuditRecord, *, inputs: AuditInputs, run: Mapping[str, 
     restore = {"reference_given": inputs.reference is not None, "entries": jsonable(record.restore)}
     if guard.leaks(restore):
         restore["entries"] = [{"restorer": e.get("restorer"), "status": "withheld"} for e in record.restore]
+    restored = any(e.get("status") == "ok" for e in record.restore)
+    measured_on = text.AFTER_RESTORE if restored else text.AS_GIVEN
+    findings = [finding_entry(f, guard, bundle=by_sha.get(f.bundle), measured_on=measured_on) for f in record.findings]
     report = {
         "report_format": REPORT_FORMAT, "report_version": REPORT_VERSION, "run": dict(run), "tool": tool_info(),
         "command": command, "suspect": jsonable(suspect), "reference": inputs.reference_entry(), "bundles": bundles,
-        "restore": restore, "findings": [finding_entry(f, guard) for f in record.findings],
+        "reference_check": reference_check(inputs), "restore": restore, "findings": findings,
         "verdict": record.verdict.value, "exit_code": record.exit_code,
     }  # fmt: skip
     if guard.leaks(report):  # every part was whitelisted or checked: reaching this is a bug, never a leak

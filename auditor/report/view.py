@@ -11,6 +11,7 @@ SVG with no script, no event handler and no external reference.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,10 +19,10 @@ from typing import Any
 
 from markupsafe import Markup
 
-from auditor.bases import Presentable
+from auditor.bases import Detector, Presentable
 from auditor.report import text
 
-__all__ = ["CORE_BUNDLE_KEYS", "ComponentView", "safe_svg", "view_for_scheme", "view_of"]
+__all__ = ["CORE_BUNDLE_KEYS", "FIRST_SCREEN_TEXT", "ComponentView", "safe_svg", "view_for_scheme", "view_of"]
 
 #: The fields of a report's bundle entry the core writes; the rest come from the scheme's detector.
 CORE_BUNDLE_KEYS = ("name", "path", "sha256", "scheme", "version", "secret", "released_model")
@@ -40,6 +41,15 @@ def safe_svg(markup: Any) -> Markup | None:
     if not (s.startswith("<svg") and s.endswith("</svg>")) or _UNSAFE.search(s):
         return None
     return Markup(s)  # noqa: S704 (checked above: only SVG, no script, no handler, no external reference)
+
+
+#: The first screen's text fields (:meth:`auditor.bases.Detector.first_screen`); ``log10_p`` is its one number.
+FIRST_SCREEN_TEXT = ("owner", "owner_basis", "statistic", "p_label", "null_hypothesis", "not_proven")
+
+
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+    return float(value) if ok else None
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,50 @@ class ComponentView:
         """``value`` as the report writes it, as a percentage where the component says so."""
         percent = self.component is not None and key in self.component.percent_metrics
         return text.fmt(value, key, percent=percent)
+
+    def metric_text(self, key: str, metrics: Mapping[str, Any]) -> str:
+        """Metric ``key`` of ``metrics`` as the report writes it. A probability with its exact log10 beside it
+        (``log10_<key>``) is written from the log10, as a power of ten when tiny, so that one too small for a
+        float (stored as ``null``) is still shown, and never as 0."""
+        value, log10 = metrics.get(key), _number(metrics.get(f"log10_{key}"))
+        if log10 is not None and (value is None or (isinstance(value, float) and log10 < -3)):
+            return text.power_of_ten(log10)
+        return self.fmt(value, key)
+
+    def first_screen(self, entry: Mapping[str, Any], bundle_entry: Mapping[str, Any] | None) -> dict[str, Any]:
+        """What the first screen says of ``entry`` (:meth:`auditor.bases.Detector.first_screen`), every field
+        there: the detector's words where it gives them as text, plain defaults elsewhere; a detector that
+        fails or answers something else gets the defaults."""
+        given: Mapping[str, Any] = {}
+        if isinstance(self.component, Detector) and entry.get("verdict") != "error":
+            with contextlib.suppress(Exception):  # a broken first screen must not lose the report
+                answer = self.component.first_screen(entry, bundle_entry)
+                given = answer if isinstance(answer, Mapping) else {}
+        shown: dict[str, Any] = {
+            k: " ".join(v.split()) for k in FIRST_SCREEN_TEXT if isinstance(v := given.get(k), str) and v.strip()
+        }
+        shown["log10_p"] = _number(given.get("log10_p"))
+        raw = entry.get("metrics")
+        metrics: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+        if "owner" not in shown:
+            shown["owner"] = (
+                f"the holder of owner bundle {bundle_entry.get('name')} (SHA-256 {bundle_entry.get('sha256')})"
+                if bundle_entry else "no owner: this check reads no owner bundle"
+            )  # fmt: skip
+        if "statistic" not in shown:
+            declared = list(self.component.metric_labels) if self.component is not None else []
+            first = next((k for k in declared if k in metrics), None)
+            shown["statistic"] = (
+                f"{self.label(first)}: {self.metric_text(first, metrics)}" if first else self.headline(entry)
+            )
+        if shown["log10_p"] is not None and "p_label" not in shown:
+            p_key = self.component.p_metric if isinstance(self.component, Detector) else ""
+            shown["p_label"] = self.label(p_key.removeprefix("log10_")) if p_key else "p-value"
+        shown.setdefault("null_hypothesis", text.GENERIC_NULL)
+        shown.setdefault("not_proven", text.GENERIC_LIMITS)
+        shown.setdefault("owner_basis", "")
+        shown.setdefault("p_label", "")
+        return {k: shown[k] for k in sorted(shown)}
 
     def columns(self, key: str, rows: list[Any], limit: int = 10) -> tuple[list[str], bool]:
         """The columns of a details table ``key`` (the component's order first) and whether some were cut."""

@@ -27,6 +27,8 @@ from typing import Any
 
 import pytest
 
+from auditor.report.text import TIMES
+
 
 def chromium_binary() -> str:
     """Chromium's path: ``$CHROMIUM`` (a path or a name on PATH), else ``chromium`` or ``chromium-browser``."""
@@ -149,31 +151,62 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
 OVERFLOW_JS = """
 Array.from(document.querySelectorAll('table, pre, svg, section, article, header'))
   .filter(e => e.getBoundingClientRect().right > document.documentElement.clientWidth + 1)
-  .map(e => e.tagName + (e.id ? '#' + e.id : '') + ' ' + Math.round(e.getBoundingClientRect().right))
+  .map(e => e.tagName + (e.id ? '#' + e.id : '') + ' in ' + (e.closest('section, header')?.id || 'body') + ' '
+            + Math.round(e.getBoundingClientRect().right))
 """
+#: The first screen a reader sees without scrolling: 1280 x 800 CSS pixels.
+SCREEN = {"width": 1280, "height": 800}
+#: The text a reader sees on the first screen: every text node with a box whose top is above the fold
+#: (text in a closed <details> has no box, so it does not count).
+FIRST_SCREEN_JS = """
+(() => {
+  const seen = [];
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  while (walker.nextNode()) {
+    const node = walker.currentNode;
+    if (!node.textContent.trim()) continue;
+    const range = document.createRange();
+    range.selectNodeContents(node);
+    const boxes = Array.from(range.getClientRects()).filter(b => b.width > 0 && b.height > 0);
+    if (boxes.some(b => b.top < FOLD && b.bottom > 0)) seen.push(node.textContent);
+  }
+  return seen.join(' ').replace(/\\s+/g, ' ');
+})()
+""".replace("FOLD", str(SCREEN["height"]))
+DETAILS_JS = "Array.from(document.querySelectorAll('details')).map(d => ({id: d.id, open: d.open}))"
+
+
+def _evaluate(browser: Browser, session: str, expression: str) -> Any:
+    reply = browser.send("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session=session)
+    return reply["result"].get("value")
 
 
 def load_page(browser: Browser, page: Path) -> dict[str, Any]:
-    """Open ``page`` in a fresh tab; return its text, requests, console errors, screenshot and PDF."""
+    """Open ``page`` in a fresh 1280 x 800 tab. Return the first screen (its text, a PNG of it, the page's
+    <details> and whether each is open, all as loaded), then, with every <details> opened, the page's text,
+    requests, console errors, full screenshot and PDF, and what sticks out of an A4 page in print."""
     target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
     session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
     browser.events.clear()
     for domain in ("Page", "Runtime", "Network", "Log"):
         browser.send(f"{domain}.enable", session=session)
-    browser.send("Emulation.setDeviceMetricsOverride", {"width": 1200, "height": 900, "deviceScaleFactor": 1,
-                                                         "mobile": False}, session=session)  # fmt: skip
+    browser.send("Emulation.setDeviceMetricsOverride", {**SCREEN, "deviceScaleFactor": 1, "mobile": False},
+                 session=session)  # fmt: skip
     browser.send("Page.navigate", {"url": page.as_uri()}, session=session)
     browser.wait_for("Page.loadEventFired")
-    text = browser.send(
-        "Runtime.evaluate", {"expression": "document.body.innerText", "returnByValue": True}, session=session
-    )["result"]["value"]
+    first_text = _evaluate(browser, session, FIRST_SCREEN_JS)
+    details = _evaluate(browser, session, DETAILS_JS)
+    clip = {"x": 0, "y": 0, **SCREEN, "scale": 1}
+    first = browser.send("Page.captureScreenshot", {"format": "png", "clip": clip}, session=session)
+    _evaluate(browser, session, "document.querySelectorAll('details').forEach(d => { d.open = true; })")
+    text = _evaluate(browser, session, "document.body.innerText")
     shot = browser.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}, session=session)
     pdf = browser.send("Page.printToPDF", {"printBackground": True, "preferCSSPageSize": True}, session=session)
     # A4 minus the page margins is about 700 CSS pixels wide: nothing may stick out of it in print.
     browser.send("Emulation.setEmulatedMedia", {"media": "print"}, session=session)
     browser.send("Emulation.setDeviceMetricsOverride", {"width": 700, "height": 1000, "deviceScaleFactor": 1,
                                                          "mobile": False}, session=session)  # fmt: skip
-    overflow = browser.send("Runtime.evaluate", {"expression": OVERFLOW_JS, "returnByValue": True}, session=session)
+    overflow = _evaluate(browser, session, OVERFLOW_JS)
     events = [e for e in browser.events if e.get("sessionId") == session]
     browser.send("Target.closeTarget", {"targetId": target})
     requests = [e["params"]["request"]["url"] for e in events if e.get("method") == "Network.requestWillBeSent"]
@@ -183,9 +216,9 @@ def load_page(browser: Browser, page: Path) -> dict[str, Any]:
     errors += [e["params"]["entry"] for e in events if e.get("method") == "Log.entryAdded"
                and e["params"]["entry"].get("level") in ("error", "warning")]  # fmt: skip
     return {
+        "first_screen": first_text, "first_png": base64.b64decode(first["data"]), "details": details,
         "text": text, "requests": requests, "errors": errors,
-        "png": base64.b64decode(shot["data"]), "pdf": base64.b64decode(pdf["data"]),
-        "print_overflow": overflow["result"]["value"],
+        "png": base64.b64decode(shot["data"]), "pdf": base64.b64decode(pdf["data"]), "print_overflow": overflow,
     }  # fmt: skip
 
 
@@ -247,7 +280,11 @@ def test_hufunet_and_restore_pictures_render(
     assert seen["requests"] == [page.as_uri()]
     assert seen["errors"] == []
     assert seen["print_overflow"] == []
-    hufunet = next(f for f in data["findings"] if f["scheme"] == "hufunet")
+    hufunet = _assert_first_screen(seen, data, "HufuNet")
+    assert "holding the secret bundle is the claim" in seen["first_screen"]
+    assert "the suspect after restore" in seen["first_screen"]
+    assert hufunet["metrics"]["binomial_p"] is None  # below the smallest float: its log10 is the number
+    assert f"{TIMES}10^-3" in seen["first_screen"]
     assert f"Acc_combined {hufunet['metrics']['acc_combined']:.2%}" in seen["text"]
     assert "8 suspect channels, 6 moved, 0 dropped; 8 reference channels" in seen["text"]
     (tmp_path / "report_hufunet_restore.png").write_bytes(seen["png"])
@@ -281,3 +318,68 @@ def test_the_example_plugin_is_shown_in_its_own_words_and_picture(
     assert "Share of finite weights in each tensor" in text and "all finite" in text  # the figure and its mark
     assert "example-non-finite.min_count=1" in text  # the reproducible command
     (tmp_path / "report_example_plugin.png").write_bytes(seen["png"])
+
+
+#: `AUDITOR_UPDATE_SCREENSHOTS=1 pytest tests/report/test_browser.py` also writes the first screens that
+#: docs/report.md shows into docs/images/ (each under 200 KB); a plain run writes them to the test's tmp_path.
+DOCS_IMAGES = Path(__file__).resolve().parents[2] / "docs" / "images"
+APPENDIX = {"appendix-restore", "appendix-loading", "appendix-tool"}
+
+
+def _keep_first_screen(png: bytes, name: str, tmp_path: Path) -> None:
+    assert png.startswith(b"\x89PNG")
+    (tmp_path / name).write_bytes(png)
+    if os.environ.get("AUDITOR_UPDATE_SCREENSHOTS") == "1":
+        assert len(png) < 200_000, f"{name} is {len(png):,} bytes: docs images stay under 200 KB"
+        DOCS_IMAGES.mkdir(exist_ok=True)
+        (DOCS_IMAGES / name).write_bytes(png)
+
+
+def _assert_first_screen(seen: dict[str, Any], data: dict[str, Any], title: str) -> dict[str, Any]:
+    """The first 1280 x 800 screen holds the verdict, whose watermark, the scheme, the strength, the null and
+    the limits, and the appendix is collapsed; returns the deciding finding."""
+    from auditor.report.text import VERDICT_WORDS, power_of_ten
+
+    first = seen["first_screen"]
+    finding = next(f for f in data["findings"] if f["scheme"] and f["verdict"] == data["verdict"])
+    screen = finding["first_screen"]
+    assert f"Verdict: {VERDICT_WORDS[data['verdict']]}" in first
+    assert screen["owner"] in first, "the owner identity, in full"
+    assert f"{title} (detector {finding['detector']}" in first
+    assert "How strong" in first and screen["statistic"] in first
+    assert power_of_ten(screen["log10_p"]) in first and f"log10 {screen['log10_p']:.2f}, exact" in first
+    assert "Under which null" in first and screen["null_hypothesis"] in first
+    assert "What it does not prove" in first and screen["not_proven"] in first
+    assert {d["id"] for d in seen["details"]} >= APPENDIX
+    assert [d for d in seen["details"] if d["open"]] == [], "the appendix starts collapsed"
+    return finding
+
+
+def test_first_screen_of_a_found_report(browser: Browser, gr_reports: dict[str, Any], tmp_path: Path) -> None:
+    data = json.loads(gr_reports["json"].read_text())
+    seen = load_page(browser, gr_reports["html"])
+    finding = _assert_first_screen(seen, data, "Greedy Residuals")
+    statement = data["bundles"][0]["identity"]["message"]
+    assert f"“{statement}”" in seen["first_screen"], "the signed statement, not cut"
+    assert "its signature verifies under the ed25519 key" in seen["first_screen"]
+    assert finding["first_screen"]["log10_p"] < -60 and f"{TIMES}10^-" in seen["first_screen"]
+    assert "Findings at a glance" not in seen["first_screen"]  # the first screen is the claim alone
+    _keep_first_screen(seen["first_png"], "report_found.png", tmp_path)
+
+
+def test_first_screen_of_a_not_found_report(
+    browser: Browser, gr_owner: Any, clean_model: Callable[..., Path], run_cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    page = tmp_path / "report.html"
+    suspect = clean_model(tmp_path / "independent.safetensors")
+    code, _, stderr = run_cli("audit", suspect, "--bundle", gr_owner.out / "owner_bundle.json", "--out", page)
+    assert code == 1, stderr
+    data = json.loads((tmp_path / "report.json").read_text())
+    seen = load_page(browser, page)
+    assert seen["errors"] == [] and seen["requests"] == [page.as_uri()]
+    _assert_first_screen(seen, data, "Greedy Residuals")
+    assert "Whose watermark was looked for" in seen["first_screen"]
+    assert data["bundles"][0]["identity"]["message"] in seen["first_screen"]
+    assert "no evidence against chance" in seen["first_screen"]
+    assert not re.search(r"probability 1\b(?![/.])", seen["text"]), "a p-value of 1 is said in words"
+    _keep_first_screen(seen["first_png"], "report_not_found.png", tmp_path)

@@ -18,6 +18,8 @@ from auditor.errors import EXIT_INCONCLUSIVE, EXIT_INPUT, EXIT_INTERNAL, EXIT_NO
 from auditor.jsondata import jsonable
 from auditor.report.batch import report_names
 from auditor.report.guard import SecretGuard
+from auditor.report.html import render_html
+from auditor.report.text import AFTER_RESTORE, AS_GIVEN, UNVERIFIED_REFERENCE, power_of_ten
 
 CASE_ID = "CASE-2025-0417"
 ANALYST = "Dana Analyst"
@@ -79,6 +81,15 @@ def test_hufunet_report_shows_no_secret(
     assert "Accuracy of the rebuilt HufuNet" in html
     assert f"Acc_combined {finding['metrics']['acc_combined']:.2%}" in html
     assert f"threshold {finding['metrics']['acc_original'] * (1 - finding['metrics']['tau_acc']):.1%}" in html
+    # Its binomial p-value is far below the smallest float: null in JSON (never 0 or 5e-324), its exact log10
+    # beside it, and a power of ten on the page.
+    metrics = finding["metrics"]
+    assert metrics["binomial_p"] is None and metrics["log10_binomial_p"] < -308
+    assert '"binomial_p": null' in (tmp_path / "report.json").read_text()
+    assert "5e-324" not in json.dumps(data)
+    row = re.search(r'mono">binomial_p</span></th><td[^>]*>([^<]+)</td>', html)
+    assert row is not None and row.group(1) == power_of_ten(metrics["log10_binomial_p"])
+    assert finding["measured_on"] == AS_GIVEN and "holding the secret bundle is the claim" in html
 
 
 def test_a_detector_that_leaks_a_secret_is_withheld(
@@ -213,3 +224,87 @@ def test_unknown_detectors_findings_are_shown_whole(
     assert census["explanation"].startswith("This finding comes from the detector 'test-census'")
     header = re.search(r"<h4>rows</h4>\s*<table><thead><tr>(.*?)</tr>", html, re.S)
     assert header and re.findall(r"<th scope=\"col\">(.*?)</th>", header.group(1)) == ["name", "alpha", "zeta"]
+
+
+# --- the reference is checked ----------------------------------------------------------------------------
+
+
+WARNING = 'id="reference-warning"'
+
+
+def test_the_released_model_as_reference_is_verified(
+    gr_owner: SimpleNamespace, tmp_path: Path, audit: Callable[..., Any]
+) -> None:
+    bundle, released = gr_owner.out / "owner_bundle.json", gr_owner.files["safetensors"]
+    code, data, html = audit(released, "--bundle", bundle, "--reference", released, tmp_path)
+    assert code == EXIT_OK
+    check = data["reference_check"]
+    assert check["verified"] is True and check["problems"] == [] and check["caveat"] == ""
+    assert check["bundles"][0]["sha256"] == "matches" and check["bundles"][0]["architecture"] is None
+    assert WARNING not in html and UNVERIFIED_REFERENCE not in html
+    assert "The reference is the owner's released model" in html
+    assert [f["measured_on"] for f in data["findings"]] == [AFTER_RESTORE]
+
+
+def test_a_reference_that_is_not_the_released_model_is_stated_at_the_top(
+    gr_owner: SimpleNamespace, tmp_path: Path, audit: Callable[..., Any], clean_model: Callable[..., Path]
+) -> None:
+    other = clean_model(tmp_path / "other.safetensors", seed=5)  # the owner's architecture, other weights
+    code, data, html = audit(gr_owner.files["safetensors"], "--bundle", gr_owner.out / "owner_bundle.json",
+                             "--reference", other, tmp_path / "out")  # fmt: skip
+    assert code == EXIT_OK and data["verdict"] == "detected"  # the exit code is the verdict's, as before
+    check = data["reference_check"]
+    released = data["bundles"][0]["released_model"]["sha256"]
+    assert check["verified"] is False and check["caveat"] == UNVERIFIED_REFERENCE
+    assert check["bundles"][0]["sha256"] == "differs" and check["bundles"][0]["architecture"] is None
+    assert check["problems"] == [
+        f"the reference other.safetensors (SHA-256 {data['reference']['sha256']}) is not the model released"
+        f" with owner bundle owner_bundle.json, whose SHA-256 is {released}"
+    ]
+    top = html[: html.index('<section class="run"')]  # the first screen
+    assert WARNING in top and check["problems"][0] in top
+    assert f"Verdict: watermark found, but {UNVERIFIED_REFERENCE}</h1>" in top
+    assert "(unverified reference)</title>" in html
+
+
+def test_a_reference_of_another_architecture_is_stated_at_the_top(
+    gr_owner: SimpleNamespace, hufunet_owner: SimpleNamespace, tmp_path: Path, audit: Callable[..., Any]
+) -> None:
+    _, data, html = audit(gr_owner.files["safetensors"], "--bundle", gr_owner.out / "owner_bundle.json",
+                          "--reference", hufunet_owner.model_file, tmp_path)  # fmt: skip
+    check = data["reference_check"]
+    why = check["bundles"][0]["architecture"]
+    assert why == "it has no conv2d layer of shape 32x16x3x3 like the watermarked conv2"
+    problem = f"owner bundle owner_bundle.json does not describe the reference's architecture: {why}"
+    assert check["problems"][-1] == problem
+    assert WARNING in html[: html.index('<section class="run"')] and why in html
+
+
+# --- the first screen's hook for a measured false-positive rate ---------------------------------------------
+
+
+def test_the_first_screen_shows_a_measured_false_positive_rate_when_the_finding_has_one(
+    gr_reports: dict[str, Any],
+) -> None:
+    """A hand-made document: the sealed report's data with a calibration given to its finding."""
+    document = json.loads(gr_reports["json"].read_text())
+    document.pop("integrity")
+    seal = {"content_sha256": "0" * 64, "evidence_sha256": "1" * 64, "signer": None}
+
+    def first_screen(doc: dict[str, Any]) -> str:
+        page = render_html(doc, template="report.html.j2", seal=seal)
+        return " ".join(page[: page.index('<section class="run"')].split())
+
+    finding = document["findings"][0]
+    finding.pop("calibration", None)
+    assert "Measured false-positive rate" not in first_screen(document)
+    finding["calibration"] = {"false_positives": 0, "n": 60, "upper_bound": 0.0487, "source": "cnn-digits-60"}
+    shown = first_screen(document)
+    strength = shown[shown.index("How strong") : shown.index("Under which null")]
+    assert power_of_ten(finding["first_screen"]["log10_p"]) in strength
+    assert (
+        "Measured false-positive rate: 0 of 60 independent models called found (95% upper bound 4.87%);"
+        " calibration set: cnn-digits-60." in strength
+    )
+    finding["calibration"]["summary"] = "0 of 60 (calibration set A; exact one-sided 95% upper bound 4.9%)"
+    assert "Measured false-positive rate: 0 of 60 (calibration set A;" in first_screen(document)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -9,7 +10,9 @@ from types import SimpleNamespace
 from typing import Any, ClassVar
 
 from auditor import Detector, Finding, LayerGraph, Param, Verdict, hookimpl
-from auditor.report.view import safe_svg, view_of
+from auditor.report import text
+from auditor.report.text import TIMES
+from auditor.report.view import ComponentView, safe_svg, view_of
 from auditor.toolkit import figures
 
 EXPLANATION = "Census counts the layers of each kind; it is no watermark and says nothing of ownership."
@@ -96,3 +99,57 @@ def test_an_unsafe_or_broken_figure_is_left_out() -> None:
     finally:
         pm.unregister(name="test-both")
     assert view_of("detectors", "not-installed").explanation().startswith("This finding comes from the detector")
+
+
+def test_a_p_value_too_small_for_a_float_is_shown_from_its_log10() -> None:
+    view = ComponentView("detectors", "not-installed", None)
+    tiny = {"binomial_p": None, "log10_binomial_p": -330.51993765016675}
+    assert view.metric_text("binomial_p", tiny) == f"3{TIMES}10^-331"
+    old = {"binomial_p": 5e-324, "log10_binomial_p": -330.51993765016675}  # a denormal from an older report
+    assert view.metric_text("binomial_p", old) == f"3{TIMES}10^-331"
+    assert view.metric_text("log10_binomial_p", tiny) == "-330.520"
+    assert view.metric_text("p", {"p": 0.25, "log10_p": math.log10(0.25)}) == "0.25"
+    assert view.metric_text("p", {"p": None}) == "—"  # no log10 beside it: nothing to show, and no 0
+
+
+class Claimant(Census):
+    """Declares the first-screen words through the class attributes only."""
+
+    id = "test-claimant"
+    scheme = "test-scheme"
+    p_metric = "log10_p"
+    null_hypothesis = "the layers were counted at random"
+    limitations = "Counting layers proves nothing about who trained them."
+    metric_labels: ClassVar[dict[str, str]] = {"log10_p": "log10 p", "p": "p-value of the count"}
+
+
+def test_the_first_screen_falls_back_to_plain_words() -> None:
+    entry = {"verdict": "detected", "summary": "counted", "metrics": {"log10_p": -400.0, "p": None}}
+    bundle = {"name": "b.json", "sha256": "ab" * 32}
+    plain = ComponentView("detectors", "not-installed", None).first_screen(entry, bundle)
+    assert plain == {
+        "owner": f"the holder of owner bundle b.json (SHA-256 {'ab' * 32})", "owner_basis": "",
+        "statistic": "counted", "log10_p": None, "p_label": "", "null_hypothesis": text.GENERIC_NULL,
+        "not_proven": text.GENERIC_LIMITS,
+    }  # fmt: skip
+    declared = ComponentView("detectors", Claimant.id, Claimant()).first_screen(entry, bundle)
+    assert declared["log10_p"] == -400.0 and declared["p_label"] == "p-value of the count"
+    assert declared["statistic"] == "log10 p: -400.000"  # the first metric it declares
+    assert declared["null_hypothesis"] == Claimant.null_hypothesis
+    assert declared["not_proven"] == Claimant.limitations
+
+    class Broken(Claimant):
+        def first_screen(self, entry: Mapping[str, Any], bundle_entry: Mapping[str, Any] | None) -> dict[str, Any]:
+            raise KeyError("owner")
+
+    class Odd(Claimant):
+        def first_screen(self, entry: Mapping[str, Any], bundle_entry: Mapping[str, Any] | None) -> dict[str, Any]:
+            return {"owner": 42, "statistic": "  two\n lines ", "log10_p": "-3", "not_proven": ""}
+
+    assert ComponentView("detectors", "x", Broken()).first_screen(entry, None)["owner"] == (
+        "no owner: this check reads no owner bundle"
+    )
+    odd = ComponentView("detectors", "x", Odd()).first_screen(entry, bundle)
+    assert odd["owner"].startswith("the holder of owner bundle b.json") and odd["statistic"] == "two lines"
+    assert odd["log10_p"] is None and odd["not_proven"] == text.GENERIC_LIMITS
+    assert Detector.describes(Claimant(), {}, LayerGraph(format="x", path=Path("x"), layers=[], edges=[])) is None

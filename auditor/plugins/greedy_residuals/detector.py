@@ -168,13 +168,9 @@ def forging_check(suspect: LayerGraph, bundle: Any, n: int = 200, seed: int = 0)
     return [] if found == 0 else [float(r) for r in totals / found]
 
 
-def _excerpt(message: Any, width: int = 60) -> str:
-    text = " ".join(str(message or "").split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _prob_words(p: stats.Probability) -> str:
-    return f"below {p.below()}" if p.log10 < -3 else f"{p.value:.2g}"
+def _statement(message: Any) -> str:
+    """The copyright statement on one line and whole: a report never cuts the owner's words."""
+    return " ".join(str(message or "").split())
 
 
 def _summary(verdict: Verdict, scored: list[dict[str, Any]], combined: stats.Probability, threshold: float) -> str:
@@ -194,11 +190,11 @@ def _summary(verdict: Verdict, scored: list[dict[str, Any]], combined: stats.Pro
     if verdict is Verdict.DETECTED:
         return (
             f"The suspect carries the owner's signature: in layer {where}, {count}; a match this strong happens"
-            f" by chance with probability {_prob_words(combined)}{tried}."
+            f" by chance with probability {combined.words()}{tried}."
         )
     return (
-        f"The suspect does not show the owner's signature: in its best layer, {where}, {count}, which chance"
-        f" alone explains (probability {_prob_words(combined)}{tried}; the threshold is {threshold:g})."
+        f"The suspect does not show the owner's signature: in its best layer, {where}, {count},"
+        f" {report.chance_words(combined.log10, threshold, tried)}."
     )
 
 
@@ -209,7 +205,7 @@ def audit_bundle(suspect: LayerGraph, bundle: Any, settings: Mapping[str, Any]) 
     message = payload.get("message")
     finding = Finding(
         detector=GreedyResidualsDetector.id, scheme=SCHEME, verdict=Verdict.INCONCLUSIVE, summary="",
-        subject=f"{sha[:12]} {_excerpt(message)}".strip(),
+        subject=f"{sha[:12]} {_statement(message)}".strip(),
     )  # fmt: skip
     threshold = float(settings.get("p_threshold", DEFAULT_P_THRESHOLD))
     if not 0.0 < threshold < 1.0:
@@ -285,6 +281,8 @@ class GreedyResidualsDetector(Detector):
     p_metric = "log10_combined_p"
     table_metrics: ClassVar[dict[str, str]] = {"layers_missing": "layers_missing"}
     explanation = report.EXPLANATION
+    null_hypothesis = report.NULL_HYPOTHESIS
+    limitations = report.LIMITATIONS
     metric_labels = report.METRIC_LABELS
     public_details = report.PUBLIC_DETAILS
     columns = report.COLUMNS
@@ -307,6 +305,14 @@ class GreedyResidualsDetector(Detector):
     def bundle_summary(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """The statement, signature algorithm, key fingerprint and watermarked layers of the bundle."""
         return report.bundle_summary(payload)
+
+    def first_screen(self, entry: Mapping[str, Any], bundle_entry: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The signed statement in full, whether its signature verified, the best layer's bits and the p-value."""
+        return report.first_screen(entry, bundle_entry)
+
+    def describes(self, payload: Mapping[str, Any], graph: LayerGraph) -> str | None:
+        """Whether every watermarked layer the bundle names has a counterpart in ``graph``."""
+        return report.describes(payload, graph)
 
 
 @hookimpl

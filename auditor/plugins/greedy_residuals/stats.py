@@ -3,13 +3,16 @@
 Under the null hypothesis "the suspect's residual signs are fair coins
 independent of the owner's signature", the number k of the b signature bits
 that match is Binomial(b, 1/2). Tails are summed exactly with Python integers
-(``sum C(b, j) / 2**b``), so nothing underflows and log10 values stay exact even
-where the float value is 0.
+(``sum C(b, j) / 2**b``), so nothing underflows and log10 values stay exact. The
+float value is kept only where a float holds it to full precision: below the
+smallest normal float it is ``None`` (stored as ``null``), never a denormal or 0
+pretending to be exact; the log10 beside it is the number.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -26,23 +29,31 @@ __all__ = [
 _LOG10_2 = math.log10(2.0)
 
 
+def representable(value: float) -> float | None:
+    """``value`` (a positive probability) where a float holds it to full precision, else ``None``: a denormal,
+    or an underflow to 0, would pretend to an exactness it does not have."""
+    return value if value >= sys.float_info.min else None
+
+
 @dataclass(frozen=True)
 class Probability:
-    """A probability as a float (may underflow to 0.0) and its exact log10."""
+    """A probability as a float (``None`` where it is below the smallest normal float) and its exact log10."""
 
-    value: float
+    value: float | None
     log10: float
 
     @classmethod
     def from_log10(cls, log10: float) -> Probability:
         """A probability given by its log10 (capped at 1)."""
         log10 = min(0.0, log10)
-        return cls(value=10.0**log10 if log10 > -330 else 0.0, log10=log10)
+        return cls(value=representable(10.0**log10) if log10 > -330 else None, log10=log10)
 
-    def below(self) -> str:
-        """The smallest power of ten above the value, for sentences: ``1e-60``."""
-        exponent = math.ceil(self.log10 - 1e-12)
-        return "1" if exponent >= 0 else f"1e{exponent}"
+    def words(self) -> str:
+        """The probability for sentences and reports: a plain number down to 0.001, below that a power of ten
+        (2.4 times 10^-77) however small, never 0 unless it is exactly 0."""
+        from auditor.report.text import power_of_ten
+
+        return power_of_ten(self.log10)
 
 
 def _tail_count(k: int, b: int) -> int:
@@ -59,7 +70,7 @@ def binomial_tail(k: int, b: int) -> Probability:
     count = _tail_count(k, b)
     if count == 0:
         return Probability(0.0, -math.inf)
-    return Probability(value=float(Fraction(count, 2**b)), log10=math.log10(count) - b * _LOG10_2)
+    return Probability(value=representable(float(Fraction(count, 2**b))), log10=math.log10(count) - b * _LOG10_2)
 
 
 def two_sided_p(k: int, b: int) -> Probability:
@@ -79,7 +90,7 @@ def two_sided_p(k: int, b: int) -> Probability:
     count = 2 * _tail_count(extreme, b)
     if count >= 2**b:
         return Probability(1.0, 0.0)
-    return Probability(value=float(Fraction(count, 2**b)), log10=math.log10(count) - b * _LOG10_2)
+    return Probability(value=representable(float(Fraction(count, 2**b))), log10=math.log10(count) - b * _LOG10_2)
 
 
 def forging_bound(k: int, b: int, *, layers: int, cells: int) -> Probability:

@@ -23,6 +23,7 @@ from auditor.graph import LayerGraph
 from auditor.plugins.hufunet import report
 from auditor.plugins.hufunet.generate import hmac_key, hufunet_from_payload
 from auditor.plugins.hufunet.scheme import SCHEME, DataUnavailable, public_dataset
+from auditor.report.text import exact_float, power_of_ten
 from auditor.toolkit.matching import MISSING, find_layer, unpack_bundle
 
 if TYPE_CHECKING:  # torch, the network and the placement load when a bundle is checked, not at registration
@@ -66,9 +67,11 @@ PARAMS = (
 )
 
 
-def _binomial_tail(correct: int, n: int, classes: int) -> tuple[float, float]:
+def _binomial_tail(correct: int, n: int, classes: int) -> tuple[float | None, float]:
     """P(X >= correct) for X ~ Binomial(n, 1/classes), and its log10, summed exactly in integers:
-    sum_{j >= correct} C(n, j) (classes - 1)^(n - j) / classes^n (nothing underflows)."""
+    sum_{j >= correct} C(n, j) (classes - 1)^(n - j) / classes^n (nothing underflows). The float is ``None``
+    where it is below the smallest normal float (a denormal or 0 would pretend to be exact): the log10 is the
+    number then."""
     if correct <= 0:
         return 1.0, 0.0
     term = math.comb(n, correct) * (classes - 1) ** (n - correct)
@@ -78,7 +81,7 @@ def _binomial_tail(correct: int, n: int, classes: int) -> tuple[float, float]:
         if j < n:  # C(n, j+1) (c-1)^(n-j-1) from C(n, j) (c-1)^(n-j), exact
             term = term * (n - j) // ((j + 1) * (classes - 1)) if classes > 1 else 0
     log10 = math.log10(total) - n * math.log10(classes) if total else -math.inf
-    return (10.0**log10 if log10 > -330 else 0.0), log10
+    return exact_float(log10), log10
 
 
 def _host_rows(suspect: LayerGraph, entries: list[Any]) -> tuple[list[dict[str, Any]], list[tuple[str, Any]]]:
@@ -207,8 +210,18 @@ def _per_layer(rows: list[dict[str, Any]], view: HostView, positions: list[int],
         row.update(eph_kernels_here=len(hits), bit_identical_kernels=sum(hits))
 
 
-def _p_words(log10_p: float) -> str:
-    return f"about 1 in 10^{-log10_p:.0f}" if log10_p < -3 else f"{10**log10_p:.3g}"
+def _chance_words(m: Mapping[str, Any]) -> str:
+    """What the binomial p-value means: no more correct answers than guessing gives, or how rarely guessing
+    gets this many right (a power of ten when tiny, never 0)."""
+    p = power_of_ten(m["log10_binomial_p"])
+    if m["log10_binomial_p"] >= math.log10(report.NO_EVIDENCE_P):
+        return (
+            f"guessing would get {m['chance']:.0%} right, and {m['correct']} correct answers are no more than guessing"
+            f" gives: no evidence against chance (p-value {p})"
+        )
+    return f"guessing would get {m['chance']:.0%} right, and {m['correct']} or more correct answers by chance has" + (
+        f" probability {p}"
+    )
 
 
 def _summary(verdict: Verdict, m: Mapping[str, Any]) -> str:
@@ -218,8 +231,9 @@ def _summary(verdict: Verdict, m: Mapping[str, Any]) -> str:
         f" {m['acc_original']:.2%}; DiffAcc {m['diff_acc']:.3f} against the threshold {m['tau_acc']:g})"
     )
     tail = (
-        f"; guessing would get {m['chance']:.0%} right, and {m['correct']} correct answers by chance has probability"
-        f" {_p_words(m['log10_binomial_p'])}; {m['bit_identical_fraction']:.2%} of the EPH weights are bit-identical."
+        f"; {_chance_words(m)}. {m['bit_identical_fraction']:.2%} of the EPH weights read are bit-identical to the"
+        " owner's: not the deciding number, since fine-tuning, or a restore stage that realigns and rescales"
+        " weights, changes their last bits without removing the network."
     )
     if verdict is Verdict.DETECTED:
         return f"The owner's HufuNet was found: {rebuilt}{tail}"
@@ -239,6 +253,8 @@ class HufuNetDetector(Detector):
     p_metric = "log10_binomial_p"
     table_metrics: ClassVar[dict[str, str]] = {"diff_acc": "diff_acc", "bit_identical": "bit_identical_fraction"}
     explanation = report.EXPLANATION
+    null_hypothesis = report.NULL_HYPOTHESIS
+    limitations = report.LIMITATIONS
     metric_labels = report.METRIC_LABELS
     percent_metrics = report.PERCENT
     public_details = report.PUBLIC_DETAILS
@@ -258,6 +274,14 @@ class HufuNetDetector(Detector):
     def bundle_summary(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """The host architecture the bundle names."""
         return report.bundle_summary(payload)
+
+    def first_screen(self, entry: Mapping[str, Any], bundle_entry: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The holder of the secret bundle as the claimant, the rebuilt network's accuracy and the binomial tail."""
+        return report.first_screen(entry, bundle_entry)
+
+    def describes(self, payload: Mapping[str, Any], graph: LayerGraph) -> str | None:
+        """Whether every host layer the bundle records has a counterpart of its kind and shape in ``graph``."""
+        return report.describes(payload, graph)
 
 
 @hookimpl

@@ -3,14 +3,35 @@ details, table columns, the accuracy figure and the bundle summary."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from markupsafe import Markup
 
-from auditor.toolkit.figures import BLUE, GREY, RED, axis, finite, num, svg, text
+from auditor.toolkit.figures import BLUE, GREY, axis, finite, num, svg, text
 
-__all__ = ["COLUMNS", "EXPLANATION", "METRIC_LABELS", "PERCENT", "PUBLIC_DETAILS", "bundle_summary", "figure"]
+if TYPE_CHECKING:
+    from auditor.graph import LayerGraph
+
+__all__ = [
+    "COLUMNS",
+    "EXPLANATION",
+    "LIMITATIONS",
+    "METRIC_LABELS",
+    "NULL_HYPOTHESIS",
+    "PERCENT",
+    "PUBLIC_DETAILS",
+    "bundle_summary",
+    "describes",
+    "figure",
+    "first_screen",
+]
+
+#: The threshold line: neutral, dashed (no colour reads as guilty or innocent).
+THRESHOLD = "#4a5568"
+#: At or above this p-value the rebuilt network does no better than guessing: no evidence against chance.
+NO_EVIDENCE_P = 0.05
 
 EXPLANATION = (
     "HufuNet splits a small secret network in two: the owner hides one piece (EPH, its convolution kernels)"
@@ -20,11 +41,29 @@ EXPLANATION = (
     " hidden piece is there, the rebuilt network works almost as well as the owner's (Acc_original); DiffAcc"
     " is the relative drop, and the paper counts ownership when it is below tau_acc. Kernels taken from an"
     " unrelated model give about chance accuracy (one class in ten). The binomial p-value is the probability"
-    " of at least that many correct answers by guessing, and the bit-identical fraction is the share of hidden"
-    " weights found exactly unchanged. What this does not prove: whoever holds the secret bundle could plant"
-    " the kernels, so the bundle's provenance (who made it, when, who has held it) needs outside evidence;"
-    " 'not found' does not prove independence, since fine-tuning, pruning or re-training can destroy the"
-    " kernels; the accuracy is measured on the test split identified by its SHA-256 and on nothing else."
+    " of at least that many correct answers by guessing (computed exactly, in log space: one too small for a"
+    " floating-point number is written as a power of ten, never as 0). The bit-identical fraction is the share"
+    " of hidden weights found exactly unchanged in the weights the detector read: after restore, when a"
+    " reference model was given, which realigns and rescales weights, so that share can be 0% on a file whose"
+    " network is intact; it is not the deciding number. What this does not prove: whoever holds the secret"
+    " bundle could plant the kernels, so the bundle's provenance (who made it, when, who has held it) needs"
+    " outside evidence; 'not found' does not prove independence, since fine-tuning, pruning or re-training can"
+    " destroy the kernels; the accuracy is measured on the test split identified by its SHA-256 and on"
+    " nothing else."
+)
+
+#: The null hypothesis the binomial p-value is computed under.
+NULL_HYPOTHESIS = (
+    "The kernels at the owner's keyed positions are unrelated to the owner's HufuNet, so the rebuilt network can"
+    " only guess: each public test image is classified correctly with the chance probability (one class in"
+    " the number of classes), independently of the others."
+)
+#: What a finding does not prove, for the report's first screen.
+LIMITATIONS = (
+    "Who made the secret bundle, when, or who has held it: anyone holding it could plant the kernels, so its"
+    " provenance needs outside evidence. 'Not found' does not prove independence: fine-tuning, pruning or"
+    " retraining can destroy the kernels. The accuracy is measured on the public test split identified by its"
+    " SHA-256 and on nothing else."
 )
 
 #: The deciding numbers first: the rebuilt network's accuracy, its drop against tau_acc, the chance tail.
@@ -75,7 +114,9 @@ def hufunet_accuracy(metrics: Mapping[str, Any]) -> Markup | None:
     if chance is not None:
         marks.append((chance, f"chance {chance:.0%}", GREY, "4,3"))
     if original is not None and tau is not None:
-        marks.append((original * (1 - tau), f"threshold {original * (1 - tau):.1%} (DiffAcc < {tau:g})", RED, "5,3"))
+        marks.append(
+            (original * (1 - tau), f"threshold {original * (1 - tau):.1%} (DiffAcc < {tau:g})", THRESHOLD, "5,3")
+        )
     if original is not None:
         marks.append((original, f"Acc_original {original:.1%}", "#111", ""))
     for level, (value, words, colour, dash) in enumerate(sorted(marks)):
@@ -99,7 +140,7 @@ def figure(entry: Mapping[str, Any]) -> tuple[str, Markup] | None:
         return None
     caption = (
         "Accuracy of the rebuilt HufuNet on the public test set: the owner's HufuNet (black), the ownership"
-        " threshold Acc_original x (1 - tau_acc) (red) and guessing (grey)."
+        " threshold Acc_original x (1 - tau_acc) (dashed) and guessing (grey, dotted)."
     )
     return caption, picture
 
@@ -109,3 +150,65 @@ def bundle_summary(payload: Mapping[str, Any]) -> dict[str, Any]:
     host = payload.get("host")
     arch = host.get("architecture") if isinstance(host, Mapping) else None
     return {"host_architecture": arch if isinstance(arch, str | int | float | bool) else None}
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def first_screen(entry: Mapping[str, Any], bundle_entry: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The first screen of a HufuNet finding: the claim is that the holder of this secret bundle planted the
+    network (HufuNet binds no name); the rebuilt network's accuracy and the binomial tail against guessing."""
+    bundle = _mapping(bundle_entry)
+    metrics = _mapping(entry.get("metrics"))
+    name, sha = bundle.get("name"), bundle.get("sha256")
+    host = bundle.get("host_architecture")
+    screen: dict[str, Any] = {
+        "owner": "Whoever holds the secret owner bundle" + (f" {name}" if name else "")
+        + (f" (SHA-256 {sha})" if sha else "")
+        + (f", made for a {host} host" if host else ""),
+        "owner_basis": (
+            "HufuNet binds no name or key to the watermark: holding the secret bundle is the claim. Who made it,"
+            " when, and who has held it needs outside evidence."
+        ),
+        "null_hypothesis": NULL_HYPOTHESIS, "not_proven": LIMITATIONS, "log10_p": metrics.get("log10_binomial_p"),
+    }  # fmt: skip
+    acc, original, diff, tau, chance, log10_p = (
+        finite(metrics.get(k))
+        for k in ("acc_combined", "acc_original", "diff_acc", "tau_acc", "chance", "log10_binomial_p")
+    )
+    n, correct = metrics.get("test_size"), metrics.get("correct")
+    if acc is None or original is None or diff is None or tau is None or chance is None or log10_p is None:
+        screen["statistic"] = str(entry.get("summary", ""))
+        return screen
+    statistic = (
+        f"The rebuilt HufuNet classifies {acc:.2%} of {n} public test images correctly (the owner's:"
+        f" {original:.2%}; DiffAcc {diff:.3f} against tau_acc {tau:g})"
+    )
+    if log10_p >= math.log10(NO_EVIDENCE_P):
+        statistic += ", no better than guessing: no evidence against chance"
+    screen["statistic"] = statistic
+    classes = round(1 / chance) if chance > 0 else 0
+    screen["p_label"] = f"binomial tail of {correct} or more correct answers by guessing among {classes} classes"
+    return screen
+
+
+def describes(payload: Mapping[str, Any], graph: LayerGraph) -> str | None:
+    """Why the bundle does not describe ``graph`` (a host layer it records has no counterpart of that kind and
+    shape), or ``None`` when every host layer is found."""
+    from auditor.toolkit.matching import find_layer
+
+    layers = _mapping(payload.get("host")).get("layers")
+    if not isinstance(layers, list) or not layers:
+        return "the bundle records no host layer to compare it with"
+    for entry in layers:
+        if not isinstance(entry, Mapping) or not {"name", "kind", "shape"} <= set(entry):
+            return "the bundle's host layers are malformed"
+        try:
+            match = find_layer(graph, entry)
+        except (TypeError, ValueError):
+            return "the bundle's host layers are malformed"
+        if match.layer is None:
+            shape = "x".join(str(s) for s in entry["shape"]) if isinstance(entry["shape"], list) else "?"
+            return f"it has no {entry['kind']} layer of shape {shape} like the host layer {entry['name']}"
+    return None

@@ -24,6 +24,7 @@ from auditor.plugins.greedy_residuals.detector import (
     forging_check,
 )
 from auditor.plugins.greedy_residuals.scheme import GRParams, alpha_from_signature, match_bits, penalty_term, residuals
+from auditor.report.text import TIMES
 
 PARAMS = GRParams()
 MESSAGE = "(c) 2025 Alice Example Labs. All rights reserved."
@@ -45,8 +46,9 @@ def test_tail_in_log_space_for_all_bits() -> None:
     assert stats.binomial_tail(256, 256).log10 == pytest.approx(-256 * math.log10(2), abs=1e-12)
     # Far beyond float range, log10 stays exact where the float underflows.
     huge = stats.binomial_tail(4096, 4096)
-    assert huge.value == 0.0
+    assert huge.value is None  # no float holds it: never a 0 (or a denormal) that pretends to be exact
     assert huge.log10 == pytest.approx(-4096 * math.log10(2), rel=1e-12)
+    assert huge.words() == f"9.6{TIMES}10^-1234"
     assert stats.two_sided_p(4096, 4096).log10 == pytest.approx(-4095 * math.log10(2), rel=1e-12)
 
 
@@ -74,7 +76,7 @@ def test_forging_bound_is_proposition_1() -> None:
     # The paper's example: 256 bits, 18 layers of 64,768 cells: P <= 4e-74.
     bound = stats.forging_bound(256, 256, layers=18, cells=64768)
     assert bound.value == pytest.approx(18 * 253 / 2**256, rel=1e-12)
-    assert bound.value <= 4e-74
+    assert bound.value is not None and bound.value <= 4e-74
     assert bound.log10 == pytest.approx(math.log10(18 * 253) - 256 * math.log10(2))
     # Generalised to k matches, either sign, capped at 1.
     k = 200
@@ -93,7 +95,20 @@ def test_bonferroni_and_fisher() -> None:
     assert fisher.value == pytest.approx(sps.combine_pvalues(ps, method="fisher").pvalue, rel=1e-9)
     deep = stats.fisher([-76.8, -76.8, -60.0])  # no underflow
     assert math.isfinite(deep.log10) and deep.log10 < -200
-    assert stats.Probability.from_log10(-60.3).below() == "1e-60"
+    assert stats.Probability.from_log10(-60.3).words() == f"5{TIMES}10^-61"
+
+
+@pytest.mark.parametrize(
+    ("log10", "value"),
+    [(-300.0, 1e-300), (-307.0, 1e-307), (-308.0, None), (-320.0, None), (-330.0, None), (-1e4, None)],
+)
+def test_a_probability_below_the_smallest_normal_float_has_no_float(log10: float, value: float | None) -> None:
+    """Denormals (5e-324 and up to 2.2e-308) lose digits and 0 is a lie: both are stored as None, beside the
+    exact log10."""
+    p = stats.Probability.from_log10(log10)
+    assert p.log10 == log10
+    assert p.value == (pytest.approx(value, rel=1e-12) if value is not None else None)
+    assert stats.two_sided_p(1100, 1100).value is None and stats.two_sided_p(1100, 1100).log10 < -330
 
 
 # --- signature bits ------------------------------------------------------------------
@@ -202,7 +217,7 @@ def test_watermarked_layer_is_detected_with_exact_numbers(owner: dict[str, Any])
     assert finding.metrics["layers_tried"] == 1 and finding.metrics["suspect_layers_m"] == 3
     assert finding.summary == (
         "The suspect carries the owner's signature: in layer conv2, 256 of 256 signature bits match;"
-        " a match this strong happens by chance with probability below 1e-76."
+        f" a match this strong happens by chance with probability 1.7{TIMES}10^-77."
     )
     assert owner["signature_b64"] not in json.dumps(finding.to_dict())
 
@@ -221,6 +236,9 @@ def test_innocent_layer_is_not_detected(owner: dict[str, Any]) -> None:
     assert finding.verdict is Verdict.NOT_DETECTED
     assert finding.metrics["combined_p"] >= 1e-6
     assert finding.summary.startswith("The suspect does not show the owner's signature: in its best layer, conv2,")
+    assert "probability 1 " not in finding.summary and "probability 1." not in finding.summary
+    if finding.metrics["combined_p"] >= 0.05:
+        assert "about as many as coin flips would give: no evidence against chance (p-value" in finding.summary
 
 
 def test_threshold_comes_from_context(owner: dict[str, Any]) -> None:

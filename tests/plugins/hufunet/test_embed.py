@@ -21,6 +21,7 @@ from auditor.plugins.hufunet.detector import audit_bundle
 from auditor.plugins.hufunet.embedder import embed_hufunet
 from auditor.plugins.hufunet.owner import host_layers, host_view, plant
 from auditor.plugins.hufunet.placement import eph_kernels, place, retrieve
+from auditor.report.text import power_of_ten
 from auditor.toolkit import models as zoo
 from auditor.toolkit import training
 
@@ -34,8 +35,12 @@ def test_no_attack_verifies_exactly(hufunet_owner: SimpleNamespace, which: str) 
     assert m["bit_identical_fraction"] == 1.0
     assert m["kernels_identical_fraction"] == 1.0
     assert m["log10_binomial_p"] < -100
+    if m["log10_binomial_p"] < -308:  # too small for a float: null beside the exact log10, never 0 or 5e-324
+        assert m["binomial_p"] is None
     assert sum(r["eph_kernels_here"] for r in finding.details["host_layers"]) == m["kernels"] == 548
     assert "was found" in finding.summary
+    assert f"by chance has probability {power_of_ten(m['log10_binomial_p'])}." in finding.summary
+    assert "bit-identical to the owner's: not the deciding number" in finding.summary
 
 
 def test_fidelity_within_one_point_of_the_same_training_without_eph(
