@@ -79,7 +79,7 @@ def audit_batch(
     the sealed summary,
     written to ``out_dir``/summary.html and summary.json when ``out_dir`` is given."""
     from auditor.audit.pipeline import batch_exit_code
-    from auditor.report.document import REPORT_VERSION, bundle_entry, tool_info, write_report
+    from auditor.report.document import REPORT_VERSION, bundle_entry, reference_check, tool_info, write_report
 
     rows = []
     for path, name in zip(suspects, names, strict=True):
@@ -93,7 +93,7 @@ def audit_batch(
     summary = {
         "report_format": SUMMARY_FORMAT, "report_version": REPORT_VERSION, "run": dict(run), "tool": tool_info(),
         "command": command, "bundles": [bundle_entry(b) for b in inputs.bundles],
-        "reference": inputs.reference_entry(), "suspects": rows,
+        "reference": inputs.reference_entry(), "reference_check": reference_check(inputs), "suspects": rows,
         "counts": dict(sorted(Counter(r["verdict"] for r in rows).items())), "exit_code": code, "exit_rule": EXIT_RULE,
     }  # fmt: skip
     html, js = (out_dir / "summary.html", out_dir / "summary.json") if out_dir is not None else (None, None)

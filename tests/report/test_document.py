@@ -308,3 +308,20 @@ def test_the_first_screen_shows_a_measured_false_positive_rate_when_the_finding_
     )
     finding["calibration"]["summary"] = "0 of 60 (calibration set A; exact one-sided 95% upper bound 4.9%)"
     assert "Measured false-positive rate: 0 of 60 (calibration set A;" in first_screen(document)
+
+
+def test_a_batch_summary_states_an_unverified_reference(
+    gr_owner: SimpleNamespace, tmp_path: Path, run_cli: Callable[..., Any], clean_model: Callable[..., Path]
+) -> None:
+    other = clean_model(tmp_path / "other.safetensors", seed=5)
+    suspects = [gr_owner.files["safetensors"], clean_model(tmp_path / "clean.safetensors")]
+    out = tmp_path / "reports"
+    code, _, stderr = run_cli("audit", *suspects, "--bundle", gr_owner.out / "owner_bundle.json",
+                              "--reference", other, "--out", out)  # fmt: skip
+    assert code == EXIT_OK, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reference_check"]["verified"] is False
+    assert summary["reference_check"]["bundles"][0]["sha256"] == "differs"
+    assert WARNING in (out / "summary.html").read_text()
+    for name in ("model.safetensors", "clean.safetensors"):
+        assert json.loads((out / f"{name}.json").read_text())["reference_check"] == summary["reference_check"]
