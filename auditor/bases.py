@@ -253,6 +253,14 @@ class Detector(Presentable):
         given = context.get("options") if isinstance(context, Mapping) else None
         return self.options(given if isinstance(given, Mapping) else {})
 
+    def validate_bundle(self, payload: Mapping[str, Any]) -> None:
+        """Check an owner bundle's ``payload`` (of this scheme) against the scheme's schema before any suspect
+        is read: the type, range, length and encoding of every field :meth:`detect` reads, and bounds that keep
+        its work proportional to the suspect. Raise :class:`~auditor.errors.BundleFieldError` (the field's path
+        and why) or ``ValueError``: the core reports it as one line naming the bundle file, exit code 4, where
+        :meth:`detect` failing would give a "detector failed" finding. The default accepts any payload."""
+        return None
+
     def bundle_summary(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """What a report may show of an owner bundle's ``payload`` (of this scheme) beyond its file, hash and
         scheme, named field by field (never "everything but the secrets"); merged into the report's bundle entry."""

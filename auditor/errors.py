@@ -71,6 +71,21 @@ class UnsafeInputError(InputError):
     exit_code = EXIT_UNSAFE
 
 
+class BundleFieldError(ValueError):
+    """A field of an owner bundle's payload that its scheme's schema refuses.
+
+    A detector's :meth:`~auditor.bases.Detector.validate_bundle` raises it with the field's path in the
+    payload (``params.bits``, ``layers[2].shape``) and why, in words that follow "field <path>" ("must be
+    an integer from 1 to 4096, not 1000000000"); the core turns it into an :class:`InputError` naming the
+    bundle file, before any suspect is read.
+    """
+
+    def __init__(self, field: str, why: str) -> None:
+        self.field = field
+        self.why = why
+        super().__init__(f"field {field} {why}")
+
+
 class PluginError(AuditorError):
     """A plugin failed to load or registered something invalid."""
 

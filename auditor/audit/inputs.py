@@ -11,9 +11,9 @@ from typing import Any
 
 from auditor.audit.load import LoadedModel, is_model, load_hashed
 from auditor.bundle import OwnerBundle
-from auditor.errors import UsageError
+from auditor.errors import AuditorError, BundleFieldError, InputError, UsageError
 
-__all__ = ["AuditInputs", "expand_suspects", "load_inputs", "parse_detector_options"]
+__all__ = ["AuditInputs", "expand_suspects", "load_inputs", "parse_detector_options", "validate_bundle"]
 
 
 @dataclass
@@ -96,8 +96,30 @@ def load_inputs(
 
     parsed = parse_detector_options(options)
     loaded = sorted((load_bundle(p) for p in bundles), key=lambda b: (b.scheme, b.sha256))
+    for bundle in loaded:
+        validate_bundle(bundle)
     ref = load_hashed(reference) if reference is not None else None
     return AuditInputs(bundles=loaded, reference=ref, bundle_paths=list(bundles), options=parsed)
+
+
+def validate_bundle(bundle: OwnerBundle) -> None:
+    """Check ``bundle``'s payload with every registered detector of its scheme
+    (:meth:`~auditor.bases.Detector.validate_bundle`); a field it refuses is an
+    :class:`~auditor.errors.InputError` naming the bundle file and the field."""
+    from auditor.bases import Detector
+    from auditor.plugin_manager import components
+
+    for detector in components("detectors", Detector):
+        if not detector.scheme or detector.scheme != bundle.scheme:
+            continue
+        try:
+            detector.validate_bundle(bundle.payload)
+        except BundleFieldError as exc:
+            raise InputError(bundle.path, str(exc)) from None
+        except AuditorError:
+            raise
+        except ValueError as exc:
+            raise InputError(bundle.path, f"the {detector.id} detector refuses its payload: {exc}") from None
 
 
 def expand_suspects(paths: Sequence[Path]) -> tuple[list[Path], bool]:

@@ -302,6 +302,12 @@ class GreedyResidualsDetector(Detector):
         """The bit-agreement chart."""
         return report.figure(entry)
 
+    def validate_bundle(self, payload: Mapping[str, Any]) -> None:
+        """The payload's schema (:func:`auditor.plugins.greedy_residuals.bundle.validate_payload`)."""
+        from auditor.plugins.greedy_residuals.bundle import validate_payload
+
+        validate_payload(payload)
+
     def bundle_summary(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """The statement, signature algorithm, key fingerprint and watermarked layers of the bundle."""
         return report.bundle_summary(payload)

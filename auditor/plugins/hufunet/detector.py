@@ -271,6 +271,12 @@ class HufuNetDetector(Detector):
         """The accuracy chart."""
         return report.figure(entry)
 
+    def validate_bundle(self, payload: Mapping[str, Any]) -> None:
+        """The payload's schema (:func:`auditor.plugins.hufunet.bundle.validate_payload`)."""
+        from auditor.plugins.hufunet.bundle import validate_payload
+
+        validate_payload(payload)
+
     def bundle_summary(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """The host architecture the bundle names."""
         return report.bundle_summary(payload)
