@@ -218,6 +218,19 @@ def _from_field(values: Any, dtype: str, shape: tuple[int, ...], name: str, path
     return torch.from_numpy(np.asarray(values, dtype=numpy_dtype(dtype)).copy()).reshape(shape)
 
 
+def _byte_count(text: str | None, default: int, what: str, path: Path) -> int:
+    """An external-data offset or length: decimal digits (spaces and a ``+`` allowed, as ``int`` reads them),
+    below 2**63; ``default`` when absent or empty. Anything else, a huge number of digits included (which
+    ``int`` turns into a number that cannot even be printed), is an InputError naming it."""
+    if not text:
+        return default
+    digits = text.strip().removeprefix("+")
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 19 and int(digits) < 2**63):
+        shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}... ({len(text):,d} characters)"
+        raise InputError(path, f"{what} {shown} is not a byte count")
+    return int(digits)
+
+
 def _external(t: Any, name: str, shape: tuple[int, ...], dtype: str, ctx: _Context) -> Callable[[], torch.Tensor]:
     """A reader mapping external data, after refusing locations outside the folder and ranges past the end."""
     nbytes = math.prod(shape) * itemsize(dtype)
@@ -225,12 +238,9 @@ def _external(t: Any, name: str, shape: tuple[int, ...], dtype: str, ctx: _Conte
     location = info.get("location", "")
     what = f"external data of tensor {name!r}"
     target = inside_folder(ctx.path.parent, location, what=what, origin=ctx.path)
-    try:
-        offset = int(info.get("offset", "0") or 0)
-        length = int(info["length"]) if info.get("length") else nbytes
-    except ValueError:
-        raise InputError(ctx.path, f"{what}: offset or length is not an integer") from None
-    if offset < 0 or length != nbytes:
+    offset = _byte_count(info.get("offset"), 0, f"{what}: offset", ctx.path)
+    length = _byte_count(info.get("length"), nbytes, f"{what}: length", ctx.path)
+    if length != nbytes:
         raise InputError(
             ctx.path, f"{what}: length {length} at offset {offset} does not match shape {list(shape)} of {dtype}"
         )

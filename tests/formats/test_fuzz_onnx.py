@@ -228,7 +228,9 @@ class Generator:
                 "location": r.choice(
                     ["onnx_external.bin", "missing.bin", "../x.bin", "/etc/passwd", "", ".", "a\x7f\x01", "x" * 300]
                 ),
-                "offset": r.choice(["0", "4", "1728", "1748", "-1", "abc", "", "1e3", " 8 ", "1_0", "9" * 5000]),
+                "offset": r.choice(
+                    ["0", "4", "1728", "1748", "-1", "abc", "", "1e3", " 8 ", "1_0", "9" * 4300, "٣", "0x10"]
+                ),
                 "length": r.choice([str(n * size), "0", "-4", "x", "", str(2**64)]),
             }
             for key, value in entries.items():
@@ -373,6 +375,35 @@ def test_external_location_that_is_not_utf8_is_named(target: Path) -> None:
     assert caught.value.problem == (
         "external data of tensor 'conv.weight' 'onnx_external.bin\\\\xff\\\\xfe' does not exist next to the model"
     )
+
+
+@pytest.mark.parametrize(
+    ("offset", "problem"),
+    [
+        ("9" * 4300, "offset '9999999999999999999999999999999999999999'... (4,300 characters) is not a byte count"),
+        ("-16", "offset '-16' is not a byte count"),
+        ("0x10", "offset '0x10' is not a byte count"),
+        ("\u0663", "offset '\u0663' is not a byte count"),
+    ],
+)
+def test_external_offsets_that_are_not_byte_counts_are_named(target: Path, offset: str, problem: str) -> None:
+    # 4,300 digits: int() read them, then printing the offset in the message raised ValueError (the case)
+    model = onnx.load(str(ASSETS / "onnx_external.onnx"), load_external_data=False)
+    entry = next(e for e in model.graph.initializer[0].external_data if e.key == "offset")
+    entry.value = offset
+    with pytest.raises(InputError) as caught:
+        _load_bytes(target, model.SerializeToString())
+    assert not caught.value.internal
+    assert caught.value.problem == f"external data of tensor 'conv.weight': {problem}"
+
+
+def test_external_offsets_as_int_reads_them_still_load(target: Path) -> None:
+    model = onnx.load(str(ASSETS / "onnx_external.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        entry = next(e for e in tensor.external_data if e.key == "offset")
+        entry.value = f" +{entry.value} "
+    graph = _load_bytes(target, model.SerializeToString())
+    assert graph.layers[0].params["weight"].read().shape == (4, 3, 3, 3)
 
 
 def test_external_location_too_long_for_the_file_system_is_named(target: Path) -> None:
