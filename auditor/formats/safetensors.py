@@ -156,7 +156,8 @@ def _check_entry(path: Path, name: str, info: Any, data_len: int) -> tuple[list[
     if offsets[1] > data_len:
         raise InputError(
             path,
-            f"truncated: tensor {_show(name)} ends at data offset {offsets[1]}, the file holds {data_len} data bytes",
+            f"truncated: tensor {_show(name)} ends at data offset {_show(offsets[1])}, the file holds {data_len} data"
+            " bytes",
         )
     return shape, offsets
 

@@ -87,7 +87,8 @@ def tensor_tables(draw: st.DrawFn) -> tuple[dict[str, Any], bytes]:
         offsets: Any = [offset, offset + nbytes]
         if draw(st.integers(0, 9)) == 0:  # now and then, a field that is wrong in any way JSON allows
             field = draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
-            bad = draw(json_values | st.lists(st.integers(-(2**65), 2**65), max_size=3))
+            huge = st.sampled_from([10**4299, -(10**4299), 2**64])  # 4,300 digits: as many as JSON may hold
+            bad = draw(json_values | st.lists(st.integers(-(2**65), 2**65) | huge, max_size=3))
             code, shape, offsets = (
                 bad if field == "dtype" else code,
                 bad if field == "shape" else shape,
@@ -295,6 +296,20 @@ def test_sharded_folders(tmp_path: Path, chunk: int) -> None:
 
 
 # ---------------------------------------------------------------- the loader bugs the fuzzers found
+
+
+def test_offsets_of_thousands_of_digits_are_shown_cut(tmp_path: Path) -> None:
+    # the message held all 4,300 digits
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(
+        prefixed(json.dumps({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 10**4299]}}).encode())
+    )
+    with pytest.raises(InputError) as caught:
+        st_format.load(path)
+    assert caught.value.problem == (
+        "truncated: tensor 'a' ends at data offset 100000000000000000...0000000000000000000,"
+        " the file holds 0 data bytes"
+    )
 
 
 @pytest.mark.parametrize(
