@@ -253,6 +253,14 @@ class Detector(Presentable):
         given = context.get("options") if isinstance(context, Mapping) else None
         return self.options(given if isinstance(given, Mapping) else {})
 
+    def shipped_calibration(self, payload: Mapping[str, Any]) -> Path | None:
+        """A calibration file (``auditor calibrate``'s output) shipped with this detector that fits an owner
+        bundle with this ``payload`` (of its scheme): the null distribution of :attr:`p_metric` measured on
+        independent models of the architecture, data and recipe the bundle names. The report shows its
+        measured false-positive rate beside the finding unless the analyst gives one (``--calibration``).
+        Default: none."""
+        return None
+
     def validate_bundle(self, payload: Mapping[str, Any]) -> None:
         """Check an owner bundle's ``payload`` (of this scheme) against the scheme's schema before any suspect
         is read: the type, range, length and encoding of every field :meth:`detect` reads, and bounds that keep

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from auditor.audit.calibration import Calibration, load_calibration
 from auditor.audit.load import LoadedModel, is_model, load_hashed
 from auditor.bundle import OwnerBundle
 from auditor.errors import AuditorError, BundleFieldError, InputError, UsageError
@@ -26,6 +27,14 @@ class AuditInputs:
     #: Detector id -> option name -> value, validated against the detector's :attr:`~auditor.bases.Param` list;
     #: only the options the user set (each detector fills in its own defaults).
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Negative controls: models known to be independent of the owner's, audited in the same run with the same
+    #: bundles, reference and options (``--control``); their verdicts never change the suspect's.
+    control_paths: list[Path] = field(default_factory=list)
+    #: The controls' audit records (:class:`auditor.audit.pipeline.AuditRecord`, or a failed control's error),
+    #: filled in by :func:`auditor.audit.pipeline.audit_controls`.
+    controls: list[Any] = field(default_factory=list)
+    #: Calibrations given with ``--calibration`` (a detector's shipped one applies where none is given).
+    calibrations: list[Calibration] = field(default_factory=list)
 
     def reference_entry(self) -> dict[str, Any] | None:
         """The report's description of the reference model, or ``None``."""
@@ -43,6 +52,10 @@ class AuditInputs:
         for detector_id, values in sorted(self.options.items()):
             for name, value in sorted(values.items()):
                 args += ["--option", f"{detector_id}.{name}={_option_text(value)}"]
+        for p in self.control_paths:
+            args += ["--control", str(p)]
+        for c in self.calibrations:
+            args += ["--calibration", str(c.path)]
         return shlex.join(args)
 
 
@@ -88,18 +101,28 @@ def parse_detector_options(given: Mapping[str, Any] | Sequence[str]) -> dict[str
 
 
 def load_inputs(
-    *, bundles: Sequence[Path], reference: Path | None, options: Mapping[str, Any] | Sequence[str] = ()
+    *,
+    bundles: Sequence[Path],
+    reference: Path | None,
+    options: Mapping[str, Any] | Sequence[str] = (),
+    controls: Sequence[Path] = (),
+    calibrations: Sequence[Path] = (),
 ) -> AuditInputs:
-    """Check the detector options, then load the owner bundles (sorted by scheme and SHA-256) and the
-    reference model, hashed."""
+    """Check the detector options, then load the owner bundles (sorted by scheme and SHA-256), the
+    calibrations and the reference model, hashed. ``controls`` are only recorded here: they are audited
+    like suspects (:func:`auditor.audit.pipeline.audit_controls`)."""
     from auditor.bundle import load_bundle
 
     parsed = parse_detector_options(options)
     loaded = sorted((load_bundle(p) for p in bundles), key=lambda b: (b.scheme, b.sha256))
     for bundle in loaded:
         validate_bundle(bundle)
+    given = [load_calibration(p) for p in calibrations]
     ref = load_hashed(reference) if reference is not None else None
-    return AuditInputs(bundles=loaded, reference=ref, bundle_paths=list(bundles), options=parsed)
+    return AuditInputs(
+        bundles=loaded, reference=ref, bundle_paths=list(bundles), options=parsed, control_paths=list(controls),
+        calibrations=given,
+    )  # fmt: skip
 
 
 def validate_bundle(bundle: OwnerBundle) -> None:

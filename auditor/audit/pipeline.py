@@ -24,6 +24,7 @@ from auditor.errors import (
     EXIT_OK,
     EXIT_PLUGIN,
     EXIT_UNSAFE,
+    AuditorError,
 )
 from auditor.findings import Finding, Verdict
 from auditor.graph import LayerGraph
@@ -33,6 +34,8 @@ __all__ = [
     "EXIT_FOR_VERDICT",
     "AuditInputs",
     "AuditRecord",
+    "FailedControl",
+    "audit_controls",
     "audit_suspect",
     "batch_exit_code",
     "expand_suspects",
@@ -91,6 +94,38 @@ def audit_suspect(path: Path, inputs: AuditInputs, progress: Callable[[int], Non
         findings = run_detectors(graph, bundles=inputs.bundles, options=inputs.options)
         model = loading.finish()
     return AuditRecord(model, log, findings, overall_verdict(findings))
+
+
+@dataclass
+class FailedControl:
+    """A negative control that could not be audited: its path as given, the one-line error and its exit code."""
+
+    path: Path
+    error: str
+    exit_code: int
+
+
+def audit_controls(
+    inputs: AuditInputs, on_control: Callable[[AuditRecord | FailedControl], None] | None = None
+) -> list[AuditRecord | FailedControl]:
+    """Audit each negative control of ``inputs`` exactly as a suspect (same bundles, reference and options) and
+    keep the records in ``inputs.controls``, where the report finds them. A control that cannot be audited is
+    recorded as a :class:`FailedControl`, never raised: controls never change the suspect's verdict or exit
+    code. ``on_control`` sees each result as it comes."""
+    done: list[AuditRecord | FailedControl] = []
+    for path in inputs.control_paths:
+        result: AuditRecord | FailedControl
+        try:
+            result = audit_suspect(path, inputs)
+        except AuditorError as exc:
+            result = FailedControl(path, str(exc), exc.exit_code)
+        except Exception as exc:  # a bug on a control must not lose the suspect's audit
+            result = FailedControl(path, f"internal error: {type(exc).__name__}: {exc}", EXIT_INTERNAL)
+        done.append(result)
+        if on_control is not None:
+            on_control(result)
+    inputs.controls = list(done)
+    return done
 
 
 def batch_exit_code(codes: Sequence[int]) -> int:

@@ -77,16 +77,23 @@ def run_audit(
     options: Sequence[str] = (),
     as_json: bool,
     console: Console,
+    controls: Sequence[Path] = (),
+    calibrations: Sequence[Path] = (),
 ) -> int:
-    """Run the audit the command line asked for, write its reports, print its lines; the exit code."""
+    """Run the audit the command line asked for, write its reports, print its lines; the exit code.
+
+    ``controls`` are negative controls, audited once with the same inputs and shown in every report;
+    ``calibrations`` are calibration files whose measured false-positive rates the reports show."""
     from auditor.audit.pipeline import expand_suspects, load_inputs
     from auditor.report.document import run_block
 
     paths, batch = expand_suspects(suspects)
     key = _load_key(sign_key, passphrase_file)
-    inputs = load_inputs(bundles=bundles, reference=reference, options=options)
+    inputs = load_inputs(
+        bundles=bundles, reference=reference, options=options, controls=controls, calibrations=calibrations
+    )
     run = run_block(case_id=case_id, analyst=analyst)
-    given: list[Path | None] = [*paths, *bundles, reference, sign_key, passphrase_file]
+    given: list[Path | None] = [*paths, *bundles, reference, sign_key, passphrase_file, *controls, *calibrations]
     if batch:
         if json_out is not None:
             raise UsageError("with several suspects, --out names a folder for every report; --json-out does not apply")
@@ -107,6 +114,7 @@ def _run_single(
 
     html_path, json_path = _outputs(suspect, out, json_out)
     _refuse_overwriting_inputs([html_path, json_path], given)
+    _audit_controls(inputs, as_json=as_json, console=console)
     size = suspect.stat().st_size if suspect.is_file() else 0
     err = Console(stderr=True, highlight=False)
     with Progress(
@@ -131,6 +139,29 @@ def _run_single(
     return int(sealed["exit_code"])
 
 
+def _audit_controls(inputs: Any, *, as_json: bool, console: Console) -> None:
+    """Audit the negative controls (if any) before the suspects; a line each, and a warning on standard error
+    for one that failed or came out "detected" (which never changes the suspect's verdict or exit code)."""
+    from auditor.audit.pipeline import AuditRecord, audit_controls
+
+    if not inputs.control_paths:
+        return
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    for result in audit_controls(inputs):
+        if not isinstance(result, AuditRecord):
+            err.print(shown(f"warning: control {result.path}: not audited (exit {result.exit_code}): {result.error}"))
+            continue
+        watermarks = [f for f in result.findings if f.scheme]
+        found = "; ".join(f"{f.detector}: {f.verdict.value}" for f in watermarks) or "no findings"
+        if not as_json:
+            console.print(shown(f"control {result.path}: {result.verdict.value} ({found})"))
+        if result.verdict.value == "detected":
+            err.print(shown(
+                f"warning: control {result.path} came out detected: an independent model was claimed, which"
+                " undermines the method as applied (the suspect's verdict and exit code are unchanged)"
+            ))  # fmt: skip
+
+
 def _run_batch(
     paths: list[Path], suspects: Sequence[Path], *, inputs: Any, run: Any, out: Path | None, key: Any,
     given: list[Path | None], as_json: bool, console: Console,
@@ -146,6 +177,7 @@ def _run_batch(
         if out.resolve() in {p.resolve() for p in suspects if p.is_dir()}:
             raise UsageError(f"{out}: the reports cannot go into the folder of suspects")
         _refuse_overwriting_inputs([out / f"{n}.{ext}" for n in [*names, "summary"] for ext in ("html", "json")], given)
+    _audit_controls(inputs, as_json=as_json, console=console)
     err = Console(stderr=True, highlight=False)
     with Progress(
         TextColumn("auditing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from auditor import __version__
 from auditor.cli.audit import report_app
+from auditor.cli.calibrate import calibrate_command
 from auditor.cli.console import emit_json, err, out, shown
 from auditor.cli.keys import keys_app
 from auditor.errors import EXIT_INTERNAL, AuditorError, PluginError
@@ -33,6 +34,7 @@ embed_app = typer.Typer(help="Train an owner's model with a watermark.", no_args
 app.add_typer(embed_app, name="embed")
 app.add_typer(keys_app, name="keys")
 app.add_typer(report_app, name="report")
+app.command(name="calibrate")(calibrate_command)
 out_console = out  # the audit command's parameter --out shadows the module's name
 
 
@@ -232,6 +234,24 @@ def audit(  # noqa: PLR0917 (typer passes options positionally)
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the report (several suspects: the summary) as JSON.")
     ] = False,
+    control: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--control",
+            help="A negative control: a model known to be independent of the owner's, audited in the same run"
+            " with the same bundles, reference and options (repeatable). Its numbers are shown beside the"
+            " suspect's; it never changes the suspect's verdict or exit code.",
+        ),
+    ] = None,
+    calibration: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--calibration",
+            help="A calibration file from `auditor calibrate` (repeatable): the report shows its measured"
+            " false-positive rate beside the exact tail bound. Without it, a detector's shipped calibration for"
+            " the bundle's architecture applies where there is one.",
+        ),
+    ] = None,
 ) -> None:
     """Check suspect models against owners' bundles; print one line per finding and write the evidence report.
 
@@ -243,7 +263,7 @@ def audit(  # noqa: PLR0917 (typer passes options positionally)
     code = run_audit(
         suspects=suspects, bundles=bundle or [], reference=reference, case_id=case_id, analyst=analyst, out=out,
         json_out=json_out, sign_key=sign_key, passphrase_file=passphrase_file, options=option or [],
-        as_json=as_json, console=out_console,
+        as_json=as_json, console=out_console, controls=control or [], calibrations=calibration or [],
     )  # fmt: skip
     raise typer.Exit(code)
 

@@ -29,6 +29,7 @@ from auditor.errors import UsageError
 from auditor.findings import Finding
 from auditor.jsondata import dump_json, jsonable
 from auditor.report import text
+from auditor.report.controls import attach_rates, calibration_block, controls_block
 from auditor.report.guard import SecretGuard
 from auditor.safeio import write_atomically
 
@@ -221,6 +222,9 @@ def build_report(record: AuditRecord, *, inputs: AuditInputs, run: Mapping[str, 
         "reference_check": reference_check(inputs), "restore": restore, "findings": findings,
         "verdict": record.verdict.value, "exit_code": record.exit_code,
     }  # fmt: skip
+    rates = calibration_block(record, inputs)  # known error rates and negative controls: report/controls.py
+    attach_rates(report["findings"], record, rates)
+    report.update(calibration=rates, controls=controls_block(record, inputs, guard))
     if guard.leaks(report):  # every part was whitelisted or checked: reaching this is a bug, never a leak
         raise RuntimeError("the report would contain material from a secret owner bundle; nothing was written")
     return report

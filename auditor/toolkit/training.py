@@ -241,5 +241,12 @@ def save_model(model: nn.Module, out_dir: Path, stem: str = "model", *, overwrit
     # Clones: safetensors refuses tensors that share storage (tied weights), and CUDA tensors come home.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     write_atomically(paths["safetensors"], lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    write_atomically(paths["pt"], lambda p: torch.save(state, p))
+    write_atomically(paths["pt"], lambda p: _torch_save(state, p))
     return paths
+
+
+def _torch_save(state: dict[str, torch.Tensor], path: Path) -> None:
+    # Through a file object: given a path, torch.save names the archive's records after the (temporary,
+    # random) file name, so the same weights would give different bytes and SHA-256 on every run.
+    with open(path, "wb") as fh:
+        torch.save(state, fh)

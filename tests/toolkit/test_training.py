@@ -276,6 +276,15 @@ def test_save_model(tmp_path: Path) -> None:
     assert set(load_file(paths["safetensors"])) == {"weight", "bias"}
 
 
+def test_save_model_writes_the_same_bytes_for_the_same_weights(tmp_path: Path) -> None:
+    # torch.save named its records after the temporary file's random name: every .pt had another SHA-256,
+    # and so had every owner bundle recording one (the shipped calibrations could not be reproduced).
+    model = zoo.build("cnn", seed=0)
+    first, second = training.save_model(model, tmp_path / "a"), training.save_model(model, tmp_path / "b", stem="x")
+    assert first["pt"].read_bytes() == second["pt"].read_bytes()
+    assert first["safetensors"].read_bytes() == second["safetensors"].read_bytes()
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)

@@ -17,6 +17,7 @@ import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from auditor import hookimpl
@@ -293,6 +294,12 @@ class GreedyResidualsDetector(Detector):
         if bundle is None:
             raise ValueError("the greedy-residuals detector needs an owner bundle")
         return [audit_bundle(suspect, bundle, self.settings(context))]
+
+    def shipped_calibration(self, payload: Mapping[str, Any]) -> Path | None:
+        """The calibration shipped for the built-in architecture the bundle names (calibration/)."""
+        from auditor.plugins.greedy_residuals.calibration import shipped
+
+        return shipped(payload)
 
     def public(self, details: Mapping[str, Any]) -> dict[str, Any]:
         """The public details: the identity block cut to the statement, algorithm and verification."""

@@ -267,6 +267,12 @@ class HufuNetDetector(Detector):
             raise ValueError("the hufunet detector needs an owner bundle")
         return [audit_bundle(suspect, bundle, self.settings(context))]
 
+    def shipped_calibration(self, payload: Mapping[str, Any]) -> Path | None:
+        """The calibration shipped for the built-in architecture the bundle names (calibration/)."""
+        from auditor.plugins.hufunet.calibration import shipped
+
+        return shipped(payload)
+
     def figure(self, entry: Mapping[str, Any]) -> tuple[str, Any] | None:
         """The accuracy chart."""
         return report.figure(entry)
