@@ -15,6 +15,15 @@ storage keys; both are normalised here so that a rerun gives the same bytes.
 * ``pt_os_system.pt``        ``pt_clean.pt`` whose data.pkl calls ``os.system("touch pt_pwned")``
 * ``pt_namespace.pt``        a checkpoint holding an ``argparse.Namespace`` next to its state dict
 * ``pt_huge_storage.pt``     a storage that claims 10**15 float32 elements
+* ``pt_torch_layout.pt``     the state dict as torch.save lays it out (data descriptors, zip64 end records,
+                             aligned entries), its serialization id zeroed and its CRCs patched to match
+* ``pt_lying_sizes.pt``      issue 14's lying archive, scaled down: a 9-element tensor on a deflated storage of
+                             5,000,000 zero floats whose headers declare 150 times fewer compressed bytes than
+                             the 20 MB inflate to, so the old 200:1 ratio check passed it (the compressed
+                             span then runs into the central directory)
+
+:func:`opcode_heavy_pickle` builds issue 14's other case (ten million small dicts, 19.8 million opcodes) in
+memory; it is 20 MB, so the tests and benchmarks/bench_hostile_pickle.py make it rather than commit it.
 """
 
 from __future__ import annotations
@@ -24,8 +33,10 @@ import io
 import os
 import pickle
 import pickletools
+import struct
 import sys
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -97,6 +108,12 @@ def saved(obj: object, archive: str, **kwargs: object) -> bytes:
     return normalise_legacy(data)
 
 
+def _torch_saved(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def normalise_legacy(data: bytes) -> bytes:
     """Legacy storage keys are memory addresses, and storages are written in key order:
     rename the keys by first use and rewrite the key list and the storages in that order."""
@@ -162,17 +179,100 @@ def os_system_pickle(command: str) -> bytes:
     return b"\x80\x02cos\nsystem\nX" + len(arg).to_bytes(4, "little") + arg + b"\x85R."
 
 
-def huge_storage_pickle(numel: int) -> bytes:
-    """data.pkl of ``{"w": tensor}`` whose storage ``'0'`` declares ``numel`` float32 elements."""
+def huge_storage_pickle(numel: int, size: int = 4) -> bytes:
+    """data.pkl of ``{"w": tensor}`` of ``size`` elements whose storage ``'0'`` declares ``numel`` float32 elements."""
     body = (
         b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n"
         b"((X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu"
         + b"\x8a"
         + bytes([len(_long(numel))])
         + _long(numel)
-        + b"tQK\x00K\x04\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRs."
+        + b"tQK\x00"
+        + (b"K" + bytes([size]) if size < 256 else b"J" + size.to_bytes(4, "little"))
+        + b"\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtRs."
     )
     return body
+
+
+def deflated_storage_zip(numel: int, used: int, archive: str = "lying", *, data_numel: int | None = None) -> bytes:
+    """A checkpoint of one tensor ``w`` of ``used`` elements whose storage of ``numel`` zero float32 elements
+    is a deflated entry (the rest stored), written by Python's zipfile: sizes in the local headers. The entry
+    holds ``data_numel`` elements if given (a storage whose pickle and data disagree)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for name, body, method in (
+            (f"{archive}/data.pkl", huge_storage_pickle(numel, used), zipfile.ZIP_STORED),
+            (f"{archive}/byteorder", b"little", zipfile.ZIP_STORED),
+            (f"{archive}/data/0", bytes(4 * (numel if data_numel is None else data_numel)), zipfile.ZIP_DEFLATED),
+            (f"{archive}/version", b"3\n", zipfile.ZIP_STORED),
+        ):
+            zf.writestr(zipfile.ZipInfo(name, _DATE), body, compress_type=method)
+    return out.getvalue()
+
+
+def patch_entry(
+    data: bytes,
+    name: str,
+    *,
+    compressed: int | None = None,
+    size: int | None = None,
+    crc: int | None = None,
+    offset: int | None = None,
+    local: bool = True,
+) -> bytes:
+    """``data`` (a zip written by :mod:`zipfile`, no zip64) with entry ``name``'s declared CRC-32 and sizes changed
+    in the central directory and, if ``local``, in its local header; ``offset`` moves only the central
+    directory's pointer to the local header."""
+    out = bytearray(data)
+    raw = name.encode()
+    central = out.index(b"PK\x01\x02")
+    while out[central + 46 : central + 46 + len(raw)] != raw or struct.unpack_from("<H", out, central + 28)[0] != len(
+        raw
+    ):
+        central = out.index(b"PK\x01\x02", central + 4)
+    (header,) = struct.unpack_from("<I", out, central + 42)
+    spots = [central + 16] + ([header + 14] if local else [])
+    for at in spots:
+        for value, field in ((crc, 0), (compressed, 4), (size, 8)):
+            if value is not None:
+                struct.pack_into("<I", out, at + field, value)
+    if offset is not None:
+        struct.pack_into("<I", out, central + 42, offset)
+    return bytes(out)
+
+
+def lying_sizes_zip() -> bytes:
+    """Issue 14's lying archive, scaled down (see the module docstring)."""
+    numel = 5_000_000
+    data = deflated_storage_zip(numel, 9)
+    return patch_entry(data, "lying/data/0", compressed=4 * numel // 150)
+
+
+def opcode_heavy_pickle(dicts: int = 9_900_000) -> bytes:
+    """Issue 14's pickle: a list of ``dicts`` empty dicts appended one by one, two opcodes and two bytes per
+    dict (19.8 MB and 19.8 million opcodes by default, just under the old loader's 20-million-opcode limit)."""
+    return b"\x80\x02]" + b"}a" * dicts + b"."
+
+
+def torch_layout(data: bytes) -> bytes:
+    """torch.save's own bytes with the random ``.data/serialization_id`` zeroed and its CRC-32 patched
+    in its data descriptor and central directory entry, so that a rerun gives the same bytes."""
+    out = bytearray(data)
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith(".data/serialization_id"))
+    n, m = struct.unpack_from("<HH", out, info.header_offset + 26)
+    start = info.header_offset + 30 + n + m
+    out[start : start + info.file_size] = b"0" * info.file_size
+    crc = zlib.crc32(b"0" * info.file_size)
+    descriptor = start + info.file_size
+    assert out[descriptor : descriptor + 4] == b"PK\x07\x08"
+    struct.pack_into("<I", out, descriptor + 4, crc)
+    central = out.index(b"PK\x01\x02" + out[info.header_offset + 4 : info.header_offset + 6], 0)
+    raw = info.filename.encode()
+    while out[central + 46 : central + 46 + len(raw)] != raw:
+        central = out.index(b"PK\x01\x02", central + 4)
+    struct.pack_into("<I", out, central + 16, crc)
+    return bytes(out)
 
 
 def _long(n: int) -> bytes:
@@ -209,6 +309,8 @@ def build(out: Path = HERE) -> dict[str, bytes]:
         "pt_huge_storage.pt": rezip(
             saved({"w": torch.zeros(4)}, "pt_huge"), {"pt_huge/data.pkl": huge_storage_pickle(10**15)}
         ),
+        "pt_torch_layout.pt": torch_layout(_torch_saved(sd)),
+        "pt_lying_sizes.pt": lying_sizes_zip(),
     }
     for name, data in assets.items():
         assert len(data) < 50_000, (name, len(data))

@@ -382,7 +382,9 @@ def test_truncated_zip() -> None:
     assert detect_format(path).id == "pytorch"  # still recognised, so the user hears what is wrong
     with pytest.raises(InputError) as err:
         load_model(path)
-    assert str(err.value) == f"{path}: the zip archive is damaged or truncated (BadZipFile: File is not a zip file)"
+    assert str(err.value) == (
+        f"{path}: the zip archive is damaged or truncated: it has no end-of-central-directory record"
+    )
 
 
 def test_truncated_legacy() -> None:
@@ -397,7 +399,7 @@ def test_truncated_legacy_pickle(tmp_path: Path) -> None:
     path.write_bytes((ASSETS / "pt_legacy.pt").read_bytes()[:300])
     with pytest.raises(InputError) as err:
         pytorch.load(path)
-    assert str(err.value).startswith(f"{path}: the main pickle is truncated or malformed (ValueError: ")
+    assert str(err.value) == f"{path}: the main pickle is truncated: the file ends before its STOP opcode"
 
 
 def test_absurd_storage_size() -> None:
@@ -439,7 +441,7 @@ def test_tampered_weights_fail_their_crc() -> None:
 
 def test_zip_bomb(tmp_path: Path) -> None:
     bomb = b"\x80\x02B" + (32 << 20).to_bytes(4, "little") + bytes(32 << 20) + b"."
-    path = write_zip(tmp_path / "bomb.pt", {"bomb/data.pkl": bomb}, zipfile.ZIP_LZMA)
+    path = write_zip(tmp_path / "bomb.pt", {"bomb/data.pkl": bomb}, zipfile.ZIP_DEFLATED)
     size = zipfile.ZipFile(path).getinfo("bomb/data.pkl").compress_size
     with pytest.raises(InputError) as err:
         pytorch.load(path)
@@ -603,3 +605,286 @@ def test_unknown_compression_method(tmp_path: Path) -> None:
     with pytest.raises(InputError) as err:
         pytorch.load(path)
     assert str(err.value) == f"{path}: entry 'pt_clean/data/0' uses compression method 99, which auditor does not read"
+
+
+# --------------------------------------------------------------------------- lying archives (issue 14, case 2)
+
+
+def test_lying_sizes_asset_is_refused_before_anything_is_inflated(run_cli: Callable[..., Any]) -> None:
+    """The 200:1 ratio check passed this archive (its headers understate the compressed size 150 times);
+    the old loader read it, and inflated the whole storage to read a 9-element tensor."""
+    path = ASSETS / "pt_lying_sizes.pt"
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("lying/data/0")
+    start = info.header_offset + 30 + len("lying/data/0")
+    central = zipfile.ZipFile(path).start_dir
+    with pytest.raises(InputError) as err:
+        load_model(path)
+    assert str(err.value) == (
+        f"{path}: entry 'lying/data/0' (bytes {start}..{start + info.compress_size}) runs into the central "
+        f"directory at byte {central}: the archive is truncated or its sizes lie"
+    )
+    code, _, stderr = run_cli("inspect", str(path))
+    assert (code, stderr.count("\n")) == (4, 1)
+
+
+def spy_inflate(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the buffers pytorch's loader inflates into, call by call."""
+    from auditor.formats import _zip
+
+    sizes: list[int] = []
+    original = _zip.inflate_into
+
+    def spy(path: Path, fh: Any, entry: Any, out: memoryview) -> None:
+        sizes.append(len(out))
+        original(path, fh, entry, out)
+
+    monkeypatch.setattr(_zip, "inflate_into", spy)
+    return sizes
+
+
+def test_storage_is_inflated_only_as_far_as_the_tensor_reaches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    numel = 4 << 20  # 16 MiB of zeros, at the zip-bomb floor: an honest archive
+    path = tmp_path / "big_storage.pt"
+    path.write_bytes(assets.deflated_storage_zip(numel, 9))
+    sizes = spy_inflate(monkeypatch)
+    graph = pytorch.load(path)
+    assert (
+        f"entry 'lying/data/0' declares {4 * numel} bytes but its tensors reach only the first 36: "
+        "the rest is never inflated, so its size and CRC-32 are not checked"
+    ) in graph.notes
+    assert torch.equal(tensors(graph)["w"], torch.zeros(9))
+    assert sizes == [36]
+
+
+def deflated(tmp_path: Path, numel: int, used: int, data_numel: int | None = None, **patch: int) -> Path:
+    data = assets.deflated_storage_zip(numel, used, data_numel=data_numel)
+    path = tmp_path / "patched.pt"
+    path.write_bytes(assets.patch_entry(data, "lying/data/0", **patch) if patch else data)
+    return path
+
+
+def read_w(path: Path) -> torch.Tensor:
+    return tensors(pytorch.load(path))["w"]
+
+
+def test_a_whole_deflated_entry_is_verified(tmp_path: Path) -> None:
+    assert torch.equal(read_w(deflated(tmp_path, 64, 64)), torch.zeros(64))
+    crc = zipfile.ZipFile(deflated(tmp_path, 64, 64)).getinfo("lying/data/0").CRC
+    path = deflated(tmp_path, 64, 64, crc=crc ^ 1)
+    with pytest.raises(InputError) as err:
+        read_w(path)
+    assert str(err.value) == (
+        f"{path}: entry 'lying/data/0' was altered: its CRC-32 is {crc:08x}, the archive records {crc ^ 1:08x}"
+    )
+
+
+def test_declared_sizes_that_do_not_match_what_inflates(tmp_path: Path) -> None:
+    # The pickle and both headers say 300 bytes; the stream inflates to 256.
+    path = deflated(tmp_path, 75, 75, data_numel=64, size=300)
+    with pytest.raises(InputError) as err:
+        read_w(path)
+    assert str(err.value) == (
+        f"{path}: entry 'lying/data/0' inflates to 256 bytes, fewer than the 300 its tensors need (it declares 300)"
+    )
+    # The pickle and both headers say 200 bytes, so the whole entry is read; the stream goes on.
+    path = deflated(tmp_path, 50, 50, data_numel=64, size=200)
+    with pytest.raises(InputError) as err:
+        read_w(path)
+    assert str(err.value) == f"{path}: entry 'lying/data/0' inflates to more than the 200 bytes it declares (tampered?)"
+
+
+def test_compressed_size_shorter_than_the_stream(tmp_path: Path) -> None:
+    size = zipfile.ZipFile(deflated(tmp_path, 64, 64)).getinfo("lying/data/0").compress_size
+    path = deflated(tmp_path, 64, 64, compressed=size - 1)
+    with pytest.raises(InputError) as err:
+        read_w(path)
+    assert str(err.value) == (
+        f"{path}: truncated: entry 'lying/data/0''s deflate stream does not end within its {size - 1} bytes"
+    )
+
+
+def test_local_header_that_disagrees_with_the_central_directory(tmp_path: Path) -> None:
+    clean = (ASSETS / "pt_clean.pt").read_bytes()
+    info = zipfile.ZipFile(ASSETS / "pt_clean.pt").getinfo("pt_clean/data/1")
+    path = tmp_path / "disagree.pt"
+    path.write_bytes(assets.patch_entry(clean, "pt_clean/data/1", crc=info.CRC ^ 1, local=False))
+    with pytest.raises(InputError) as err:
+        pytorch.load(path)
+    n = info.file_size
+    assert str(err.value) == (
+        f"{path}: entry 'pt_clean/data/1': its local header at byte {info.header_offset} declares CRC "
+        f"{info.CRC:08x}, {n} bytes compressed, {n} bytes; the central directory {info.CRC ^ 1:08x}, {n}, {n} "
+        "(tampered?)"
+    )
+
+
+def test_entries_that_overlap(tmp_path: Path) -> None:
+    data = assets.deflated_storage_zip(64, 64)
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        storage, after = zf.getinfo("lying/data/0"), zf.getinfo("lying/version")
+    path = tmp_path / "overlap.pt"
+    path.write_bytes(assets.patch_entry(data, "lying/data/0", compressed=storage.compress_size + 40))
+    end = storage.header_offset + 30 + len("lying/data/0") + storage.compress_size + 40
+    with pytest.raises(InputError) as err:
+        pytorch.load(path)
+    assert str(err.value) == (
+        f"{path}: entry 'lying/version' starts at byte {after.header_offset}, inside entry 'lying/data/0' "
+        f"(which ends at {end}): entries overlap (tampered?)"
+    )
+
+
+def test_entry_name_that_is_not_utf8(tmp_path: Path) -> None:
+    data = bytearray((ASSETS / "pt_clean.pt").read_bytes())
+    central = data.index(b"PK\x01\x02")
+    data[central + 8 : central + 10] = (0x800).to_bytes(2, "little")  # "the name is UTF-8"
+    data[central + 46 : central + 48] = b"\xff\xfe"  # it is not
+    path = tmp_path / "name.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError) as err:
+        load_model(path)
+    assert not err.value.internal  # once a UnicodeDecodeError that only the catch-all turned into exit 4
+    assert str(err.value) == (
+        f"{path}: the central directory record at byte {central} names an entry b'\\xff\\xfe_clean/data.pkl' "
+        "that is not valid UTF-8, though flagged so"
+    )
+
+
+def test_torch_layout_asset_round_trip() -> None:
+    """torch.save's own layout: data descriptors after each entry, zip64 end records, aligned data."""
+    graph = pytorch.load(ASSETS / "pt_torch_layout.pt")
+    assert_same(graph, assets.tiny_model().state_dict())
+    assert not any("entry" in note for note in graph.notes)
+
+
+# --------------------------------------------------------------------------- bounded pickles (issue 14, case 3)
+
+
+def test_opcode_heavy_pickle_is_refused_before_unpickling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """9.9 million small dicts, 19.8 million opcodes in 19.8 MB: the old loader unpickled them all (67 s, 2.0 GB)."""
+    from auditor.formats import _unpickle
+
+    def never(*args: Any) -> Any:
+        raise AssertionError("the pickle was unpickled")
+
+    monkeypatch.setattr(_unpickle.SafeUnpickler, "load", never)
+    path = write_zip(tmp_path / "dicts.pt", {"dicts/data.pkl": assets.opcode_heavy_pickle()})
+    with pytest.raises(InputError) as err:
+        pytorch.load(path)
+    assert str(err.value) == (
+        f"{path}: data.pkl would take more than 384 MiB of memory to unpickle (refused, estimated)"
+    )
+
+
+def test_many_opcodes_of_nothing_are_refused(tmp_path: Path) -> None:
+    path = with_data_pkl(tmp_path, b"\x80\x02" + b"N0" * 5_000_001 + b"N.")
+    with pytest.raises(InputError) as err:
+        pytorch.load(path)
+    assert str(err.value) == f"{path}: data.pkl holds more than 10000000 opcodes"
+
+
+def test_large_state_dict_is_within_the_budget(tmp_path: Path) -> None:
+    path = tmp_path / "many.pt"
+    torch.save({f"layers.{i}.weight": torch.full((2,), float(i)) for i in range(20_000)}, path)
+    graph = pytorch.load(path)
+    assert graph.metadata["tensors"] == 20_000
+    assert torch.equal(graph.layer("layers.19999").params["weight"].read(), torch.full((2,), 19999.0))
+
+
+def test_deeply_nested_tuple_is_refused_before_it_is_hashed(tmp_path: Path) -> None:
+    """Hashing a tuple nested 100,000 deep (as a dict key) crashed the interpreter: no message, exit 139."""
+    path = with_data_pkl(tmp_path, b"\x80\x02}" + b")" + b"\x85" * 100_000 + b"Ns.")
+    with pytest.raises(InputError) as err:
+        pytorch.load(path)
+    assert str(err.value) == f"{path}: data.pkl nests tuples more than 1000 levels deep (at byte 1004)"
+
+
+def test_what_constructors_build_is_charged_while_unpickling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from auditor.formats import _unpickle
+
+    # set(list of 1000 ints): 3 KB of opcodes by the scan, a 32 KB set once built
+    body = b"\x80\x02c__builtin__\nset\n](" + b"".join(b"M" + i.to_bytes(2, "little") for i in range(1000)) + b"e\x85R."
+    path = with_data_pkl(tmp_path, body)
+    scanned = _unpickle.scan(body, path=path, what="data.pkl").memory
+    monkeypatch.setattr(_unpickle, "MAX_MEMORY", scanned + 1000)
+    with pytest.raises(InputError) as err:
+        pytorch.load(path)
+    assert str(err.value) == f"{path}: data.pkl would take more than 0 MiB of memory to unpickle (refused, estimated)"
+
+
+def test_a_view_repeating_its_storage_is_refused(tmp_path: Path) -> None:
+    """Size (2**20, 2**20) with strides (0, 0) reads as one element; float32=True would make it 4 TiB."""
+    body = assets.huge_storage_pickle(4).replace(
+        b"K\x04\x85K\x01\x85", b"J\x00\x00\x10\x00J\x00\x00\x10\x00\x86K\x00K\x00\x86"
+    )
+    path = rezip_to(tmp_path, assets.saved({"w": torch.zeros(4)}, "pt_huge"), {"pt_huge/data.pkl": body})
+    with pytest.raises(InputError) as err:
+        pytorch.load(path)
+    assert str(err.value) == (
+        f"{path}: tensor 'w': size (1048576, 1048576) with stride (0, 0) repeats 1 stored elements as "
+        f"{2**40}: refused (reading it would take {2**42} bytes)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (  # once a UnicodeEncodeError inside auditor's own constructor
+            b"\x80\x02c_codecs\nencode\nX\x02\x00\x00\x00\xc4\x80X\x06\x00\x00\x00latin1\x86R.",
+            "data.pkl is malformed: _codecs.encode is given text that is not latin1",
+        ),
+        (  # once a ValueError formatting the key for the message (more than 4,300 digits)
+            b"\x80\x02}\x8b\x10\x27\x00\x00" + b"\x01" * 10_000 + b"Ns.",
+            "holds no state dict: no dict of tensors at the top level or under its keys (<an integer of 79993 bits>)",
+        ),
+        (  # once a TypeError: auditor's constructors count their arguments
+            b"\x80\x02ctorch._utils\n_rebuild_tensor\n(K\x01K\x02K\x03K\x04K\x05tR.",
+            "data.pkl is malformed: torch._utils._rebuild_tensor is called with 5 arguments",
+        ),
+        (
+            b"\x80\x02ccollections\nOrderedDict\n]K\x01a\x85R.",
+            "data.pkl is malformed: an OrderedDict is built from 1, not a key-value pair",
+        ),
+        (b"\x80\x02T\xff\xff\xff\xff.", "data.pkl is malformed: BINSTRING at byte 2 has a negative length"),
+        (b"\x80\x02\xff.", "data.pkl is malformed: unknown opcode 0xff at byte 2"),
+        (b"\x80\x02}X\x01\x00\x00", "data.pkl is truncated: it ends before its STOP opcode"),
+    ],
+)
+def test_malformed_pickles_name_what_is_wrong(tmp_path: Path, body: bytes, message: str) -> None:
+    path = with_data_pkl(tmp_path, body)
+    with pytest.raises(InputError) as err:
+        load_model(path)
+    assert not err.value.internal
+    assert str(err.value) == f"{path}: {message}"
+
+
+class _Unseekable(io.RawIOBase):
+    """A write-only stream without seek: zipfile then writes a data descriptor after each entry."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.data += b
+        return len(b)
+
+
+@pytest.mark.parametrize("seekable", [True, False])
+def test_zip64_records_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seekable: bool) -> None:
+    """Checkpoints over 4 GiB keep sizes and offsets in zip64 extra fields, end records and data descriptors;
+    zipfile writes them for a 10-byte limit just as for a 4 GiB one."""
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 10)
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 2)
+    out: Any = io.BytesIO() if seekable else _Unseekable()
+    with zipfile.ZipFile(ASSETS / "pt_clean.pt") as src, zipfile.ZipFile(out, "w") as zf:
+        for info in src.infolist():
+            with zf.open(zipfile.ZipInfo(info.filename, (2020, 1, 1, 0, 0, 0)), "w", force_zip64=True) as fh:
+                fh.write(src.read(info))
+    data = out.getvalue() if seekable else bytes(out.data)
+    assert b"PK\x06\x06" in data and (b"PK\x07\x08" in data) != seekable
+    path = tmp_path / "zip64.pt"
+    path.write_bytes(data)
+    assert_same(pytorch.load(path), assets.tiny_model().state_dict())
