@@ -398,15 +398,23 @@ class LayerGraph:
         """Stored bytes of all parameters."""
         return sum(t.nbytes for layer in self.layers for t in layer.params.values())
 
-    def describe(self) -> dict[str, Any]:
-        """A JSON-ready description of the whole graph, without weights."""
+    def describe(self, *, lazy: bool = False) -> dict[str, Any]:
+        """A JSON-ready description of the whole graph, without weights.
+
+        With ``lazy=True``, ``layers`` and ``edges`` are iterators that describe
+        one entry at a time as they are consumed, so that a graph of hundreds of
+        thousands of layers can be written out without holding every
+        description at once (``inspect`` does so); everything else is the same.
+        """
+        layers: Iterator[dict[str, Any]] = (layer.describe() for layer in self.layers)
+        edges: Iterator[dict[str, Any]] = (edge.describe() for edge in self.edges)
         return {
             "format": self.format,
             "path": str(self.path),
             "files": [str(f) for f in self.files],
             "edge_source": self.edge_source.value,
-            "layers": [layer.describe() for layer in self.layers],
-            "edges": [edge.describe() for edge in self.edges],
+            "layers": layers if lazy else list(layers),
+            "edges": edges if lazy else list(edges),
             "metadata": {k: jsonable(v) for k, v in sorted(self.metadata.items())},
             "notes": list(self.notes),
             "totals": {

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import struct
 import subprocess
 import sys
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,8 @@ from safetensors.torch import save_file
 import auditor
 from auditor.cli import root as cli
 from auditor.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_PLUGIN, PluginError
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 def test_version() -> None:
@@ -104,3 +110,138 @@ def test_plugin_error_at_startup_exits_6(monkeypatch: pytest.MonkeyPatch, run_cl
     code, _, err = run_cli("--version")
     assert code == EXIT_PLUGIN
     assert err == "error: plugin 'x' failed to load: ImportError: nope\n"
+
+
+# --------------------------------------------------------------------------- large and hostile tables
+
+
+def _write_tensor_table(path: Path, names: list[str]) -> None:
+    """A safetensors file of one-element float32 tensors named ``names``, written without the library
+    (which takes far longer than the header itself for 200,000 tensors)."""
+    header = {name: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i, name in enumerate(names)}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4 * len(names)))
+
+
+@contextmanager
+def _hang_guard(seconds: int) -> Iterator[None]:
+    """Fail instead of hanging the suite: a guard against a table that costs a millisecond a row
+    (200,000 rows: minutes), not a speed target (that is benchmarks/bench_inspect_rows.py)."""
+
+    def stop(signum: int, frame: Any) -> None:
+        pytest.fail(f"inspect still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.slow
+def test_inspect_of_200000_tensors_shows_every_layer(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
+    n = 200_000
+    names = [f"blocks.{i}" for i in range(n)]
+    model = tmp_path / "many.safetensors"
+    _write_tensor_table(model, [f"{name}.weight" for name in names])
+    with _hang_guard(60):
+        table = run_cli("inspect", model)
+    with _hang_guard(60):
+        as_json = run_cli("inspect", model, "--json")
+    assert (table.code, table.stderr) == (0, "")
+    lines = table.stdout.splitlines()
+    first = lines.index("     #  layer          kind        shape  dtype    parameters")
+    rows = lines[first + 1 : first + 1 + n]
+    assert [row.split()[:2] for row in rows] == [[str(i), name] for i, name in enumerate(names)]
+    assert lines[first + 1 + n] == "edges (inferred):"
+    assert sum(line.startswith("  blocks.") and " -> blocks." in line for line in lines) == n - 1
+    assert lines[-1] == f"totals: {n} layers, {n:,d} parameters, {4 * n:,d} bytes, {n - 1} edges"
+    assert (as_json.code, as_json.stderr) == (0, "")
+    info = json.loads(as_json.stdout)
+    assert [layer["name"] for layer in info["layers"]] == names
+    assert len(info["edges"]) == n - 1
+    assert info["totals"] == {"layers": n, "parameters": n, "bytes": 4 * n, "edges": n - 1}
+    # One line per layer, so that the output can be searched a layer at a time.
+    assert sum(line.startswith('    {"name": "blocks.') for line in as_json.stdout.splitlines()) == n
+
+
+def test_inspect_table_is_aligned_whatever_one_name_holds(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
+    model = tmp_path / "m.safetensors"
+    long = "x" * 5000
+    save_file({"a.weight": torch.ones(3, 2), f"{long}.weight": torch.ones(2), "b\x1b[1m.weight": torch.ones(4)},
+              str(model))  # fmt: skip
+    result = run_cli("inspect", model)
+    assert result.code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    layer = 64  # the layer column's width: the longest name up to 64 characters
+    header = lines.index("#  " + "layer".ljust(layer) + "  kind        shape  dtype    parameters")
+    assert lines[header + 1 : header + 4] == [
+        "0  " + "a".ljust(layer) + "  linear      3x2    float32           6",
+        "1  " + "b\\x1b[1m".ljust(layer) + "  layer-norm  4      float32           4",
+        f"2  {long}  layer-norm  2      float32           2",
+    ]  # the 5,000-character name keeps its row; no other row is padded to its width
+
+
+def test_inspect_json_is_the_description_one_entry_a_line(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
+    model = tmp_path / "m.safetensors"
+    save_file({"conv.weight": torch.randn(4, 3, 3, 3), "fc.weight": torch.randn(2, 4), "fc.bias": torch.randn(2)},
+              str(model), metadata={"format": "pt"})  # fmt: skip
+    result = run_cli("inspect", model, "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout) == json.loads(json.dumps(cli.inspect_model(path=model)))
+    lines = result.stdout.splitlines()
+    assert lines[0] == "{" and lines[-1] == "}"
+    layers = lines.index('  "layers": [')
+    assert [line[:13] for line in lines[layers + 1 : layers + 4]] == ['    {"name": '] * 2 + ["  ],"]
+    assert '  "metadata": {' in lines and '    "format": "pt"' in lines
+
+
+def test_json_lines_handles_empty_lists_and_iterators() -> None:
+    data = {"a": [], "b": iter([{"x": 1}, {"y": [2]}]), "c": {"d": None}, "e": iter(())}
+    text = "\n".join(cli.json_lines(data))
+    assert json.loads(text) == {"a": [], "b": [{"x": 1}, {"y": [2]}], "c": {"d": None}, "e": []}
+    assert text.splitlines() == [
+        "{", '  "a": [],', '  "b": [', '    {"x": 1},', '    {"y": [2]}', "  ],", '  "c": {', '    "d": null', "  },",
+        '  "e": []', "}",
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- TorchScript code
+
+
+def _scripted_note() -> str:
+    with zipfile.ZipFile(ASSETS / "pt_scripted.pt") as zf:
+        code = [(i.filename.partition("/")[2], i.file_size) for i in zf.infolist() if "/code/" in i.filename]
+    listed = ", ".join(f"{name!r} ({size:,d} B)" for name, size in code)
+    return (
+        f"TorchScript: the archive carries {len(code)} code entries of {sum(s for _, s in code):,d} bytes ({listed})"
+        " and constants.pkl (4 B), which auditor did not read or run; torch.jit.load would compile and run that"
+        " code and unpickle constants.pkl when loading the model, and so would torch.load with weights_only=False,"
+        " which hands an archive holding constants.pkl to torch.jit.load"
+    )
+
+
+def test_inspect_says_a_torchscript_file_carries_code(run_cli: Callable[..., Any]) -> None:
+    note = _scripted_note()
+    table = run_cli("inspect", ASSETS / "pt_scripted.pt")
+    assert table.code == 0, table.stderr
+    assert f"note: {note}" in table.stdout.splitlines()
+    as_json = run_cli("inspect", ASSETS / "pt_scripted.pt", "--json")
+    assert note in json.loads(as_json.stdout)["notes"]
+    clean = run_cli("inspect", ASSETS / "pt_clean.pt")
+    assert clean.code == 0 and "TorchScript" not in clean.stdout
+
+
+def test_report_says_a_torchscript_file_carries_code(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
+    from markupsafe import escape
+
+    note = _scripted_note()
+    html = tmp_path / "report.html"
+    result = run_cli("audit", ASSETS / "pt_scripted.pt", "--out", html)
+    assert result.code == 3, result.stderr  # inconclusive: no bundle given
+    report = json.loads(html.with_suffix(".json").read_text())
+    assert note in report["suspect"]["loader_notes"]
+    assert f"<li>{escape(note)}</li>" in html.read_text()
