@@ -3,18 +3,22 @@
 Nothing in the file is run and ``torch.load`` is never called: pickles are
 read by :mod:`auditor.formats._unpickle`, whose allowlist rebuilds tensors as
 records (storage key, dtype, offset, size, stride) and refuses every other
-global. Weights stay in the file: stored zip entries are memory-mapped
-copy-on-write on first read (their CRC checked once), compressed entries and
-legacy storages are read with a bounded reader. Every size the file declares
-is checked against the file before anything is allocated.
+global, within a budget of opcodes and memory checked before unpickling.
+Zip archives are read by :mod:`auditor.formats._zip`, which refuses an
+archive whose central directory and local headers disagree or whose entries
+overlap. Weights stay in the file: stored zip entries are memory-mapped
+copy-on-write on first read (their CRC checked once), deflated entries are
+inflated streaming and legacy storages read, each only as far as the tensor
+being read reaches. Every size the file declares is checked against the file
+before anything is allocated.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 import struct
-import zipfile
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from auditor.bases import Format
-from auditor.errors import AuditorError, InputError, UnsafeInputError
+from auditor.errors import AuditorError, InputError, LoaderBugError, UnsafeInputError
+from auditor.formats import _zip
 from auditor.formats._io import mmap_tensor, read_exact
 from auditor.formats._unpickle import (
     STORAGE_ITEMSIZE,
@@ -31,8 +36,10 @@ from auditor.formats._unpickle import (
     StorageRef,
     StorageType,
     TensorRecord,
-    prescan,
+    Truncated,
+    scan,
     short_error,
+    show,
     survey,
     unpickle,
 )
@@ -49,14 +56,13 @@ __all__ = ["LEGACY_MAGIC", "MAX_PICKLE", "STATE_DICT_KEYS", "PyTorchFormat", "lo
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 #: Largest pickle (data.pkl, or one legacy pickle) read into memory.
-MAX_PICKLE = 1 << 30
+MAX_PICKLE = 256 << 20
 #: Keys under which training scripts nest the state dict, in order of preference.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "network", "model_state", "weights")
-#: A compressed entry inflating more than this ratio (and past _RATIO_FLOOR bytes) is treated as a zip bomb.
+#: A deflated entry inflating more than this ratio (and past _RATIO_FLOOR bytes) is treated as a zip bomb.
 _MAX_RATIO = 200
 _RATIO_FLOOR = 16 << 20
-_CHUNK = 1 << 20
-_COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+_LEGACY_FIRST_READ = 1 << 16
 
 _DATA_PKL = re.compile(r"[^/]+/data\.pkl\Z")
 _TORCH_FIRST_ENTRY = re.compile(rb"[^/]+/(data\.pkl|data/\d+|\.data/\w+|version)\Z")
@@ -93,16 +99,18 @@ def sniff(path: Path, head: bytes) -> bool:
     out as torch.save writes it, or a file opening with the legacy magic-number pickle."""
     try:
         if head.startswith(b"PK\x03\x04"):
-            try:
-                with zipfile.ZipFile(path) as zf:
-                    return any(_DATA_PKL.match(name) for name in zf.namelist())
-            except (zipfile.BadZipFile, zipfile.LargeZipFile):
+            with path.open("rb") as fh:
+                try:  # torch writes data.pkl first: this stops at the first record
+                    if any(_DATA_PKL.match(name) for name in _zip.names(path, fh, path.stat().st_size)):
+                        return True
+                except InputError:
+                    pass
                 # A truncated checkpoint has lost its central directory; its first
                 # local header still says what it is, so the load can say it is broken.
-                with path.open("rb") as fh:
-                    local = fh.read(30 + 512)
-                (n,) = struct.unpack("<H", local[26:28])
-                return bool(_TORCH_FIRST_ENTRY.match(local[30 : 30 + n]))
+                fh.seek(0)
+                local = fh.read(30 + 512)
+            (n,) = struct.unpack("<H", local[26:28])
+            return bool(_TORCH_FIRST_ENTRY.match(local[30 : 30 + n]))
         return _legacy_head(head)
     except Exception:  # sniff must never raise: anything odd is simply "not ours"
         return False
@@ -118,89 +126,75 @@ class _Blob:
     what: str  # "entry 'x/data/0'" or "storage '123'" for messages
     offset: int  # byte offset of the first byte (stored entries, legacy)
     nbytes: int  # bytes the file holds for it
-    zip_info: zipfile.ZipInfo | None = None  # set for a compressed zip entry
-    crc: int | None = None  # CRC-32 to verify on first read (stored zip entries)
+    entry: _zip.Entry | None = None  # set for a zip entry
+    mappable: bool = False  # stored in a zip: read through a memory map
 
 
-def _bytes_tensor(data: bytes, dtype: str, numel: int) -> torch.Tensor:
-    import torch
-
-    if numel == 0:
-        return torch.empty(0, dtype=torch_dtype(dtype))
-    return torch.frombuffer(bytearray(data), dtype=torch_dtype(dtype), count=numel)
+def _verify_crc(path: Path, entry: _zip.Entry) -> None:
+    _zip.verify_stored_crc(path, entry)
 
 
-def _read_file_range(path: Path, offset: int, nbytes: int, what: str) -> bytes:
+def _inflate(path: Path, entry: _zip.Entry, out: memoryview) -> None:
+    with path.open("rb") as fh:
+        _zip.inflate_into(path, fh, entry, out)
+
+
+def _read_file_range(path: Path, offset: int, out: memoryview, what: str) -> None:
     with path.open("rb") as fh:
         fh.seek(offset)
-        return read_exact(fh, nbytes, path=path, what=what)
-
-
-def _inflate(path: Path, info: zipfile.ZipInfo, nbytes: int, what: str) -> bytes:
-    """The first ``nbytes`` of a compressed entry, never inflating more than that."""
-    _check_ratio(path, info, what)
-    out = bytearray()
-    with zipfile.ZipFile(path) as zf, zf.open(info) as fh:
-        while len(out) < nbytes:
-            chunk = fh.read(min(_CHUNK, nbytes - len(out)))
-            if not chunk:
-                break
-            out += chunk
-    if len(out) != nbytes:
-        raise InputError(path, f"truncated: {what} inflates to {len(out)} bytes, {nbytes} are needed")
-    return bytes(out)
-
-
-def _check_ratio(path: Path, info: zipfile.ZipInfo, what: str) -> None:
-    ratio = info.file_size / max(info.compress_size, 1)
-    if info.file_size > _RATIO_FLOOR and ratio > _MAX_RATIO:
-        raise InputError(
-            path,
-            f"{what} inflates {info.compress_size} bytes to {info.file_size} "
-            f"(ratio {ratio:.0f}:1): refused as a zip bomb",
-        )
-
-
-def _verify_crc(path: Path, blob: _Blob) -> None:
-    if blob.nbytes == 0:
-        crc = 0
-    else:
-        import numpy as np
-
-        data = np.memmap(path, dtype=np.uint8, mode="r", offset=blob.offset, shape=(blob.nbytes,))
-        crc = zlib.crc32(data)  # type: ignore[arg-type]  # numpy arrays are buffers; the stubs disagree
-    if crc != blob.crc:
-        raise InputError(path, f"{blob.what} was altered: its CRC-32 is {crc:08x}, the archive records {blob.crc:08x}")
+        got = fh.readinto(out)
+    if got != len(out):
+        raise InputError(path, f"truncated: {what} needs {len(out)} bytes, the file has {got} left")
 
 
 def _tensor_ref(
-    path: Path, name: str, record: TensorRecord, *, dtype: str, blob: _Blob, verified: set[str], mmap: bool
+    path: Path, name: str, record: TensorRecord, *, dtype: str, blob: _Blob, verified: set[str]
 ) -> TensorRef:
-    """A lazy TensorRef for ``record``, whose root storage's bytes are ``blob``."""
+    """A lazy TensorRef for ``record``, whose root storage's bytes are ``blob``.
+
+    A read maps or reads only the elements the tensor reaches (``view_offset + extent``),
+    never the rest of its storage: a 9-element tensor of a 3 GiB storage costs 36 bytes.
+    """
     ref = record.storage
-    count = ref.view_offset + ref.numel  # elements of the root storage the view may touch
+    count = ref.view_offset + record.extent  # elements of the root storage this tensor reaches
+    nbytes = count * itemsize(dtype)
 
     def read() -> torch.Tensor:
         import torch
 
         try:
-            if blob.crc is not None and blob.what not in verified:
-                _verify_crc(path, blob)
-                verified.add(blob.what)
-            nbytes = count * itemsize(dtype)
-            if blob.zip_info is not None:  # compressed: cannot be mapped
-                storage = _bytes_tensor(_inflate(path, blob.zip_info, nbytes, blob.what), dtype, count)
-            elif mmap:
+            if record.extent == 0:
+                return torch.empty(record.size, dtype=torch_dtype(dtype))
+            entry = blob.entry
+            if blob.mappable and entry is not None:
+                if blob.what not in verified:
+                    _verify_crc(path, entry)
+                    verified.add(blob.what)
                 storage = mmap_tensor(path, blob.offset, (count,), dtype, name=name)
             else:
-                storage = _bytes_tensor(_read_file_range(path, blob.offset, nbytes, f"tensor {name!r}"), dtype, count)
+                raw = torch.empty(nbytes, dtype=torch.uint8)
+                if entry is not None:  # deflated: inflated up to what this tensor reaches, no further
+                    _inflate(path, entry, raw.numpy().data)
+                else:
+                    _read_file_range(path, blob.offset, raw.numpy().data, f"tensor {show(name)}")
+                storage = raw.view(torch_dtype(dtype))
             return torch.as_strided(storage, record.size, record.stride, ref.view_offset + record.offset)
         except AuditorError:
             raise
-        except Exception as exc:  # a file changed or damaged since load: still one line naming the tensor
-            raise InputError(path, f"tensor {name!r} could not be read ({short_error(exc)})") from None
+        except OSError as exc:  # the file changed or went away since it was loaded
+            raise InputError(path, f"tensor {show(name)} could not be read ({exc.strerror or exc})") from None
+        except MemoryError:
+            raise InputError(
+                path, f"tensor {show(name)} needs {nbytes} bytes, more than the memory available"
+            ) from None
+        except Exception as exc:  # a loader bug: still one line naming the tensor, and a failure for the fuzz tests
+            raise LoaderBugError(path, f"tensor {show(name)} could not be read ({short_error(exc)})") from exc
 
     return TensorRef(name, record.size, dtype, read)
+
+
+#: A view whose strides repeat its storage's elements (stride 0) may not stand for more bytes than this.
+_MAX_REPEATED = 1 << 30
 
 
 def _check_record(path: Path, name: str, record: TensorRecord, dtype: str, blob: _Blob) -> None:
@@ -210,14 +204,21 @@ def _check_record(path: Path, name: str, record: TensorRecord, dtype: str, blob:
     if need > blob.nbytes:
         raise InputError(
             path,
-            f"tensor {name!r}: storage {ref.key!r} declares {ref.numel} {dtype} elements ({need} bytes) "
+            f"tensor {show(name)}: storage {show(ref.key)} declares {ref.numel} {dtype} elements ({need} bytes) "
             f"but {blob.what} holds {blob.nbytes} bytes",
         )
     if record.extent > ref.numel:
         raise InputError(
             path,
-            f"tensor {name!r}: size {record.size} with stride {record.stride} at offset {record.offset} "
+            f"tensor {show(name)}: size {record.size} with stride {record.stride} at offset {record.offset} "
             f"reaches element {record.extent} of a storage of {ref.numel}",
+        )
+    numel = math.prod(record.size)
+    if numel > max(record.extent, _MAX_REPEATED // itemsize(dtype)):
+        raise InputError(
+            path,
+            f"tensor {show(name)}: size {record.size} with stride {record.stride} repeats {record.extent} stored "
+            f"elements as {numel}: refused (reading it would take {numel * itemsize(dtype)} bytes)",
         )
 
 
@@ -248,7 +249,7 @@ def _select_state_dict(path: Path, root: Any) -> tuple[str | None, list[tuple[st
             return key, _tensor_items(value)
     if _tensor_items(root):
         return None, _tensor_items(root)
-    keys = ", ".join(repr(k) for k in list(root)[:8])
+    keys = ", ".join(show(k, 40) for k in itertools.islice(root, 8))
     raise InputError(path, f"holds no state dict: no dict of tensors at the top level or under its keys ({keys})")
 
 
@@ -295,7 +296,6 @@ def _graph(
     blobs: Callable[[str, str, StorageRef], _Blob],
     *,
     container: str,
-    mmap: bool,
     notes: list[str],
 ) -> LayerGraph:
     """The layer graph of an unpickled checkpoint whose storages ``blobs`` locates."""
@@ -312,14 +312,24 @@ def _graph(
         raise InputError(path, "holds no tensors")
     verified: set[str] = set()
     refs: list[tuple[str, TensorRef]] = []
+    reach: dict[_Blob, int] = {}  # deflated entries: the most bytes any tensor reads of them
     for name, record in records:
         dtype = record.storage.type.dtype
         if dtype is None:
-            notes.append(f"tensor {name!r} is a {record.storage.type.name}, which auditor does not read; skipped")
+            notes.append(f"tensor {show(name)} is a {record.storage.type.name}, which auditor does not read; skipped")
             continue
         blob = blobs(name, dtype, record.storage)
         _check_record(path, name, record, dtype, blob)
-        refs.append((name, _tensor_ref(path, name, record, dtype=dtype, blob=blob, verified=verified, mmap=mmap)))
+        if blob.entry is not None and not blob.mappable:
+            used = (record.storage.view_offset + record.extent) * itemsize(dtype)
+            reach[blob] = max(reach.get(blob, 0), used)
+        refs.append((name, _tensor_ref(path, name, record, dtype=dtype, blob=blob, verified=verified)))
+    for blob, used in reach.items():
+        if used < blob.nbytes:
+            notes.append(
+                f"{blob.what} declares {blob.nbytes} bytes but its tensors reach only the first {used}: "
+                "the rest is never inflated, so its size and CRC-32 are not checked"
+            )
     metadata["tensors"] = len(refs)
     return graph_from_tensors("pytorch", path, refs, files=[path], metadata=metadata, kind_hints=hints, notes=notes)
 
@@ -333,69 +343,52 @@ def _zip_storage(pid: tuple[Any, ...]) -> StorageRef:
         raise Malformed(f"a storage persistent id has {len(pid)} fields, not 5")
     _, stype, key, location, numel = pid
     if not isinstance(stype, StorageType):
-        raise Malformed(f"a storage's type is a {type(stype).__name__}, not a torch storage class")
+        raise Malformed(f"a storage's type is {show(stype)}, not a torch storage class")
     if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int or numel < 0:
-        raise Malformed(f"storage persistent id {str(pid)[:120]} is not (type, key, location, numel)")
+        raise Malformed(f"storage persistent id {show(pid)} is not (type, key, location, numel)")
     return StorageRef(key, stype, numel, location)
 
 
-def _check_names(path: Path, infos: list[zipfile.ZipInfo]) -> None:
-    for info in infos:
-        name = info.filename
+def _check_names(path: Path, entries: list[_zip.Entry]) -> None:
+    for entry in entries:
+        name = entry.name
         parts = name.replace("\\", "/").split("/")
         if name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":"):
-            raise UnsafeInputError(path, f"refused: the archive holds an entry named {name!r}, which points outside it")
-    counts = Counter(info.filename for info in infos)
+            raise UnsafeInputError(
+                path, f"refused: the archive holds an entry named {show(name)}, which points outside it"
+            )
+    counts = Counter(entry.name for entry in entries)
     dup = next((n for n, c in counts.items() if c > 1), None)
     if dup is not None:
-        raise InputError(path, f"the archive holds {counts[dup]} entries named {dup!r} (tampered?)")
+        raise InputError(path, f"the archive holds {counts[dup]} entries named {show(dup)} (tampered?)")
 
 
-def _read_entry(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
-    """A whole entry, refusing one that declares more than ``limit`` bytes or inflates like a bomb."""
-    what = f"entry {info.filename!r}"
-    if info.file_size > limit:
-        raise InputError(path, f"{what} declares {info.file_size} bytes, more than the {limit}-byte limit")
-    _check_ratio(path, info, what)
-    with zf.open(info) as fh:
-        data = fh.read(info.file_size)  # zipfile never returns more than the declared size
-    if len(data) != info.file_size:
-        raise InputError(path, f"truncated: {what} holds {len(data)} of its {info.file_size} bytes")
-    return data
-
-
-def _entry_blob(path: Path, fh: BinaryIO, size: int, info: zipfile.ZipInfo) -> _Blob:
-    """Where an entry's bytes lie: after its local header (30 bytes + name + extra field)."""
-    what = f"entry {info.filename!r}"
-    if info.compress_type not in _COMPRESSIONS:
-        raise InputError(path, f"{what} uses compression method {info.compress_type}, which auditor does not read")
-    if info.compress_type != zipfile.ZIP_STORED:
-        return _Blob(what, 0, info.file_size, zip_info=info)
-    fh.seek(info.header_offset)
-    header = fh.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise InputError(path, f"{what}: no local file header at offset {info.header_offset}")
-    n, m = struct.unpack("<HH", header[26:30])
-    start = info.header_offset + 30 + n + m
-    if info.compress_size != info.file_size:
-        raise InputError(path, f"{what} is stored but declares {info.compress_size} != {info.file_size} bytes")
-    if start + info.file_size > size:
+def _check_ratio(path: Path, entry: _zip.Entry) -> None:
+    ratio = entry.size / max(entry.compressed, 1)
+    if entry.method == _zip.DEFLATED and entry.size > _RATIO_FLOOR and ratio > _MAX_RATIO:
         raise InputError(
-            path, f"truncated: {what} needs bytes {start}..{start + info.file_size} but the file holds {size} bytes"
+            path,
+            f"{entry.what} inflates {entry.compressed} bytes to {entry.size} "
+            f"(ratio {ratio:.0f}:1): refused as a zip bomb",
         )
-    return _Blob(what, start, info.file_size, crc=info.CRC)
+
+
+def _entry_blob(path: Path, entry: _zip.Entry) -> _Blob:
+    """Where a storage entry's bytes lie (the zip reader has checked them against the file)."""
+    _check_ratio(path, entry)
+    return _Blob(entry.what, entry.data_offset, entry.size, entry=entry, mappable=entry.method == _zip.STORED)
 
 
 #: How many code entries a TorchScript note names one by one.
 _CODE_NAMES_SHOWN = 12
 
 
-def _torchscript_notes(entries: list[tuple[str, int]]) -> list[str]:
-    """A note on what a TorchScript archive would run when loaded: its ``code/`` entries and ``constants.pkl``,
-    from the archive's ``(name, declared size)`` pairs; none for an archive that holds neither.
+def torchscript_code_notes(entries: list[_zip.Entry]) -> list[str]:
+    """A note on what a TorchScript archive would run when loaded: its ``code/`` entries and ``constants.pkl``;
+    none for an archive that holds neither.
 
     auditor reads neither, so the sizes are the ones the archive declares, unchecked."""
-    inside = [(name.partition("/")[2], size) for name, size in entries]  # after the archive's own folder
+    inside = [(e.name.partition("/")[2], e.size) for e in entries]  # after the archive's own folder
     code = [(name, size) for name, size in inside if name.startswith("code/") and not name.endswith("/")]
     constants = next((size for name, size in inside if name == "constants.pkl"), None)
     if not code and constants is None:
@@ -422,71 +415,67 @@ def _torchscript_notes(entries: list[tuple[str, int]]) -> list[str]:
     ]
 
 
+def _read_whole(path: Path, fh: BinaryIO, entry: _zip.Entry, limit: int) -> bytes:
+    _check_ratio(path, entry)
+    return _zip.read_entry(path, fh, entry, limit)
+
+
 def _load_zip(path: Path) -> LayerGraph:
-    size = path.stat().st_size
-    try:
-        with zipfile.ZipFile(path) as zf, path.open("rb") as fh:
-            infos = zf.infolist()
-            _check_names(path, infos)
-            entries = {info.filename: info for info in infos}
-            pickles = [name for name in entries if _DATA_PKL.match(name)]
-            if len(pickles) != 1:
-                raise InputError(path, f"the archive holds {len(pickles)} data.pkl entries, expected 1")
-            prefix = pickles[0][: -len("/data.pkl")]
-            order = entries.get(f"{prefix}/byteorder")
-            if order is not None and _read_entry(path, zf, order, 16) != b"little":
-                raise InputError(path, "big-endian checkpoints are not supported")
-            data = _read_entry(path, zf, entries[pickles[0]], MAX_PICKLE)
-            root = unpickle(data, path=path, what="data.pkl", storage=_zip_storage)
-            survey(root, path=path)
-            blob_cache: dict[str, _Blob] = {}
+    with path.open("rb") as fh:
+        listed = _zip.read_directory(path, fh, path.stat().st_size)
+        _check_names(path, listed)
+        entries = {entry.name: entry for entry in listed}
+        pickles = [name for name in entries if _DATA_PKL.match(name)]
+        if len(pickles) != 1:
+            raise InputError(path, f"the archive holds {len(pickles)} data.pkl entries, expected 1")
+        prefix = pickles[0][: -len("/data.pkl")]
+        order = entries.get(f"{prefix}/byteorder")
+        if order is not None and _read_whole(path, fh, order, 16) != b"little":
+            raise InputError(path, "big-endian checkpoints are not supported")
+        data = _read_whole(path, fh, entries[pickles[0]], MAX_PICKLE)
+    root = unpickle(data, path=path, what="data.pkl", storage=_zip_storage)
+    del data
+    survey(root, path=path)
+    blob_cache: dict[str, _Blob] = {}
 
-            def blobs(name: str, dtype: str, ref: StorageRef) -> _Blob:
-                entry = f"{prefix}/data/{ref.key}"
-                if entry not in blob_cache:
-                    info = entries.get(entry)
-                    if info is None:
-                        raise InputError(path, f"tensor {name!r}: storage {ref.key!r} has no entry {entry!r}")
-                    blob_cache[entry] = _entry_blob(path, fh, size, info)
-                return blob_cache[entry]
+    def blobs(name: str, dtype: str, ref: StorageRef) -> _Blob:
+        entry = f"{prefix}/data/{ref.key}"
+        if entry not in blob_cache:
+            found = entries.get(entry)
+            if found is None:
+                raise InputError(path, f"tensor {show(name)}: storage {show(ref.key)} has no entry {show(entry)}")
+            blob_cache[entry] = _entry_blob(path, found)
+        return blob_cache[entry]
 
-            notes = _torchscript_notes([(i.filename, i.file_size) for i in infos])
-            return _graph(path, root, blobs, container="zip", mmap=True, notes=notes)
-    except AuditorError:
-        raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
-        raise InputError(path, f"the zip archive is damaged or truncated ({short_error(exc)})") from None
+    return _graph(path, root, blobs, container="zip", notes=torchscript_code_notes(listed))
 
 
 # --------------------------------------------------------------------------- legacy files
 
 
-class _Bounded:
-    """A read-only view of a file that never asks for more than the file holds (pickletools reads ahead on request)."""
-
-    def __init__(self, fh: BinaryIO, size: int) -> None:
-        self._fh, self._size = fh, size
-
-    def read(self, n: int = -1) -> bytes:
-        left = max(self._size - self._fh.tell(), 0)
-        return self._fh.read(left if n < 0 else min(n, left))
-
-    def readline(self, limit: int = -1) -> bytes:
-        return self._fh.readline(1 << 20 if limit < 0 else min(limit, 1 << 20))
-
-    def tell(self) -> int:
-        return self._fh.tell()
-
-
 def _legacy_pickle(
     path: Path, fh: BinaryIO, size: int, what: str, storage: Callable[[tuple[Any, ...]], StorageRef]
 ) -> Any:
+    """The pickle that starts at ``fh``'s position, read by scanning ever longer stretches of the file
+    (a legacy file does not say where its pickles end); ``fh`` is left just after it."""
     start = fh.tell()
-    span = prescan(_Bounded(fh, size), path=path, what=what)
-    if span > MAX_PICKLE:
-        raise InputError(path, f"{what} spans {span} bytes, more than the {MAX_PICKLE}-byte limit")
-    fh.seek(start)
-    return unpickle(read_exact(fh, span, path=path, what=what), path=path, what=what, storage=storage)
+    want = _LEGACY_FIRST_READ
+    while True:
+        fh.seek(start)
+        chunk = fh.read(min(want, MAX_PICKLE + 1))
+        try:
+            found = scan(chunk, path=path, what=what)
+            break
+        except Truncated:
+            if len(chunk) > MAX_PICKLE:
+                raise InputError(path, f"{what} spans more than the {MAX_PICKLE}-byte limit") from None
+            if start + len(chunk) >= size:
+                raise InputError(path, f"{what} is truncated: the file ends before its STOP opcode") from None
+            want *= 4
+    data = chunk if found.end == len(chunk) else chunk[: found.end]
+    del chunk  # the rest of the stretch read (storages, other pickles) is not kept
+    fh.seek(start + found.end)
+    return unpickle(data, path=path, what=what, storage=storage, scanned=found)
 
 
 def _no_storage(pid: tuple[Any, ...]) -> StorageRef:
@@ -503,27 +492,27 @@ def _load_legacy(path: Path) -> LayerGraph:
             raise Malformed(f"a storage persistent id has {len(pid)} fields, not 6")
         _, stype, key, location, numel, view = pid
         if not isinstance(stype, StorageType):
-            raise Malformed(f"a storage's type is a {type(stype).__name__}, not a torch storage class")
+            raise Malformed(f"a storage's type is {show(stype)}, not a torch storage class")
         if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int or numel < 0:
-            raise Malformed(f"storage persistent id {str(pid)[:120]} is not (type, key, location, numel, view)")
+            raise Malformed(f"storage persistent id {show(pid)} is not (type, key, location, numel, view)")
         known = roots.setdefault(key, (stype, numel))
         if known != (stype, numel):
-            raise Malformed(f"storage {key!r} is declared twice with different types or sizes")
+            raise Malformed(f"storage {show(key)} is declared twice with different types or sizes")
         if view is None:
             return StorageRef(key, stype, numel, location)
         if not (isinstance(view, tuple) and len(view) == 3 and all(type(v) is int and v >= 0 for v in view[1:])):
-            raise Malformed(f"storage {key!r} has malformed view metadata")
+            raise Malformed(f"storage {show(key)} has malformed view metadata")
         _, offset, view_size = view
         if offset + view_size > numel:
-            raise Malformed(f"a view of storage {key!r} reaches element {offset + view_size} of {numel}")
+            raise Malformed(f"a view of storage {show(key)} reaches element {offset + view_size} of {numel}")
         return StorageRef(key, stype, view_size, location, view_offset=offset)
 
     with path.open("rb") as fh:
         if _legacy_pickle(path, fh, size, "the magic-number pickle", _no_storage) != LEGACY_MAGIC:
             raise InputError(path, "does not start with the legacy PyTorch magic number")
         version = _legacy_pickle(path, fh, size, "the protocol-version pickle", _no_storage)
-        if version != _LEGACY_PROTOCOL:
-            raise InputError(path, f"legacy protocol version {version!r} is not {_LEGACY_PROTOCOL}")
+        if type(version) is not int or version != _LEGACY_PROTOCOL:
+            raise InputError(path, f"legacy protocol version {show(version)} is not {_LEGACY_PROTOCOL}")
         info = _legacy_pickle(path, fh, size, "the sys-info pickle", _no_storage)
         if not isinstance(info, dict) or not isinstance(info.get("little_endian"), bool):
             raise InputError(path, "the sys-info pickle is not a dict with a little_endian flag")
@@ -532,33 +521,35 @@ def _load_legacy(path: Path) -> LayerGraph:
         root = _legacy_pickle(path, fh, size, "the main pickle", storage)
         survey(root, path=path)
         keys = _legacy_pickle(path, fh, size, "the storage-key pickle", _no_storage)
-        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or len(set(keys)) != len(keys):
+        if not isinstance(keys, list) or not all(type(k) is str for k in keys) or len(set(keys)) != len(keys):
             raise InputError(path, "the storage-key pickle is not a list of distinct strings")
         # Storages follow back to back: an 8-byte little-endian element count, then the data.
         layout: dict[str, _Blob] = {}
         for key in keys:
             if key not in roots:
-                raise InputError(path, f"storage {key!r} is listed but no object uses it, so its size is unknown")
+                raise InputError(path, f"storage {show(key)} is listed but no object uses it, so its size is unknown")
             stype, numel = roots[key]
             pos = fh.tell()
-            (stored,) = struct.unpack("<q", read_exact(fh, 8, path=path, what=f"the size of storage {key!r}"))
+            (stored,) = struct.unpack("<q", read_exact(fh, 8, path=path, what=f"the size of storage {show(key)}"))
             if stored != numel:
-                raise InputError(path, f"storage {key!r}: its header says {stored} elements, the pickle {numel}")
+                raise InputError(path, f"storage {show(key)}: its header says {stored} elements, the pickle {numel}")
             nbytes = numel * STORAGE_ITEMSIZE[stype.name]
             if pos + 8 + nbytes > size:
                 raise InputError(
                     path,
-                    f"truncated: storage {key!r} needs bytes {pos + 8}..{pos + 8 + nbytes}, the file holds {size}",
+                    f"truncated: storage {show(key)} needs bytes {pos + 8}..{pos + 8 + nbytes}, the file holds {size}",
                 )
-            layout[key] = _Blob(f"storage {key!r}", pos + 8, nbytes)
+            layout[key] = _Blob(f"storage {show(key)}", pos + 8, nbytes)
             fh.seek(pos + 8 + nbytes)
 
     def blobs(name: str, dtype: str, ref: StorageRef) -> _Blob:
         if ref.key not in layout:
-            raise InputError(path, f"tensor {name!r}: storage {ref.key!r} is missing from the file's storage list")
+            raise InputError(
+                path, f"tensor {show(name)}: storage {show(ref.key)} is missing from the file's storage list"
+            )
         return layout[ref.key]
 
-    return _graph(path, root, blobs, container="legacy", mmap=False, notes=[])
+    return _graph(path, root, blobs, container="legacy", notes=[])
 
 
 # --------------------------------------------------------------------------- entry points
@@ -568,7 +559,9 @@ def load(path: Path) -> LayerGraph:
     """Read a PyTorch checkpoint or TorchScript archive into a layer graph (weights stay in the file).
 
     Raises InputError for a broken file and UnsafeInputError for one holding
-    anything but tensors, storages and plain containers.
+    anything but tensors, storages and plain containers. An exception this
+    loader does not raise on purpose is a bug: it becomes LoaderBugError
+    (still one line and exit 4 for the user).
     """
     path = Path(path)
     try:
@@ -581,10 +574,12 @@ def load(path: Path) -> LayerGraph:
         raise InputError(path, "neither a torch.save zip archive nor a legacy PyTorch file")
     except AuditorError:
         raise
+    except OSError as exc:
+        raise InputError(path, f"cannot be read: {exc.strerror or exc}") from None
     except MemoryError:
         raise InputError(path, "declares more data than can be held in memory") from None
-    except Exception as exc:  # hostile bytes must still end as one line naming the file
-        raise InputError(path, f"could not be read as a PyTorch checkpoint ({short_error(exc)})") from None
+    except Exception as exc:  # a loader bug: still one line naming the file, and a failure for the fuzz tests
+        raise LoaderBugError(path, f"could not be read as a PyTorch checkpoint ({short_error(exc)})") from exc
 
 
 class PyTorchFormat(Format):
