@@ -79,6 +79,7 @@ def run_audit(
     console: Console,
     controls: Sequence[Path] = (),
     calibrations: Sequence[Path] = (),
+    attest: bool = False,
 ) -> int:
     """Run the audit the command line asked for, write its reports, print its lines; the exit code.
 
@@ -88,6 +89,12 @@ def run_audit(
     from auditor.report.document import run_block
 
     paths, batch = expand_suspects(suspects)
+    if attest and sign_key is None:
+        raise UsageError("--attest needs --sign-key: the attestation is signed with the analyst's key")
+    if attest and batch:
+        raise UsageError("--attest applies to one suspect: audit each suspect on its own to attest it")
+    if attest and out is None and json_out is None:
+        raise UsageError("--attest needs --out or --json-out: the attestation goes beside the JSON twin")
     key = _load_key(sign_key, passphrase_file)
     inputs = load_inputs(
         bundles=bundles, reference=reference, options=options, controls=controls, calibrations=calibrations
@@ -100,20 +107,22 @@ def run_audit(
         return _run_batch(paths, suspects, inputs=inputs, run=run, out=out, key=key, given=given, as_json=as_json,
                           console=console)  # fmt: skip
     return _run_single(paths[0], inputs=inputs, run=run, out=out, json_out=json_out, key=key, given=given,
-                       as_json=as_json, console=console)  # fmt: skip
+                       as_json=as_json, console=console, attest=attest)  # fmt: skip
 
 
 def _run_single(
     suspect: Path, *, inputs: Any, run: Any, out: Path | None, json_out: Path | None, key: Any,
-    given: list[Path | None], as_json: bool, console: Console,
+    given: list[Path | None], as_json: bool, console: Console, attest: bool = False,
 ) -> int:  # fmt: skip
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     from auditor.audit.pipeline import audit_suspect
+    from auditor.report.attest import attestation_path
     from auditor.report.document import build_report, write_report
 
     html_path, json_path = _outputs(suspect, out, json_out)
-    _refuse_overwriting_inputs([html_path, json_path], given)
+    attested = attestation_path(json_path) if attest and json_path is not None else None
+    _refuse_overwriting_inputs([html_path, json_path, attested], given)
     _audit_controls(inputs, as_json=as_json, console=console)
     size = suspect.stat().st_size if suspect.is_file() else 0
     err = Console(stderr=True, highlight=False)
@@ -124,7 +133,7 @@ def _run_single(
         task = progress.add_task("", total=size)
         record = audit_suspect(suspect, inputs, progress=lambda n: progress.advance(task, n))
     document = build_report(record, inputs=inputs, run=run, command=inputs.command(suspect))
-    sealed = write_report(document, html_path=html_path, json_path=json_path, key=key)
+    sealed = write_report(document, html_path=html_path, json_path=json_path, key=key, attestation_path=attested)
     if as_json:
         typer.echo(json.dumps(sealed, indent=2, ensure_ascii=False))
     else:
@@ -133,7 +142,7 @@ def _run_single(
         for f in sealed["findings"]:
             console.print(shown(f"{f['detector']}: {f['verdict']}: {view_of('detectors', f['detector']).headline(f)}"))
         console.print(f"verdict: {sealed['verdict']}")
-        for what, path in (("report", html_path), ("json", json_path)):
+        for what, path in (("report", html_path), ("json", json_path), ("attestation", attested)):
             if path is not None:
                 console.print(shown(f"{what}: {path}"))
     return int(sealed["exit_code"])
@@ -211,7 +220,13 @@ def _run_batch(
 
 @report_app.command()
 def verify(
-    report: Annotated[Path, typer.Argument(help="The report's JSON twin (REPORT.json) or a batch's summary.json.")],
+    report: Annotated[
+        Path,
+        typer.Argument(
+            help="The report's JSON twin (REPORT.json), a batch's summary.json, or the report's attestation"
+            " (REPORT.intoto.jsonl, checked with the JSON twin and HTML page beside it)."
+        ),
+    ],
     public_key: Annotated[
         Path | None,
         typer.Option("--public-key", help="PEM public key the report must be signed with.", dir_okay=False),
@@ -219,13 +234,33 @@ def verify(
     html: Annotated[
         Path | None, typer.Option("--html", help="Also check that this HTML page is the one the report seals.")
     ] = None,
+    subject: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--subject", help="With an attestation: a file (a suspect, bundle...) that must be among its subjects.",
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
-    """Recompute a report's content hash and check its signature; print one line.
+    """Recompute a report's content hash and check its signature, or check its attestation; print one line.
 
     Exit code 0: intact; 1: altered, or the signature is missing (with
-    --public-key), from another key or invalid; 4: not readable as a report."""
-    from auditor.report.seal import verify_report
+    --public-key), from another key or invalid, or a --subject is not attested; 4: not
+    readable as a report or attestation (or a file is missing, not a regular file, or
+    over its size limit)."""
+    from auditor.report.attest import is_attestation
 
-    result = verify_report(report, public_key=public_key, html=html)
+    if is_attestation(report):
+        from auditor.report.attest import verify_attestation
+
+        if html is not None:
+            raise UsageError("--html does not apply to an attestation: it checks the HTML page it names itself")
+        result: Any = verify_attestation(report, public_key=public_key, given=tuple(subject or ()))
+    else:
+        from auditor.report.seal import verify_report
+
+        if subject:
+            raise UsageError("--subject applies to an attestation (REPORT.intoto.jsonl)")
+        result = verify_report(report, public_key=public_key, html=html)
     typer.echo(("intact" if result.intact else "FAILED") + f": {printable(report)}: {result.message}")
     raise typer.Exit(EXIT_OK if result.intact else EXIT_NOT_FOUND)

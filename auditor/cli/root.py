@@ -371,6 +371,14 @@ def audit(  # noqa: PLR0917 (typer passes options positionally)
             " the bundle's architecture applies where there is one.",
         ),
     ] = None,
+    attest: Annotated[
+        bool,
+        typer.Option(
+            "--attest",
+            help="Also write the report as an in-toto attestation (REPORT.intoto.jsonl beside the JSON twin: a"
+            " Statement binding every input file and the report, in a DSSE envelope signed with --sign-key).",
+        ),
+    ] = False,
 ) -> None:
     """Check suspect models against owners' bundles; print one line per finding and write the evidence report.
 
@@ -384,6 +392,7 @@ def audit(  # noqa: PLR0917 (typer passes options positionally)
             suspects=suspects, bundles=bundle or [], reference=reference, case_id=case_id, analyst=analyst, out=out,
             json_out=json_out, sign_key=sign_key, passphrase_file=passphrase_file, options=option or [],
             as_json=as_json, console=out_console, controls=control or [], calibrations=calibration or [],
+            attest=attest,
         )  # fmt: skip
     raise typer.Exit(code)
 

@@ -19,6 +19,7 @@ same bytes apart from the run and integrity blocks.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import platform
 from collections.abc import Mapping
 from pathlib import Path
@@ -246,9 +247,12 @@ def write_report(
     json_path: Path | None = None,
     key: PrivateKey | None = None,
     template: str = "report.html.j2",
+    attestation_path: Path | None = None,
 ) -> dict[str, Any]:
     """Seal ``document`` (signed with ``key`` if given), write its HTML page and JSON twin where asked, and
-    return the sealed document; with neither path, only seal it."""
+    return the sealed document; with neither path, only seal it. With ``attestation_path`` (which needs
+    ``json_path`` and ``key``) the report is also written as an in-toto attestation signed with ``key``
+    (:mod:`auditor.report.attest`)."""
     from auditor.report import seal as report_sign
     from auditor.report.html import render_html
 
@@ -263,6 +267,17 @@ def write_report(
     sealed = {**document, report_sign.INTEGRITY: report_sign.seal(document, html=html, key=key)}
     if html_path is not None and html is not None:
         _write(html_path, html)
+    twin = dump_json(sealed) if json_path is not None else b""
     if json_path is not None:
-        _write(json_path, dump_json(sealed))
+        _write(json_path, twin)
+    if attestation_path is not None:
+        from auditor.report import attest
+
+        if json_path is None or key is None:
+            raise UsageError("an attestation needs the JSON twin and a signing key (--out and --sign-key)")
+        stmt = attest.statement(
+            sealed, json_name=json_path.name, json_sha256=hashlib.sha256(twin).hexdigest(),
+            html_name=html_path.name if html_path is not None else None,
+        )  # fmt: skip
+        _write(attestation_path, attest.envelope_line(attest.envelope(stmt, key)))
     return sealed
