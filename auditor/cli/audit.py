@@ -80,6 +80,7 @@ def run_audit(
     controls: Sequence[Path] = (),
     calibrations: Sequence[Path] = (),
     attest: bool = False,
+    model_signer_key: Path | None = None,
 ) -> int:
     """Run the audit the command line asked for, write its reports, print its lines; the exit code.
 
@@ -93,6 +94,8 @@ def run_audit(
         raise UsageError("--attest needs --sign-key: the attestation is signed with the analyst's key")
     if attest and batch:
         raise UsageError("--attest applies to one suspect: audit each suspect on its own to attest it")
+    if model_signer_key is not None and batch:
+        raise UsageError("--model-signer-key applies to one suspect: audit each suspect on its own")
     if attest and out is None and json_out is None:
         raise UsageError("--attest needs --out or --json-out: the attestation goes beside the JSON twin")
     key = _load_key(sign_key, passphrase_file)
@@ -100,19 +103,30 @@ def run_audit(
         bundles=bundles, reference=reference, options=options, controls=controls, calibrations=calibrations
     )
     run = run_block(case_id=case_id, analyst=analyst)
-    given: list[Path | None] = [*paths, *bundles, reference, sign_key, passphrase_file, *controls, *calibrations]
+    given: list[Path | None] = [
+        *paths,
+        *bundles,
+        reference,
+        sign_key,
+        passphrase_file,
+        *controls,
+        *calibrations,
+        model_signer_key,
+    ]
     if batch:
         if json_out is not None:
             raise UsageError("with several suspects, --out names a folder for every report; --json-out does not apply")
         return _run_batch(paths, suspects, inputs=inputs, run=run, out=out, key=key, given=given, as_json=as_json,
                           console=console)  # fmt: skip
     return _run_single(paths[0], inputs=inputs, run=run, out=out, json_out=json_out, key=key, given=given,
-                       as_json=as_json, console=console, attest=attest)  # fmt: skip
+                       as_json=as_json, console=console, attest=attest,
+                       provenance=(reference, model_signer_key))  # fmt: skip
 
 
 def _run_single(
     suspect: Path, *, inputs: Any, run: Any, out: Path | None, json_out: Path | None, key: Any,
     given: list[Path | None], as_json: bool, console: Console, attest: bool = False,
+    provenance: tuple[Path | None, Path | None] = (None, None),
 ) -> int:  # fmt: skip
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -133,6 +147,11 @@ def _run_single(
         task = progress.add_task("", total=size)
         record = audit_suspect(suspect, inputs, progress=lambda n: progress.advance(task, n))
     document = build_report(record, inputs=inputs, run=run, command=inputs.command(suspect))
+    from auditor.audit.provenance import attach
+
+    warn = Console(stderr=True, highlight=False, soft_wrap=True)
+    for alert in attach(document, suspect=suspect, reference=provenance[0], signer_key=provenance[1]):
+        warn.print(shown(f"warning: {alert}"))
     sealed = write_report(document, html_path=html_path, json_path=json_path, key=key, attestation_path=attested)
     if as_json:
         typer.echo(json.dumps(sealed, indent=2, ensure_ascii=False))
@@ -237,7 +256,8 @@ def verify(
     subject: Annotated[
         list[Path] | None,
         typer.Option(
-            "--subject", help="With an attestation: a file (a suspect, bundle...) that must be among its subjects.",
+            "--subject",
+            help="With an attestation: a file (a suspect, bundle...) that must be among its subjects.",
             dir_okay=False,
         ),
     ] = None,

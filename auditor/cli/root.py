@@ -379,6 +379,15 @@ def audit(  # noqa: PLR0917 (typer passes options positionally)
             " Statement binding every input file and the report, in a DSSE envelope signed with --sign-key).",
         ),
     ] = False,
+    model_signer_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--model-signer-key",
+            help="PEM public key (elliptic curve) to verify an OpenSSF model-signing signature (model.sig or"
+            " FILE.sig) that came with the suspect or reference; the result is in the report.",
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Check suspect models against owners' bundles; print one line per finding and write the evidence report.
 
@@ -392,7 +401,7 @@ def audit(  # noqa: PLR0917 (typer passes options positionally)
             suspects=suspects, bundles=bundle or [], reference=reference, case_id=case_id, analyst=analyst, out=out,
             json_out=json_out, sign_key=sign_key, passphrase_file=passphrase_file, options=option or [],
             as_json=as_json, console=out_console, controls=control or [], calibrations=calibration or [],
-            attest=attest,
+            attest=attest, model_signer_key=model_signer_key,
         )  # fmt: skip
     raise typer.Exit(code)
 
