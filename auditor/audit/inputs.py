@@ -147,16 +147,24 @@ def validate_bundle(bundle: OwnerBundle) -> None:
 
 def expand_suspects(paths: Sequence[Path]) -> tuple[list[Path], bool]:
     """The suspects named on the command line, a folder that is no model standing for the entries in it
-    (sorted by name, hidden ones left out); and whether this is a batch (several suspects)."""
+    (sorted by name, hidden ones left out), each file once however often it was named (the first naming
+    counts); and whether this is a batch (several suspects)."""
     out: list[Path] = []
-    batch = len(paths) > 1
+    folder = False
     for p in paths:
         if p.is_dir() and not is_model(p):
-            batch = True
+            folder = True
             entries = sorted((c for c in p.iterdir() if not c.name.startswith(".")), key=lambda c: c.name)
             if not entries:
                 raise UsageError(f"{p}: the folder holds no suspect files")
             out.extend(entries)
         else:
             out.append(p)
-    return out, batch
+    seen: set[Path] = set()
+    unique = []
+    for p in out:
+        key = p.resolve() if p.exists() else p.absolute()
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique, folder or len(unique) > 1

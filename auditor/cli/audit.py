@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from auditor.cli.console import printable, shown
+from auditor.cli.console import note, printable, shown
 from auditor.errors import EXIT_NOT_FOUND, EXIT_OK, UsageError
 
 __all__ = ["report_app", "run_audit", "verify"]
@@ -28,6 +28,13 @@ report_app = typer.Typer(help="Check evidence reports.", no_args_is_help=True)
 @report_app.callback()
 def _report() -> None:
     """Check evidence reports."""
+
+
+def verbosity() -> int:
+    """-1 with ``auditor -q``, 1 with ``-v``, else 0."""
+    from auditor.cli import console
+
+    return console.verbosity
 
 
 def _outputs(suspect: Path, out: Path | None, json_out: Path | None) -> tuple[Path | None, Path | None]:
@@ -86,6 +93,7 @@ def run_audit(
 
     ``controls`` are negative controls, audited once with the same inputs and shown in every report;
     ``calibrations`` are calibration files whose measured false-positive rates the reports show."""
+    from auditor.audit.load import is_model
     from auditor.audit.pipeline import expand_suspects, load_inputs
     from auditor.report.document import run_block
 
@@ -116,11 +124,20 @@ def run_audit(
     if batch:
         if json_out is not None:
             raise UsageError("with several suspects, --out names a folder for every report; --json-out does not apply")
-        return _run_batch(paths, suspects, inputs=inputs, run=run, out=out, key=key, given=given, as_json=as_json,
+        code = _run_batch(paths, suspects, inputs=inputs, run=run, out=out, key=key, given=given, as_json=as_json,
                           console=console)  # fmt: skip
-    return _run_single(paths[0], inputs=inputs, run=run, out=out, json_out=json_out, key=key, given=given,
-                       as_json=as_json, console=console, attest=attest,
-                       provenance=(reference, model_signer_key))  # fmt: skip
+    else:
+        code = _run_single(paths[0], inputs=inputs, run=run, out=out, json_out=json_out, key=key, given=given,
+                           as_json=as_json, console=console, attest=attest,
+                           provenance=(reference, model_signer_key))  # fmt: skip
+    # Hints after the result, so that they never stand between the user and an error line.
+    named = sum(1 for p in suspects if not p.is_dir() or is_model(p))
+    if named > len({p.resolve() if p.exists() else p.absolute() for p in suspects}):
+        note("a suspect was named more than once; each file was audited once")
+    if not bundles:
+        note("no owner bundle was given (--bundle OWNER_BUNDLE): no watermark was looked for, so the verdict can"
+             " only be inconclusive; give the bundle the owner handed over")  # fmt: skip
+    return code
 
 
 def _run_single(
@@ -158,8 +175,15 @@ def _run_single(
     else:
         from auditor.report.view import view_of
 
-        for f in sealed["findings"]:
-            console.print(shown(f"{f['detector']}: {f['verdict']}: {view_of('detectors', f['detector']).headline(f)}"))
+        if verbosity() >= 0:
+            for f in sealed["findings"]:
+                headline = view_of("detectors", f["detector"]).headline(f)
+                console.print(shown(f"{f['detector']}: {f['verdict']}: {headline}"))
+        if verbosity() > 0:
+            for line in sealed["suspect"].get("loader_notes", []):
+                note(f"loader: {line}", level=1)
+            for e in sealed["restore"]["entries"]:
+                note(f"restore: {e.get('restorer')}: {e.get('status')}", level=1)
         console.print(f"verdict: {sealed['verdict']}")
         for what, path in (("report", html_path), ("json", json_path), ("attestation", attested)):
             if path is not None:
@@ -219,6 +243,8 @@ def _run_batch(
                 return
             if row["error"]:
                 console.print(shown(f"{row['path']}: error (exit {row['exit_code']}): {row['error']}"))
+            elif verbosity() < 0:
+                console.print(shown(f"{row['path']}: {row['verdict']}"))
             else:
                 schemes = "; ".join(f"{f['detector']}: {f['verdict']}" for f in row["findings"]) or "no findings"
                 console.print(shown(f"{row['path']}: {row['verdict']} ({schemes})"))

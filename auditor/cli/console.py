@@ -14,11 +14,21 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-__all__ = ["emit_json", "err", "out", "printable", "shown", "subcommands"]
+__all__ = ["emit_json", "err", "note", "out", "printable", "shown", "subcommands", "verbosity"]
 
 #: Standard output and standard error; rich markup is interpreted, so pass untrusted text through :func:`shown`.
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+#: -1 with ``-q`` (only verdicts and errors), 0 by default, 1 with ``-v`` (notes and steps too).
+verbosity = 0
+
+
+def note(text: object, *, level: int = 0) -> None:
+    """Print ``text`` (made safe) on standard error as ``note: ...`` when the verbosity is at least ``level``."""
+    if verbosity >= level:
+        err.print(shown(f"note: {text}"))
 
 
 def printable(text: object) -> str:

@@ -22,7 +22,7 @@ from auditor.cli.audit import report_app
 from auditor.cli.calibrate import calibrate_command
 from auditor.cli.console import emit_json, err, out, printable, shown
 from auditor.cli.keys import keys_app
-from auditor.errors import EXIT_INTERNAL, AuditorError, PluginError
+from auditor.errors import EXIT_INTERNAL, EXIT_USAGE, AuditorError, PluginError, UsageError
 
 if TYPE_CHECKING:
     from auditor.graph import Edge, Layer, LayerGraph
@@ -33,6 +33,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 #: ``auditor embed NAME``: embedder plugins add their command here from ``register_commands``.
 embed_app = typer.Typer(help="Train an owner's model with a watermark.", no_args_is_help=True)
@@ -54,8 +55,15 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only verdicts and errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also print notes: loader, restore.")] = False,
 ) -> None:
     """Forensic auditing of watermarked deep-learning models."""
+    from auditor.cli import console
+
+    if quiet and verbose:
+        raise UsageError("--quiet and --verbose exclude each other")
+    console.verbosity = -1 if quiet else (1 if verbose else 0)
 
 
 def hash_files(paths: list[Path]) -> list[dict[str, Any]]:
@@ -473,16 +481,45 @@ def _audit_argv(argv: list[str]) -> list[str]:
     return out_args
 
 
+def _click_error(exc: Exception) -> int | None:
+    """The exit code for an error of the command-line parser (click's, or the copy typer ships), after printing
+    it as one line; ``None`` for any other exception. A group given alone prints its help instead."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    if "ClickException" not in names and "Abort" not in names:
+        return None
+    if "Abort" in names:
+        err.print("interrupted", markup=False)
+        return 130
+    ctx = getattr(exc, "ctx", None)
+    if "NoArgsIsHelpError" in names and ctx is not None:
+        typer.echo(ctx.get_help())
+        return EXIT_USAGE
+    message = str(exc.format_message()).strip().replace("\n", " ")  # type: ignore[attr-defined]
+    if "UsageError" in names:
+        where = ctx.command_path if ctx is not None else "auditor"
+        err.print(shown(f"error: {message} (see `{where} --help`)"))
+        return EXIT_USAGE
+    err.print(shown(f"error: {message}"))
+    return int(getattr(exc, "exit_code", EXIT_USAGE))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``auditor`` script: run the CLI, turning errors into exit codes."""
+    """Entry point of the ``auditor`` script: run the CLI, turning errors into exit codes.
+
+    Every error is one line on standard error: a usage error (unknown option, missing argument, a value of the
+    wrong kind) exits 2, the others with the code documented for their kind."""
     global _plugins_added
+    from auditor.cli import console
+
     debug = os.environ.get("AUDITOR_DEBUG") == "1"
+    console.verbosity = 0
     try:
         if not _plugins_added:
             _plugins_added = True
             _add_plugin_commands()
         args = list(sys.argv[1:] if argv is None else argv)
-        app(args=_audit_argv(args), prog_name="auditor", standalone_mode=True)
+        code = app(args=_audit_argv(args), prog_name="auditor", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except AuditorError as exc:
         if debug:
             raise
@@ -491,7 +528,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)
         sys.exit(130)
-    except Exception as exc:  # a bug: one line, and the way to see more
+    except Exception as exc:  # a parser error (one line, exit 2), or a bug: one line, and the way to see more
+        code = _click_error(exc)
+        if code is not None:
+            sys.exit(code)
         if debug:
             raise
         err.print(

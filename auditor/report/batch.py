@@ -50,8 +50,8 @@ def audit_one_row(
         sealed = write_report(document, html_path=html, json_path=js, key=key)
         if out_dir is not None:
             row["report"] = {"html": f"{name}.html", "json": f"{name}.json"}
-    except AuditorError as exc:
-        return row | {"verdict": "error", "exit_code": exc.exit_code, "error": str(exc)}, None
+    except AuditorError as exc:  # the row names the file: its error says only what went wrong
+        return row | {"verdict": "error", "exit_code": exc.exit_code, "error": _without_path(str(exc), path)}, None
     except Exception as exc:  # a bug on one file must not lose the others
         return row | {"verdict": "error", "exit_code": EXIT_INTERNAL, "error": f"{type(exc).__name__}: {exc}"}, None
     s = sealed["suspect"]
@@ -61,6 +61,12 @@ def audit_one_row(
         evidence_sha256=sealed["integrity"]["evidence_sha256"], content_sha256=sealed["integrity"]["content_sha256"],
     )  # fmt: skip
     return row, sealed
+
+
+def _without_path(message: str, path: Path) -> str:
+    """``message`` without the leading ``path: `` an input error starts with (the row already names the file)."""
+    prefix = f"{path}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
 
 
 def audit_batch(
