@@ -17,7 +17,7 @@ from typing import Any
 
 from auditor.graph import Layer, LayerGraph
 
-__all__ = ["BY_NAME", "BY_ORDER", "MISSING", "LayerMatch", "find_layer", "unpack_bundle"]
+__all__ = ["BY_NAME", "BY_ORDER", "MISSING", "LayerIndex", "LayerMatch", "find_layer", "unpack_bundle"]
 
 BY_NAME = "by name"
 BY_ORDER = "by kind, shape and order"
@@ -33,23 +33,45 @@ class LayerMatch:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class LayerIndex:
+    """A suspect's layers by name and by kind, built once for all the bundle layers looked up in it, so that
+    finding them costs one pass over the suspect, not one pass per bundle layer. Build it afresh after the
+    graph changes."""
+
+    by_name: Mapping[str, Layer]
+    by_kind: Mapping[str, list[Layer]]
+
+    @classmethod
+    def of(cls, graph: LayerGraph) -> LayerIndex:
+        """The index of ``graph`` as it is now (the first layer of a name wins, as ``graph.layer`` does)."""
+        by_name: dict[str, Layer] = {}
+        by_kind: dict[str, list[Layer]] = {}
+        for layer in graph.layers:
+            by_name.setdefault(layer.name, layer)
+            by_kind.setdefault(layer.kind.value, []).append(layer)
+        return cls(by_name, by_kind)
+
+
 def _param_shape(layer: Layer, param: str) -> tuple[int, ...] | None:
     ref = layer.params.get(param)
     return None if ref is None else ref.shape
 
 
-def find_layer(suspect: LayerGraph, entry: Mapping[str, Any]) -> LayerMatch:
+def find_layer(suspect: LayerGraph, entry: Mapping[str, Any], index: LayerIndex | None = None) -> LayerMatch:
     """The suspect layer for one bundle layer: by name (same name, kind and shape),
     else the ``kind_index``-th suspect layer of that kind if its shape agrees, else
-    the only suspect layer of that kind and shape, else missing."""
+    the only suspect layer of that kind and shape, else missing. Pass the suspect's
+    :class:`LayerIndex` when looking up several bundle layers."""
     name, kind, param = str(entry["name"]), str(entry["kind"]), str(entry.get("param", "weight"))
     shape = tuple(int(s) for s in entry["shape"])
-    same_kind = [layer for layer in suspect.layers if layer.kind.value == kind]
-    named = suspect.layer(name) if name in suspect else None
+    index_ = index if index is not None else LayerIndex.of(suspect)
+    same_kind = index_.by_kind.get(kind, [])
+    named = index_.by_name.get(name)
     if named is not None and named.kind.value == kind and _param_shape(named, param) == shape:
         return LayerMatch(named, BY_NAME)
-    index = entry.get("kind_index")
-    ordered = same_kind[index] if isinstance(index, int) and 0 <= index < len(same_kind) else None
+    nth = entry.get("kind_index")
+    ordered = same_kind[nth] if isinstance(nth, int) and 0 <= nth < len(same_kind) else None
     if ordered is not None and _param_shape(ordered, param) == shape:
         return LayerMatch(ordered, BY_ORDER)
     same_shape = [layer for layer in same_kind if _param_shape(layer, param) == shape]

@@ -26,7 +26,7 @@ from auditor.findings import Finding, Verdict
 from auditor.graph import Layer, LayerGraph, LayerKind
 from auditor.plugins.greedy_residuals import report, stats
 from auditor.plugins.greedy_residuals.scheme import SCHEME, GRParams, alpha_from_signature, match_bits, residuals
-from auditor.toolkit.matching import MISSING, LayerMatch, find_layer, unpack_bundle
+from auditor.toolkit.matching import MISSING, LayerIndex, LayerMatch, find_layer, unpack_bundle
 
 if TYPE_CHECKING:  # numpy and torch load when a bundle is checked, not when the detector registers
     import torch
@@ -158,8 +158,9 @@ def forging_check(suspect: LayerGraph, bundle: Any, n: int = 200, seed: int = 0)
     alphas = torch.stack([alpha_from_signature(rng.bytes(64), params.bits) for _ in range(n)])
     totals = torch.zeros(n)
     found = 0
+    index = LayerIndex.of(suspect)
     for entry in payload.get("layers", []):
-        match = find_layer(suspect, entry)
+        match = find_layer(suspect, entry, index)
         if match.layer is None:
             continue
         weight = match.layer.params[str(entry.get("param", "weight"))].read(float32=True)
@@ -232,8 +233,9 @@ def audit_bundle(suspect: LayerGraph, bundle: Any, settings: Mapping[str, Any]) 
         finding.details["params_note"] = f"the bundle records kept_per_row={stored_kept}; {params.kept_per_row} is used"
     alpha = alpha_from_signature(identity.signature, params.bits)  # recomputed, never read from the bundle
     m = len(suspect.of_kind(*SCORABLE_KINDS))
+    index = LayerIndex.of(suspect)
     rows = [
-        _score(suspect, entry, find_layer(suspect, entry), alpha=alpha, params=params, m=m)
+        _score(suspect, entry, find_layer(suspect, entry, index), alpha=alpha, params=params, m=m)
         for entry in payload["layers"]
     ]
     finding.details["layers"] = rows

@@ -24,7 +24,7 @@ from auditor.plugins.hufunet import report
 from auditor.plugins.hufunet.generate import hmac_key, hufunet_from_payload
 from auditor.plugins.hufunet.scheme import SCHEME, DataUnavailable, public_dataset
 from auditor.report.text import exact_float, power_of_ten
-from auditor.toolkit.matching import MISSING, find_layer, unpack_bundle
+from auditor.toolkit.matching import MISSING, LayerIndex, find_layer, unpack_bundle
 
 if TYPE_CHECKING:  # torch, the network and the placement load when a bundle is checked, not at registration
     import torch
@@ -87,10 +87,11 @@ def _binomial_tail(correct: int, n: int, classes: int) -> tuple[float | None, fl
 def _host_rows(suspect: LayerGraph, entries: list[Any]) -> tuple[list[dict[str, Any]], list[tuple[str, Any]]]:
     rows: list[dict[str, Any]] = []
     tensors: list[tuple[str, Any]] = []
+    index = LayerIndex.of(suspect)
     for entry in entries:
         if not isinstance(entry, Mapping) or not {"name", "param", "kind", "shape", "kernels"} <= set(entry):
             raise ValueError("the hufunet bundle's host layers are malformed")
-        match = find_layer(suspect, entry)
+        match = find_layer(suspect, entry, index)
         row: dict[str, Any] = {
             "name": f"{entry['name']}.{entry['param']}", "found_by": match.found_by, "kernels": int(entry["kernels"]),
             "suspect_name": match.layer.name if match.layer is not None else None, "note": match.note,
