@@ -86,7 +86,7 @@ def load_model(path: str | os.PathLike[str]) -> LayerGraph:
     p = Path(path)
     fmt = detect_format(p)
     try:
-        return fmt.load(p)
+        return _bounded_notes(fmt.load(p))
     except AuditorError:
         raise
     except MemoryError:
@@ -95,6 +95,20 @@ def load_model(path: str | os.PathLike[str]) -> LayerGraph:
         raise InputError(p, f"nested too deeply to read as {fmt.id}") from None
     except Exception as exc:  # a loader bug still reaches the user as one line; the fuzz tests fail on it
         raise LoaderBugError(p, f"could not be read as {fmt.id}: {type(exc).__name__}: {exc}") from exc
+
+
+#: A loader may note something per tensor (a dtype it skips); a hostile file of 200,000 such tensors must not
+#: put 200,000 lines into every report. Past this many, the rest are counted in one last note.
+MAX_NOTES = 100
+
+
+def _bounded_notes(graph: LayerGraph) -> LayerGraph:
+    if len(graph.notes) > MAX_NOTES:
+        rest = len(graph.notes) - (MAX_NOTES - 1)
+        graph.notes[MAX_NOTES - 1 :] = [
+            f"... and {rest:,d} more loader notes, left out (the first {MAX_NOTES - 1} are above)"
+        ]
+    return graph
 
 
 def is_model(path: Path) -> bool:

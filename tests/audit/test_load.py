@@ -62,3 +62,22 @@ def test_a_deliberate_input_error_is_not_marked(tmp_path: Path, plugin: Callable
         load_model(model)
     assert type(caught.value) is InputError and not caught.value.internal
     assert caught.value.problem == "the loader refuses it on purpose"
+
+
+def test_a_file_with_thousands_of_loader_notes_gives_a_bounded_list(tmp_path: Path) -> None:
+    """A loader notes each tensor it skips; 5,000 such tensors give MAX_NOTES notes, the last one counting the rest."""
+    import json
+    import struct
+
+    from auditor.audit.load import MAX_NOTES, load_model
+
+    header = {f"t{i}": {"dtype": "F8_E5M2_FNUZ_BOGUS", "shape": [1], "data_offsets": [i, i + 1]} for i in range(5000)}
+    header["w"] = {"dtype": "F32", "shape": [1], "data_offsets": [5000, 5004]}
+    raw = json.dumps(header).encode()
+    path = tmp_path / "many.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(5004))
+    graph = load_model(path)
+    assert len(graph.notes) == MAX_NOTES
+    assert sum("which auditor does not read; skipped" in n for n in graph.notes) == MAX_NOTES - 1
+    left_out = int(graph.notes[-1].split()[2].replace(",", ""))
+    assert graph.notes[-1].startswith("... and ") and left_out >= 5000 - (MAX_NOTES - 1)
