@@ -15,12 +15,12 @@ Only the standard library: the CLI's quick commands import this without torch.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 from auditor.errors import InputError
 
@@ -82,7 +82,7 @@ def check_path(path: str | os.PathLike[str], *, what: str, folder_ok: bool = Fal
     return info
 
 
-def open_regular(path: str | os.PathLike[str], *, what: str) -> BinaryIO:
+def open_regular(path: str | os.PathLike[str], *, what: str) -> io.BufferedReader:
     """``path`` opened for binary reading, refused (:class:`~auditor.errors.InputError`, as
     :func:`check_path` words it) unless it is a regular file, before and after opening it.
 

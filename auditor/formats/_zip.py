@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from auditor.errors import InputError
+from auditor.safeio import open_regular
 
 __all__ = [
     "MAX_CENTRAL_DIRECTORY",
@@ -367,7 +368,7 @@ def verify_stored_crc(path: Path, entry: Entry) -> None:
         return
     start = entry.data_offset - entry.data_offset % mmap.ALLOCATIONGRANULARITY
     with (
-        path.open("rb") as fh,
+        open_regular(path, what="a model file") as fh,
         mmap.mmap(fh.fileno(), entry.data_offset + entry.size - start, access=mmap.ACCESS_READ, offset=start) as mapped,
     ):
         view = memoryview(mapped)

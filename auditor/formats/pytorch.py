@@ -46,6 +46,7 @@ from auditor.formats._unpickle import (
 from auditor.formats.statedict import graph_from_tensors
 from auditor.graph import LayerGraph, LayerKind, TensorRef, itemsize, torch_dtype
 from auditor.hookspecs import hookimpl
+from auditor.safeio import open_regular
 
 if TYPE_CHECKING:  # torch loads when a tensor is read, not when the format registers
     import torch
@@ -99,7 +100,7 @@ def sniff(path: Path, head: bytes) -> bool:
     out as torch.save writes it, or a file opening with the legacy magic-number pickle."""
     try:
         if head.startswith(b"PK\x03\x04"):
-            with path.open("rb") as fh:
+            with open_regular(path, what="a model file") as fh:
                 try:  # torch writes data.pkl first: this stops at the first record
                     if any(_DATA_PKL.match(name) for name in _zip.names(path, fh, path.stat().st_size)):
                         return True
@@ -135,12 +136,12 @@ def _verify_crc(path: Path, entry: _zip.Entry) -> None:
 
 
 def _inflate(path: Path, entry: _zip.Entry, out: memoryview) -> None:
-    with path.open("rb") as fh:
+    with open_regular(path, what="a model file") as fh:
         _zip.inflate_into(path, fh, entry, out)
 
 
 def _read_file_range(path: Path, offset: int, out: memoryview, what: str) -> None:
-    with path.open("rb") as fh:
+    with open_regular(path, what="a model file") as fh:
         fh.seek(offset)
         got = fh.readinto(out)
     if got != len(out):
@@ -421,7 +422,7 @@ def _read_whole(path: Path, fh: BinaryIO, entry: _zip.Entry, limit: int) -> byte
 
 
 def _load_zip(path: Path) -> LayerGraph:
-    with path.open("rb") as fh:
+    with open_regular(path, what="a model file") as fh:
         listed = _zip.read_directory(path, fh, path.stat().st_size)
         _check_names(path, listed)
         entries = {entry.name: entry for entry in listed}
@@ -507,7 +508,7 @@ def _load_legacy(path: Path) -> LayerGraph:
             raise Malformed(f"a view of storage {show(key)} reaches element {offset + view_size} of {numel}")
         return StorageRef(key, stype, view_size, location, view_offset=offset)
 
-    with path.open("rb") as fh:
+    with open_regular(path, what="a model file") as fh:
         if _legacy_pickle(path, fh, size, "the magic-number pickle", _no_storage) != LEGACY_MAGIC:
             raise InputError(path, "does not start with the legacy PyTorch magic number")
         version = _legacy_pickle(path, fh, size, "the protocol-version pickle", _no_storage)
@@ -565,7 +566,7 @@ def load(path: Path) -> LayerGraph:
     """
     path = Path(path)
     try:
-        with path.open("rb") as fh:
+        with open_regular(path, what="a model file") as fh:
             head = fh.read(64)
         if head.startswith(b"PK\x03\x04"):
             return _load_zip(path)

@@ -23,6 +23,7 @@ from auditor.formats.statedict import graph_from_tensors, split_key
 from auditor.graph import LayerGraph, TensorRef, itemsize
 from auditor.hookspecs import hookimpl
 from auditor.jsondata import DuplicateKeyError, unique_keys
+from auditor.safeio import open_regular, read_small_file
 
 __all__ = ["MAX_HEADER", "SafetensorsFormat", "load", "read_header", "sniff"]
 
@@ -116,7 +117,7 @@ def _parse_json(raw: bytes, *, path: Path, what: str) -> Any:
 def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
     """``(tensors, metadata, data_start)`` of one safetensors file, checked against its size."""
     size = path.stat().st_size
-    with path.open("rb") as fh:
+    with open_regular(path, what="a model file") as fh:
         (n,) = struct.unpack("<Q", read_exact(fh, 8, path=path, what="the header length"))
         if n > MAX_HEADER:
             raise InputError(path, f"header claims {n} bytes, more than the {MAX_HEADER}-byte limit")
@@ -228,7 +229,8 @@ def _load_sharded(folder: Path, index: Path) -> LayerGraph:
     index = inside_folder(folder, index.name, what="index", origin=folder)
     if index.stat().st_size > MAX_INDEX:
         raise InputError(index, f"index file larger than {MAX_INDEX} bytes")
-    data = _parse_json(index.read_bytes(), path=index, what="the index")
+    raw = read_small_file(index, limit=MAX_INDEX, what="a safetensors index")
+    data = _parse_json(raw, path=index, what="the index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InputError(index, "has no weight_map of tensor names to shard files")
