@@ -53,6 +53,7 @@ from auditor.formats._onnx_graph import (
     trace_edges,
 )
 from auditor.formats._onnx_layers import layer_name, recognise
+from auditor.formats._onnx_wire import BudgetExceeded, WireError, schema, walk
 from auditor.graph import EdgeSource, Layer, LayerGraph, TensorRef, itemsize
 from auditor.hookspecs import hookimpl
 
@@ -356,6 +357,20 @@ def _graphs(model: Any, ctx: _Context) -> list[Scope]:
 # ---------------------------------------------------------------- loading
 
 
+def _check_wire(path: Path, data: bytes, descriptor: Any) -> None:
+    """Refuse, before the protobuf runtime builds anything, a file over the parse budgets or malformed."""
+    try:
+        walk(data, schema(descriptor))
+    except BudgetExceeded as exc:
+        raise InputError(
+            path,
+            f"the file holds {exc}, auditor's budget for one ONNX file (real models hold about 10^5 nodes; "
+            "the budget keeps parsing under about 1 GB); refused before parsing",
+        ) from None
+    except WireError as exc:
+        raise InputError(path, f"not a valid ONNX model: the protobuf does not parse ({exc})") from None
+
+
 def _parse(path: Path) -> Any:
     import onnx
 
@@ -371,6 +386,7 @@ def _parse(path: Path) -> Any:
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(path, f"cannot be read: {exc.strerror or exc}") from None
+    _check_wire(path, data, onnx.ModelProto.DESCRIPTOR)
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
