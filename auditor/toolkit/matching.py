@@ -17,7 +17,7 @@ from typing import Any
 
 from auditor.graph import Layer, LayerGraph
 
-__all__ = ["BY_NAME", "BY_ORDER", "MISSING", "LayerIndex", "LayerMatch", "find_layer", "unpack_bundle"]
+__all__ = ["BY_NAME", "BY_ORDER", "MISSING", "LayerIndex", "LayerMatch", "find_layer", "missing_layer", "unpack_bundle"]
 
 BY_NAME = "by name"
 BY_ORDER = "by kind, shape and order"
@@ -87,6 +87,27 @@ def find_layer(suspect: LayerGraph, entry: Mapping[str, Any], index: LayerIndex 
             " cut off or added, so the restore stage must align it with the owner's reference model first",
         )
     return LayerMatch(None, MISSING, f"no suspect layer of kind {kind} with shape {list(shape)}")
+
+
+def missing_layer(graph: LayerGraph, entries: Any, *, none: str, malformed: str, like: str) -> str | None:
+    """Why ``graph`` is not the architecture a bundle's layer ``entries`` describe, in the scheme's words:
+    ``none`` when there are no entries, ``malformed`` when one is not a layer entry, else the first entry with
+    no suspect layer of its kind and shape (:func:`find_layer`), as "it has no KIND layer of shape S like "
+    followed by ``like`` formatted with the entry's ``name``; ``None`` when every entry is found."""
+    if not isinstance(entries, list) or not entries:
+        return none
+    index = LayerIndex.of(graph)
+    for entry in entries:
+        if not isinstance(entry, Mapping) or not {"name", "kind", "shape"} <= set(entry):
+            return malformed
+        try:
+            match = find_layer(graph, entry, index)
+        except (TypeError, ValueError):
+            return malformed
+        if match.layer is None:
+            shape = "x".join(str(s) for s in entry["shape"]) if isinstance(entry["shape"], list) else "?"
+            return f"it has no {entry['kind']} layer of shape {shape} like {like.format(name=entry['name'])}"
+    return None
 
 
 def unpack_bundle(bundle: Any, scheme: str = "") -> tuple[dict[str, Any], str]:

@@ -248,20 +248,12 @@ def first_screen(entry: Mapping[str, Any], bundle_entry: Mapping[str, Any] | Non
 def describes(payload: Mapping[str, Any], graph: LayerGraph) -> str | None:
     """Why the bundle does not describe ``graph`` (a layer it watermarked has no counterpart of that kind and
     shape), or ``None`` when every watermarked layer is found."""
-    from auditor.toolkit.matching import LayerIndex, find_layer
+    from auditor.toolkit.matching import missing_layer
 
-    layers = payload.get("layers")
-    if not isinstance(layers, list) or not layers:
-        return "the bundle names no watermarked layer to compare it with"
-    index = LayerIndex.of(graph)
-    for entry in layers:
-        if not isinstance(entry, Mapping) or not {"name", "kind", "shape"} <= set(entry):
-            return "the bundle's watermarked layers are malformed"
-        try:
-            match = find_layer(graph, entry, index)
-        except (TypeError, ValueError):
-            return "the bundle's watermarked layers are malformed"
-        if match.layer is None:
-            shape = "x".join(str(s) for s in entry["shape"]) if isinstance(entry["shape"], list) else "?"
-            return f"it has no {entry['kind']} layer of shape {shape} like the watermarked {entry['name']}"
-    return None
+    return missing_layer(
+        graph,
+        payload.get("layers"),
+        none="the bundle names no watermarked layer to compare it with",
+        malformed="the bundle's watermarked layers are malformed",
+        like="the watermarked {name}",
+    )
