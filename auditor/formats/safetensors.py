@@ -25,10 +25,18 @@ from auditor.hookspecs import hookimpl
 from auditor.jsondata import DuplicateKeyError, unique_keys
 from auditor.safeio import open_regular, read_small_file
 
-__all__ = ["MAX_HEADER", "SafetensorsFormat", "load", "read_header", "sniff"]
+__all__ = ["MAX_HEADER", "MAX_ITEMS", "MAX_TENSORS", "SafetensorsFormat", "load", "read_header", "sniff"]
 
 #: The safetensors library's own limit on the JSON header.
 MAX_HEADER = 100_000_000
+#: Most tensor entries in one header, counted from its bytes before the JSON is parsed (every entry is a
+#: JSON object). Real checkpoints hold a few thousand per file; each entry costs about 1.3 KB and 20 us
+#: between parsing and the layer graph, so this keeps a hostile header near 0.7 GB and 10 s.
+MAX_TENSORS = 500_000
+#: Most items (list elements and object members) in one header, counted as its commas before parsing:
+#: a real entry has four to eight (about 300,000 entries of 4-D tensors fit), and a header of 100 MB of
+#: ``"k":"",`` would otherwise build 8 million metadata strings (20 s and 2.5 GB).
+MAX_ITEMS = 2_000_000
 #: Largest index file accepted.
 MAX_INDEX = 50_000_000
 #: Most dimensions a tensor may have (a longer shape list is a hostile header, not a model).
@@ -114,6 +122,26 @@ def _parse_json(raw: bytes, *, path: Path, what: str) -> Any:
         raise InputError(path, f"{what} is not valid JSON ({type(exc).__name__})") from None
 
 
+def _check_budget(path: Path, raw: bytes) -> None:
+    """Refuse a header that would cost more than the budgets to parse, from a count of its bytes (braces
+    and commas inside strings count too: the count can only overestimate)."""
+    objects = raw.count(b"{") - 1  # besides the header itself
+    if objects > MAX_TENSORS:
+        raise InputError(
+            path,
+            f"the header holds {objects:,d} JSON objects, more than the {MAX_TENSORS:,d} tensor entries "
+            "auditor's budget allows in one safetensors file (real checkpoints hold a few thousand); refused "
+            "before parsing",
+        )
+    items = raw.count(b",") + 1
+    if items > MAX_ITEMS:
+        raise InputError(
+            path,
+            f"the header holds about {items:,d} JSON items, more than the {MAX_ITEMS:,d} auditor's budget allows "
+            "in one safetensors file (a tensor entry has four to eight); refused before parsing",
+        )
+
+
 def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
     """``(tensors, metadata, data_start)`` of one safetensors file, checked against its size."""
     size = path.stat().st_size
@@ -124,6 +152,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
         if 8 + n > size:
             raise InputError(path, f"truncated: header claims {n} bytes but the file holds {size - 8} after its length")
         raw = read_exact(fh, n, path=path, what="the header")
+    _check_budget(path, raw)
     header = _parse_json(raw, path=path, what="the header")
     if not isinstance(header, dict):
         raise InputError(path, "the header is not a JSON object")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -45,23 +46,23 @@ def _model(graph: bytes) -> bytes:
     return _field(1, 8) + _field(7, graph) + _field(8, _field(2, 17))
 
 
-def _refused(result: object, path: Path, what: str) -> None:
-    code, err = result.code, result.stderr  # type: ignore[attr-defined]
+def _refused(result: Any, path: Path, what: str) -> None:
+    code, err = result.code, result.stderr
     assert code == EXIT_INPUT, err
     assert err.count("\n") == 1 and err.startswith(f"error: {path}: "), err
     assert what in err, err
 
 
-def test_five_million_empty_nodes_are_refused_before_parsing(tmp_path: Path, run_cli: Callable[..., object]) -> None:
+def test_five_million_empty_nodes_are_refused_before_parsing(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
     """Issue 14's file: 10 MB, 5,000,000 empty NodeProto entries (41 s and 2.6 GB to parse before)."""
     path = tmp_path / "many_nodes.onnx"
     path.write_bytes(_model(b"\x0a\x00" * 5_000_000))
     result = run_cli("inspect", path)
     _refused(result, path, f"the file holds more than {_onnx_wire.MAX_ENTRIES:,d} protobuf messages")
-    assert BUDGET in result.stderr and "refused before parsing" in result.stderr  # type: ignore[attr-defined]
+    assert BUDGET in result.stderr and "refused before parsing" in result.stderr
 
 
-def test_a_node_with_a_million_attributes_is_refused(tmp_path: Path, run_cli: Callable[..., object]) -> None:
+def test_a_node_with_a_million_attributes_is_refused(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
     node = _field(1, b"x") + _field(2, b"y") + _field(4, b"Relu") + b"\x2a\x00" * 1_000_000  # attribute = 5
     path = tmp_path / "attributes.onnx"
     path.write_bytes(_model(_field(1, node)))
@@ -93,7 +94,7 @@ def _nested_ifs(levels: int) -> bytes:
     return _model(graph)
 
 
-def test_subgraphs_nested_past_protobufs_limit_are_refused(tmp_path: Path, run_cli: Callable[..., object]) -> None:
+def test_subgraphs_nested_past_protobufs_limit_are_refused(tmp_path: Path, run_cli: Callable[..., Any]) -> None:
     """33 If levels nest messages 101 deep (three levels per subgraph), one more than protobuf allows."""
     path = tmp_path / "deep.onnx"
     path.write_bytes(_nested_ifs(33))
@@ -164,10 +165,10 @@ def test_the_walk_accepts_every_asset(asset: str) -> None:
     counts = _onnx_wire.walk(data, _onnx_wire.schema(onnx.ModelProto.DESCRIPTOR))
     model = onnx.ModelProto.FromString(data)
     built = 0
-    stack: list[object] = [model]
+    stack: list[Any] = [model]
     while stack:  # every message and repeated string the runtime built, the model itself excepted
         msg = stack.pop()
-        for fd, value in msg.ListFields():  # type: ignore[attr-defined]
+        for fd, value in msg.ListFields():
             if fd.type == fd.TYPE_MESSAGE:
                 children = list(value) if fd.is_repeated else [value]
                 stack.extend(children)
