@@ -42,6 +42,7 @@ __all__ = [
     "attr_value",
     "float_attr",
     "int_attr",
+    "integer_weight",
     "ints_attr",
     "make_ref",
     "plan_steps",
@@ -57,8 +58,11 @@ A_FLOAT, A_INT, A_STRING, A_TENSOR, A_GRAPH, A_FLOATS, A_INTS, A_STRINGS, A_GRAP
 _KEEP_CHANNELS = frozenset(
     "Relu Sigmoid Tanh Gelu LeakyRelu PRelu Elu Selu Celu Softplus Softsign HardSigmoid HardSwish Mish Swish Clip "
     "Erf Abs Neg Exp Log Sqrt Reciprocal MaxPool AveragePool GlobalAveragePool GlobalMaxPool LpPool GlobalLpPool "
-    "Dropout Identity Pad Resize Upsample Cast CastLike Softmax LogSoftmax LRN DepthToSpace SpaceToDepth".split()
+    "Dropout Identity Pad Resize Upsample Cast CastLike Softmax LogSoftmax LRN DepthToSpace SpaceToDepth "
+    "QuantizeLinear DequantizeLinear DynamicQuantizeLinear".split()
 )
+#: Operations whose first output alone carries the data (DynamicQuantizeLinear's others are its scale and zero point).
+_FIRST_OUTPUT_ONLY = frozenset({"DynamicQuantizeLinear"})
 #: Single-data-input operations that move data around: the channel count is
 #: known afterwards only from the file's shape information.
 _RESHAPING = frozenset(
@@ -235,13 +239,17 @@ def trace_edges(
         if pairs > MAX_PAIRS:
             notes.append(f"the graph is too large to trace fully (over {MAX_PAIRS:,d} value-layer pairs)")
             break
-        for out in node.outputs:
+        for out in _data_outputs(node):
             if out:
                 flows[out] = merged
         _propagate_shape(node, channels, ranks)
     for op, count in sorted(stopped.items()):
         notes.append(f"edges stop at {count} {op} node(s): auditor does not trace data flow through {op}")
     return list(edges.values())
+
+
+def _data_outputs(node: NodeInfo) -> tuple[str, ...]:
+    return node.outputs[:1] if node.op_type in _FIRST_OUTPUT_ONLY else node.outputs
 
 
 def _flow(
@@ -300,7 +308,7 @@ def _propagate_shape(node: NodeInfo, channels: dict[str, int | None], ranks: dic
             width = widths[0] if widths else None
     elif op == "Flatten" and (node.axis is None or node.axis == 1):
         rank = 2
-    for out in node.outputs:
+    for out in _data_outputs(node):
         if out:
             channels.setdefault(out, width)
             ranks.setdefault(out, rank)
@@ -452,6 +460,59 @@ def _dequantize_linear(g: Scope, node: Any, base: StoredTensor) -> Quantization:
     ):
         raise Unusable(f"DequantizeLinear scale of shape {list(scale.shape)} does not fit {list(base.shape)}")
     return Quantization(scale, zero, axis)
+
+
+_INTEGER_WEIGHTS = ("int8", "uint8")
+_FLOATS = ("float32", "float16", "bfloat16", "float64")
+
+
+def integer_weight(g: Scope, name: str, scale: StoredTensor | None, zero_name: str, out_axis: int) -> Param | None:
+    """The int8/uint8 weight ``name`` of an integer operation (ConvInteger, MatMulInteger, QLinearConv,
+    QLinearMatMul) with its quantization: ``scale`` (the weight's own, found by the caller) and the zero
+    point ``zero_name`` (empty: 0), each one value or one per output channel, which runs along
+    ``out_axis`` of the node's weight input (0 for a kernel, 1 for a ``[K, N]`` matrix).
+
+    ``None`` when the weight is computed; Unusable when the weight, scale or zero point do not fit.
+    """
+    import numpy as np
+
+    p = resolve(g, name)
+    if p is None:
+        return None
+    if p.quant is not None:
+        raise Unusable("the integer weight is read through DequantizeLinear")
+    if p.base.dtype not in _INTEGER_WEIGHTS:
+        raise Unusable(f"weight {p.base.name!r} is {p.base.dtype}, not int8 or uint8")
+    shape, _ = plan_steps(p.base.shape, p.steps)
+    if len(shape) <= out_axis:
+        raise Unusable(f"weight {p.base.name!r} of shape {list(shape)} has no axis {out_axis} of output channels")
+    channels = shape[out_axis]
+    if scale is None:
+        raise Unusable(f"the scale of weight {p.base.name!r} is not a constant")
+    if scale.dtype not in _FLOATS:
+        raise Unusable(f"scale {scale.name!r} is {scale.dtype}, not floating point")
+    zero_t = g.tensor(zero_name) if zero_name else None
+    if zero_name and zero_t is None:
+        raise Unusable(f"the zero point of weight {p.base.name!r} is not a constant")
+    if zero_t is not None and zero_t.dtype not in (*_INTEGER_WEIGHTS, "int32", "int16", "uint16"):
+        raise Unusable(f"zero point {zero_t.name!r} is {zero_t.dtype}, not integers")
+    s = _small(scale, "scale").astype(np.float32)
+    z = _small(zero_t, "zero point") if zero_t is not None else np.zeros((), dtype=np.int64)
+    for what, arr in (("scale", s), ("zero point", z)):
+        if sum(d != 1 for d in arr.shape) > 1 or arr.size not in (1, channels):
+            raise Unusable(
+                f"{what} of shape {list(arr.shape)} does not fit weight {p.base.name!r} of shape {list(shape)}"
+                f" ({channels} output channels)"
+            )
+    if not np.isfinite(s).all():
+        raise Unusable(f"scale {scale.name!r} is not finite")
+    if s.size == 1 and z.size == 1:
+        return Param(p.base, p.seen_as, p.steps, Quantization(s.reshape(()), z.reshape(()), None))
+    if p.steps:
+        raise Unusable(f"per-channel scale of weight {p.base.name!r}, which is reshaped or transposed on the way")
+    s = np.broadcast_to(s.reshape(-1), (channels,)).copy()
+    z = np.broadcast_to(z.reshape(-1), (channels,)).copy()
+    return Param(p.base, p.seen_as, p.steps, Quantization(s, z, out_axis))
 
 
 def resolve(g: Scope, name: str) -> Param | None:

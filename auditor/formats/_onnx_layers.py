@@ -5,6 +5,14 @@ graph: given a node and its weights (followed back through Identity, Cast,
 Transpose, Reshape and DequantizeLinear by :mod:`auditor.formats._onnx_graph`),
 these functions decide the layer's kind, its canonical parameters (PyTorch
 layout and gate order) and its name.
+
+Integer-quantised layers (ConvInteger, MatMulInteger, QLinearConv,
+QLinearMatMul) become conv and linear layers whose int8/uint8 weights carry
+their :class:`~auditor.graph.Quantization`, so that they read back as float32;
+the layer's ``quantized`` attribute records the scheme. ConvInteger and
+MatMulInteger hold no weight scale: onnxruntime's ``quantize_dynamic`` rescales
+their int32 output with Cast -> Mul(input scale x weight scale) [-> Add bias],
+and the weight scale is the constant factor of that product.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from auditor.formats._onnx_graph import (
     attr_value,
     float_attr,
     int_attr,
+    integer_weight,
     ints_attr,
     make_ref,
     plan_steps,
@@ -152,9 +161,139 @@ def _recurrent_extras(attrs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_INTEGER_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul")
+
+
+def _only_reader(g: Scope, consumers: dict[str, list[int]], value: str) -> tuple[int, Any] | None:
+    if not value or value in g.outputs or len(readers := consumers.get(value, [])) != 1:
+        return None
+    return readers[0], g.proto.node[readers[0]]
+
+
+def _rescale(g: Scope, node: Any, consumers: dict[str, list[int]]) -> tuple[StoredTensor, int, Param | None]:
+    """The weight scale, last node and bias of an integer op's dynamic-quantisation tail:
+    Cast -> Mul(S) [-> Add(bias)] with S = Mul(input scale, constant weight scale)."""
+    unknown = Unusable("its int32 output is not cast and multiplied by an input scale x a weight scale")
+    cast = _only_reader(g, consumers, node.output[0] if node.output else "")
+    if cast is None or cast[1].op_type != "Cast" or not cast[1].output:
+        raise unknown
+    mul = _only_reader(g, consumers, cast[1].output[0])
+    if mul is None or mul[1].op_type != "Mul" or len(mul[1].input) != 2 or not mul[1].output:
+        raise unknown
+    other = [v for v in mul[1].input if v != cast[1].output[0]]
+    product = g.producer(other[0]) if len(other) == 1 else None
+    if product is None or product.op_type != "Mul":
+        raise unknown
+    constant = [t for v in product.input if (t := g.tensor(v)) is not None]
+    if len(constant) != 1 or len(product.input) != 2:
+        raise Unusable("the output scale is not one input scale times one constant weight scale")
+    out_node, bias = mul[0], None
+    add = _only_reader(g, consumers, mul[1].output[0])
+    if add is not None and add[1].op_type == "Add" and len(add[1].input) == 2:
+        rest = [v for v in add[1].input if v != mul[1].output[0]]
+        if len(rest) == 1 and (b := resolve(g, rest[0])) is not None:
+            out_node, bias = add[0], b
+    return constant[0], out_node, bias
+
+
+def _qlinear_bias(g: Scope, ins: list[str], w: Param, notes: list[str], label: str) -> Param | None:
+    """QLinearConv's int32 bias, whose scale is the input scale x the weight scale and zero point 0."""
+    import numpy as np
+    import torch
+
+    from auditor.graph import Quantization
+
+    b = resolve(g, ins[8]) if len(ins) > 8 and ins[8] else None
+    if b is None:
+        return None
+    x_scale = g.tensor(ins[1])
+    if x_scale is None or math.prod(x_scale.shape) != 1 or b.quant is not None or b.base.dtype != "int32":
+        notes.append(f"{label}: the int32 bias has no constant scale; not recorded as a bias")
+        return None
+    assert w.quant is not None  # integer_weight always sets it
+    factor = float(x_scale.read().to(torch.float64).reshape(()).item())
+    if not math.isfinite(factor):
+        raise Unusable(f"input scale {x_scale.name!r} is not finite")
+    scale = np.asarray(w.quant.scale, dtype=np.float32) * np.float32(factor)
+    return Param(b.base, b.seen_as, b.steps, Quantization(scale, np.zeros(scale.shape, np.int64), w.quant.axis))
+
+
+def _integer(g: Scope, index: int, node: Any, consumers: dict[str, list[int]], notes: list[str]) -> Found | None:
+    """A ConvInteger, MatMulInteger, QLinearConv or QLinearMatMul layer with dequantised weights."""
+    op, ins = node.op_type, list(node.input)
+    label = f"{op} node {node.name!r}" + ("" if g.parent is None else f" in {g.origin}")
+    attrs = {a.name: attr_value(a) for a in node.attribute}
+    qlinear = op.startswith("QLinear")
+    w_at = 3 if qlinear else 1
+    if len(ins) <= w_at or not ins[w_at] or not ins[0]:
+        raise Unusable("the data input or the weight is missing")
+    if resolve(g, ins[0]) is not None:
+        return None  # two constants multiplied: no layer
+    conv = op in ("ConvInteger", "QLinearConv")
+    bias: Param | None = None
+    out_node = index
+    if qlinear:
+        if len(ins) < 6 or not ins[5]:
+            notes.append(f"{label}: the weight zero point (required by ONNX) is missing; read as 0")
+        w = integer_weight(g, ins[3], g.tensor(ins[4]) if len(ins) > 4 else None, ins[5] if len(ins) > 5 else "",
+                           0 if conv else 1)  # fmt: skip
+    else:
+        if resolve(g, ins[1]) is None:
+            notes.append(f"{label}: the weight is computed, not stored; not a layer")
+            return None
+        scale, out_node, bias = _rescale(g, node, consumers)
+        w = integer_weight(g, ins[1], scale, ins[3] if len(ins) > 3 else "", 0 if conv else 1)
+    if w is None:
+        notes.append(f"{label}: the weight is computed, not stored; not a layer")
+        return None
+    if conv:
+        if qlinear:
+            bias = _qlinear_bias(g, ins, w, notes, label)
+        kind, params, out = _conv(g, node, attrs, {"weight": w})
+        channels = params["weight"].shape[0]
+        if bias is not None:
+            bias_shape = plan_steps(bias.base.shape, bias.steps)[0]
+            if math.prod(bias_shape) == channels:
+                params["bias"] = make_ref(bias, [] if bias_shape == (channels,) else [("reshape", (channels,))])
+            else:
+                notes.append(f"{label}: bias of shape {list(bias.base.shape)} does not fit; not recorded as a bias")
+        rank: int | None = len(params["weight"].shape)
+    else:
+        p = {"weight": w} | ({"bias": bias} if bias is not None else {})
+        params, _ = _gemm({}, p, notes, label)
+        out, kind, channels, rank = {}, LayerKind.LINEAR, params["weight"].shape[0], None
+    names = [n for q in (w, bias) if q is not None for n in (q.seen_as, q.base.name)]
+    return Found(kind, node, params, out, names, index, out_node, ins[0], channels, rank)
+
+
+def _quantized(op: str, ref: TensorRef) -> dict[str, Any]:
+    """What the ``quantized`` attribute records: the op, stored type, scheme and zero point."""
+    import numpy as np
+
+    q = ref.quantization
+    assert q is not None
+    zero = np.asarray(q.zero_point).reshape(-1)
+    uniform = zero.size > 0 and bool((zero == zero[0]).all())
+    out: dict[str, Any] = {"op": op, "dtype": ref.dtype, "scheme": "per-tensor" if q.axis is None else "per-channel"}
+    out["zero_point"] = int(zero[0]) if uniform else "per-channel"
+    if q.axis is not None:
+        out["axis"] = q.axis
+    return out
+
+
 def recognise(g: Scope, index: int, node: Any, consumers: dict[str, list[int]], notes: list[str]) -> Found | None:
     """The layer ``node`` computes, or ``None`` when it has no weights auditor reads."""
+    found = _recognise(g, index, node, consumers, notes)
+    weight = found.params.get("weight") if found is not None else None
+    if found is not None and weight is not None and weight.quantization is not None:
+        found.attrs["quantized"] = _quantized(node.op_type, weight)
+    return found
+
+
+def _recognise(g: Scope, index: int, node: Any, consumers: dict[str, list[int]], notes: list[str]) -> Found | None:
     op = node.op_type
+    if op in _INTEGER_OPS:
+        return _integer(g, index, node, consumers, notes)
     ins = list(node.input)
     label = f"{op} node {node.name!r}" + ("" if g.parent is None else f" in {g.origin}")
 

@@ -14,10 +14,12 @@ from typing import Any
 
 from auditor.errors import UsageError
 
-__all__ = ["BASELINE", "GROUP_ORDER", "Cell", "contributed", "full_grid", "quick_grid", "select"]
+__all__ = ["BASELINE", "GROUP_ORDER", "ONNX_ATTACKS", "Cell", "contributed", "full_grid", "quick_grid", "select"]
 
 #: The cell that evaluates the model as it is.
 BASELINE = "none"
+#: The attacks that write an ONNX file (run in onnxruntime when the grid measures accuracy).
+ONNX_ATTACKS = frozenset({"onnx-export", "quantize-dynamic"})
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class Cell:
     @property
     def suffix(self) -> str:
         """The file type the attacked model is written as."""
-        return ".onnx" if self.attack == "onnx-export" else ".safetensors"
+        return ".onnx" if self.attack in ONNX_ATTACKS else ".safetensors"
 
 
 _SGD = {"optimizer": "sgd", "lr": 1e-3, "weight_decay": 5e-4}
@@ -116,6 +118,13 @@ def full_grid(*, bundles: Mapping[str, str] | None = None) -> list[Cell]:
         Cell("cast-bf16", "bfloat16 cast", "precision"),
         Cell("quantize-int8", "int8 weight quantization", "precision"),
         Cell("quantize-int8", "4-bit weight quantization", "precision", {"bits": 4}),
+        Cell("quantize-dynamic", "ONNX dynamic quantization (onnxruntime, int8 weights)", "precision"),
+        Cell(
+            "quantize-dynamic",
+            "ONNX dynamic quantization (onnxruntime, uint8, per channel)",
+            "precision",
+            {"weight_type": "uint8", "per_channel": True},
+        ),
     ]
     cells += list(_pruning())
     cells += [Cell("cut-off", f"kernels cut-off {f:.0%}", "channels", {"fraction": f}) for f in (0.02, 0.05, 0.1)]

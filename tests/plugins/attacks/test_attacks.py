@@ -156,7 +156,7 @@ def test_attack_never_touches_its_input(zoo: dict[str, SimpleNamespace], cnn_sec
                                         attack: str) -> None:  # fmt: skip
     m = zoo["cnn"]
     before = {fmt: _digest(path) for fmt, path in m.files.items()}
-    suffix = ".onnx" if attack == "onnx-export" else ".pt"
+    suffix = ".onnx" if attack in ("onnx-export", "quantize-dynamic") else ".pt"
     out = m.out / f"untouched-{attack}{suffix}"
     summary = attacks()[attack].apply(m.files["safetensors"], out,
                                       options=_cheap_options(attack, cnn_secrets.gr, cnn_secrets.hufunet))  # fmt: skip
