@@ -12,11 +12,14 @@ benchmarks, and are the base an attack plugin can wrap.
 * :func:`negate` - channels negated through their batch-norm;
 * :func:`expand` - extra output channels whose readers' weights are zero
   (paper Appendix B: ``A_inc * B_inc = 0``);
-* :func:`cut_off` - channels removed (not function-preserving: paper Table 4).
+* :func:`cut_off` - channels removed (not function-preserving: paper Table 4);
+* :func:`factor_linear` - a module's layers each split in two with a random orthogonal map between
+  them (a linear chain that restore's canonical step fuses back).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -27,7 +30,10 @@ from auditor.formats.statedict import split_key
 from auditor.graph import LayerGraph
 from auditor.toolkit.channels import DEFAULT_EPS, Space, Tensors, apply_channel_maps, channel_spaces, input_params
 
-__all__ = ["cut_off", "expand", "free_spaces", "module_tensors", "negate", "permute", "scale"]
+__all__ = [
+    "cut_off", "expand", "factor_linear", "free_spaces", "module_tensors", "negate", "permute",
+    "random_orthogonal", "scale",
+]  # fmt: skip
 
 Input = Mapping[str, Mapping[str, torch.Tensor]]
 
@@ -154,3 +160,58 @@ def cut_off(graph: LayerGraph, tensors: Input, fraction: float, *, seed: int) ->
         maps[sp.id] = torch.arange(sp.width)[keep]
         removed[",".join(sp.producers)] = sorted(drop.tolist())
     return apply_channel_maps(graph, tensors, spaces, maps), removed
+
+
+def random_orthogonal(n: int, *, generator: torch.Generator) -> torch.Tensor:
+    """A random ``n x n`` orthogonal matrix (Haar: QR of a Gaussian matrix, signs fixed), float64."""
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r)).reshape(1, -1)
+
+
+_Factorable = nn.Conv1d | nn.Conv2d | nn.Linear
+
+
+def _factored(layer: _Factorable, q: torch.Tensor) -> nn.Sequential:
+    """``layer`` as two layers computing the same: its own shape with weights ``Q^T W`` (no bias), then a
+    1x1 convolution (or a square linear layer) with weights ``Q`` and the original bias."""
+    w = layer.weight.detach().double()
+    first_w = (q.T @ w.reshape(w.shape[0], -1)).reshape(w.shape)
+    bias = layer.bias is not None
+    first = copy.deepcopy(layer)  # same kernel, stride, padding, dilation
+    first.weight = nn.Parameter(first_w.float())
+    first.register_parameter("bias", None)
+    second: _Factorable
+    if isinstance(layer, nn.Linear):
+        second = nn.Linear(layer.out_features, layer.out_features, bias=bias)
+    else:
+        second = type(layer)(layer.out_channels, layer.out_channels, 1, bias=bias)
+    with torch.no_grad():
+        second.weight.copy_(q.reshape(q.shape + (1,) * (w.ndim - 2)).float())
+        if layer.bias is not None and second.bias is not None:
+            second.bias.copy_(layer.bias.detach())
+    return nn.Sequential(first, second)
+
+
+def factor_linear(model: nn.Module, *, seed: int, layers: list[str] | None = None) -> tuple[nn.Module, list[str]]:
+    """A copy of ``model`` with each named layer (default: every convolution and linear layer that is
+    not grouped) factored into two with a random orthogonal ``Q`` between them: ``W -> Q^T W`` then ``Q``
+    (a 1x1 convolution, or a square linear layer). No nonlinearity sits between the two, so the
+    copy computes the same up to rounding; the state dict's names show it (``conv1.0``, ``conv1.1``).
+    Returns the copy and the names factored."""
+    out = copy.deepcopy(model)
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Linear)
+    found: dict[str, _Factorable] = {
+        n: m for n, m in out.named_modules() if isinstance(m, kinds) and getattr(m, "groups", 1) == 1
+    }
+    names = list(found) if layers is None else list(layers)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise UsageError(f"cannot factor {', '.join(missing)}: layers that can be factored: {', '.join(found)}")
+    gen = torch.Generator().manual_seed(seed)
+    for name in names:
+        layer = found[name]
+        width = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        parent_name, _, attr = name.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        setattr(parent, attr, _factored(layer, random_orthogonal(width, generator=gen)))
+    return out, names

@@ -5,7 +5,8 @@ operations restore undoes); this module reads the file, finds a graph with
 real edges for them (:func:`~.model_io.working_graph`) and writes the result.
 Permutation, scaling, sign flips and expansion keep the model's function;
 cut-off removes channels and supplement adds channels that the next layer
-reads, which do not.
+reads, which do not. ``factor-linear`` changes the structure itself: each layer
+becomes two with a random orthogonal map between them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if TYPE_CHECKING:  # torch, the edits and the model I/O load when an attack runs
     from auditor.toolkit.channels import Tensors
     from auditor.toolkit.modelio import Source
 
-__all__ = ["ChannelExpansion", "CutOff", "Permutation", "Scaling", "SignFlip", "Supplement"]
+__all__ = ["ChannelExpansion", "CutOff", "FactorLinear", "Permutation", "Scaling", "SignFlip", "Supplement"]
 
 
 def _prepare(model: Path, options: dict[str, Any]) -> tuple[Source, LayerGraph, str]:
@@ -204,3 +205,50 @@ class Supplement(_ChannelAttack):
             graph = graph_with_tensors(graph, tensors)  # the next space sees the new widths
             added[producer] = k
         return tensors, {"added": added}
+
+
+#: Largest logit change ``factor-linear`` accepts before refusing to write (float32 rounding is ~1e-7).
+FACTOR_TOLERANCE = 1e-4
+
+
+class FactorLinear(BuiltinAttack):
+    """Each chosen layer factored into ``Q^T W`` then ``Q`` (a 1x1 convolution or a square linear layer),
+    ``Q`` random orthogonal, nothing nonlinear between: the same function, no channel edit undoes it.
+
+    The new architecture is no built-in one: an ``.onnx`` output runs anywhere; a ``.safetensors`` or
+    ``.pt`` output keeps the factored names (``conv1.0.weight``, ``conv1.1.weight``), which auditor
+    reads and audits but cannot run, since no built-in architecture has those layers."""
+
+    id = "factor-linear"
+    function_preserving = True
+    description = "Factor every convolution and linear layer into two with a random orthogonal map between them."
+    paper = "restore v2 (issue 13): linear functionality-equivalence (LFEA, IEEE TIFS 2023)"
+    params = (
+        Param("layers", None, "Comma-separated module names to factor (default: every ungrouped convolution "
+              "and linear layer)."),
+    )  # fmt: skip
+
+    def run(self, model: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
+        """Build the model, factor it, check its outputs on random inputs, write."""
+        import torch
+
+        from auditor.toolkit import edits
+        from auditor.toolkit.modelio import export_onnx, read_model, require_runnable, write_model
+        from auditor.toolkit.recognise import Runnable
+
+        source = read_model(model)
+        found = require_runnable(source.state_dict(), model_factory=options["model_factory"], why="factor-linear")
+        layers = [n.strip() for n in options["layers"].split(",") if n.strip()] if options["layers"] else None
+        factored, names = edits.factor_linear(found.module, seed=options["seed"], layers=layers)
+        factored.eval()
+        x = torch.randn(64, *found.input_shape, generator=torch.Generator().manual_seed(options["seed"]))
+        with torch.no_grad():
+            change = float((found.module.eval()(x) - factored(x)).abs().max())
+        if change > FACTOR_TOLERANCE:
+            raise UsageError(f"{model}: factoring changed the outputs by {change:.3g} (more than "
+                             f"{FACTOR_TOLERANCE:g}): not written")  # fmt: skip
+        if out.suffix.lower() == ".onnx":
+            export_onnx(Runnable(factored, found.name, found.input_shape), out)
+        else:
+            write_model(factored.state_dict(), out)
+        return {"model": found.name, "factored": names, "max_output_change": change}

@@ -1,4 +1,5 @@
-"""The built-in restorers, in the order they run: channels (20), fold (30), scale (40).
+"""The built-in restorers, in the order they run: channels (20), fold (30), scale (40); and canonical form
+(10), not yet registered by default (docs/restore.md).
 
 Channel order comes first because every later step compares a suspect channel
 with *its* reference channel; |cosine| finds it whatever the channel's scale,
@@ -26,7 +27,15 @@ from auditor.plugins.restore import report
 if TYPE_CHECKING:  # the planning modules import torch: they load when a restorer runs, not when it registers
     from auditor.plugins.restore.plan import Plan
 
-__all__ = ["ChannelRestorer", "FoldRestorer", "GuardedRestorer", "ScaleRestorer", "register_restorers", "shared_plan"]
+__all__ = [
+    "CanonicalRestorer",
+    "ChannelRestorer",
+    "FoldRestorer",
+    "GuardedRestorer",
+    "ScaleRestorer",
+    "register_restorers",
+    "shared_plan",
+]
 
 _last_plan: tuple[weakref.ref[LayerGraph], weakref.ref[LayerGraph], Plan] | None = None
 
@@ -116,6 +125,43 @@ class GuardedRestorer(Restorer):
         raise NotImplementedError
 
 
+class CanonicalRestorer(GuardedRestorer):
+    """Fuses linear chains (a layer factored into ``Q^T W`` then ``Q``) back into one layer, before alignment.
+
+    The guard judges the fused graph: the fusion stands only if the fused
+    suspect is demonstrably derived from the reference; otherwise the suspect
+    is returned untouched, with the guard's evidence and the fusions it tried
+    in the log (:mod:`.canonical`)."""
+
+    id = "restore-canonical"
+    order = 10
+    description = "Fuse chains of linear layers with nothing nonlinear between them (conv -> 1x1 conv, linear pairs)."
+
+    def restore(self, suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph, dict[str, Any]]:
+        """The fused suspect (or the suspect itself, untouched) and the log."""
+        from auditor.plugins.restore.canonical import fuse_chains
+
+        fused, fusions, why = fuse_chains(suspect, reference)
+        log: dict[str, Any] = {"acted": False, "guard": "on" if self.guarded else "off", "notes": [], "reason": why}
+        if fused is None:
+            return suspect, log
+        plan = shared_plan(fused, reference)
+        evidence = _guard.assess(plan.matches.values(), threshold=self.threshold)
+        log.update(edges_from=plan.edges_from, evidence=evidence.to_log(), notes=list(plan.notes))
+        log["fusions"] = [f.to_log() for f in fusions]
+        log["layers"] = [
+            {"name": f.fused, "reference": f.reference, "note": f"fused {f.first} -> {f.second}"
+             f" (residual {f.residual:.2g}; edges: {f.edges})",
+             "similarity_after": _round(plan.matches[f.fused].after) if f.fused in plan.matches else None}
+            for f in fusions
+        ]  # fmt: skip
+        if self.guarded and not evidence.derived:
+            log["reason"] = f"left alone: fused, not demonstrably derived from the reference ({evidence.reason})"
+            return suspect, log
+        log.update(acted=True, reason=f"{why}; the fused suspect is derived from the reference")
+        return fused, log
+
+
 class ChannelRestorer(GuardedRestorer):
     """Restores channel order: permutation, expansion (dropped) and cut-off (padded with zeros)."""
 
@@ -200,7 +246,8 @@ class ScaleRestorer(GuardedRestorer):
 
 @hookimpl
 def register_restorers(register: Callable[[Restorer], None]) -> None:
-    """Register the channel, fold and scale restorers."""
+    """Register the channel, fold and scale restorers (:class:`CanonicalRestorer` is not yet a default:
+    see docs/restore.md)."""
     register(ChannelRestorer())
     register(FoldRestorer())
     register(ScaleRestorer())
