@@ -19,7 +19,7 @@ __all__ = ["BASELINE", "GROUP_ORDER", "ONNX_ATTACKS", "Cell", "contributed", "fu
 #: The cell that evaluates the model as it is.
 BASELINE = "none"
 #: The attacks that write an ONNX file (run in onnxruntime when the grid measures accuracy).
-ONNX_ATTACKS = frozenset({"onnx-export", "quantize-dynamic"})
+ONNX_ATTACKS = frozenset({"onnx-export", "quantize-dynamic", "factor-linear"})
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,11 @@ def full_grid(*, bundles: Mapping[str, str] | None = None) -> list[Cell]:
         Cell("expand", "channel expansion (one layer doubled)", "function-preserving"),
         Cell("bn-fold", "batch-norm folded", "function-preserving"),
         Cell("onnx-export", "ONNX export (legacy exporter, folded)", "function-preserving"),
+        Cell(
+            "factor-linear",
+            "every linear layer factored through an orthogonal map (Q^T W, then Q)",
+            "function-preserving",
+        ),
     ]
     cells += [
         Cell("cast-fp16", "float16 cast", "precision"),

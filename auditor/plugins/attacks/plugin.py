@@ -20,7 +20,8 @@ def builtin_attacks() -> list[Attack]:
     classes: list[type[Attack]] = [
         weights.MagnitudePruning, weights.RandomPruning, weights.ChannelPruning, weights.Fp16Cast,
         weights.Bf16Cast, weights.Int8Quantization, structure.Permutation, structure.Scaling, structure.SignFlip,
-        structure.ChannelExpansion, structure.CutOff, structure.Supplement, export.BatchNormFolding,
+        structure.ChannelExpansion, structure.CutOff, structure.Supplement, structure.FactorLinear,
+        export.BatchNormFolding,
         export.OnnxExport, export.QuantizeDynamic, training.FineTune, training.FineTuneAnneal,
     ]  # fmt: skip
     return sorted((cls() for cls in classes), key=lambda a: a.id)

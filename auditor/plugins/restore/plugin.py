@@ -246,8 +246,8 @@ class ScaleRestorer(GuardedRestorer):
 
 @hookimpl
 def register_restorers(register: Callable[[Restorer], None]) -> None:
-    """Register the channel, fold and scale restorers (:class:`CanonicalRestorer` is not yet a default:
-    see docs/restore.md)."""
+    """Register the canonical-form, channel, fold and scale restorers."""
+    register(CanonicalRestorer())
     register(ChannelRestorer())
     register(FoldRestorer())
     register(ScaleRestorer())

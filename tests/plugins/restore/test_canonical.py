@@ -6,7 +6,7 @@ factored the same way must be left alone."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from auditor import hookimpl
 from auditor.audit.detect import run_detectors
 from auditor.audit.load import load_model
 from auditor.audit.restore import run_restorers
@@ -33,19 +32,9 @@ REST = (ChannelRestorer(), FoldRestorer(), ScaleRestorer())
 
 
 @pytest.fixture
-def canonical_on(plugin: Callable[..., Any]) -> Iterator[None]:
-    """``restore-canonical`` among the audit's restorers (it is not a default yet: docs/restore.md)."""
-    if "restore-canonical" in registered("restorers"):
-        yield
-        return
-
-    class Canonical:
-        @hookimpl
-        def register_restorers(self, register: Callable[[Any], None]) -> None:
-            register(CanonicalRestorer())
-
-    with plugin(Canonical(), "test-canonical"):
-        yield
+def canonical_on() -> None:
+    """``restore-canonical`` is among the audit's (default) restorers."""
+    assert "restore-canonical" in registered("restorers")
 
 
 def factor(model: Path, out: Path, **options: Any) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def rates(graph: LayerGraph, owner: SimpleNamespace) -> list[float]:
 def test_the_restorers_are_registered_in_order() -> None:
     found = {cid: r for cid, r in registered("restorers").items() if r.plugin == "auditor.plugins.restore.plugin"}
     assert sorted(found, key=lambda cid: found[cid].component.order) == [
-        "restore-channels", "restore-fold", "restore-scale",
+        "restore-canonical", "restore-channels", "restore-fold", "restore-scale",
     ]  # fmt: skip
 
 
@@ -81,7 +81,8 @@ def test_innocent_models_are_never_claimed(
     scores = []
     for suspect in innocents:
         restored, log = run_restorers(suspect, reference)  # the registered restorers, as an audit runs them
-        ours = [e for e in log if e["restorer"].startswith("restore-")]
+        assert [e["log"]["acted"] for e in log if e["restorer"] == "restore-canonical"] == [False]
+        ours = [e for e in log if e["restorer"].startswith("restore-") and e["restorer"] != "restore-canonical"]
         assert [e["status"] for e in ours] == ["ok", "ok", "ok"]
         assert not any(e["log"]["acted"] for e in ours)
         assert all(e["log"]["reason"].startswith("left alone: not demonstrably derived") for e in ours)

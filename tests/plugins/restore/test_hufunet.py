@@ -82,7 +82,8 @@ def test_hufunet_verifies_after_a_5_percent_cut_off(
     suspect = load_model(path)
     assert audit_bundle(suspect, hufunet_owner.bundle, {}).verdict is Verdict.INCONCLUSIVE
     restored, log = run_restorers(suspect, load_model(hufunet_owner.model_file))
-    rows = {row["name"]: row for row in log[0]["log"]["layers"]}
+    channels = next(e for e in log if e["restorer"] == "restore-channels")
+    rows = {row["name"]: row for row in channels["log"]["layers"]}
     assert all(rows[layer]["padded_channels"] == channels for layer, channels in removed.items())
     after = audit_bundle(restored, hufunet_owner.bundle, {})
     assert after.verdict is Verdict.DETECTED, after.summary
@@ -104,7 +105,7 @@ def test_restore_leaves_a_pruned_copy_alone(tmp_path: Path, hufunet_owner: Simpl
     before = audit_bundle(suspect, hufunet_owner.bundle, {})
     restored, log = run_restorers(suspect, load_model(hufunet_owner.model_file))
     assert {e["restorer"]: e["log"]["acted"] for e in log} == dict.fromkeys(
-        ("restore-channels", "restore-fold", "restore-scale"), False
+        ("restore-canonical", "restore-channels", "restore-fold", "restore-scale"), False
     )
     after = audit_bundle(restored, hufunet_owner.bundle, {})
     assert before.verdict is after.verdict is Verdict.DETECTED

@@ -85,11 +85,16 @@ def test_the_plan_is_made_once_per_suspect_graph(
     inputs = load_inputs(bundles=[], reference=files["reference"])
     assert inputs.reference is not None
     record = audit_suspect(files[suspect], inputs)
-    assert [e["restorer"] for e in record.restore] == ["restore-channels", "restore-fold", "restore-scale"]
+    assert [e["restorer"] for e in record.restore] == [
+        "restore-canonical",
+        "restore-channels",
+        "restore-fold",
+        "restore-scale",
+    ]
     assert len(plans) == expected, [e["log"].get("reason") for e in record.restore]
     assert plans[0] is not inputs.reference.graph
     acted = [e["log"]["acted"] for e in record.restore]
-    assert acted == ([True, False, False] if suspect == "permuted" else [False, False, False])
+    assert acted == ([False, True, False, False] if suspect == "permuted" else [False] * 4)
     # The log is what it was when each restorer made its own plan.
     plans.clear()
     assert record.restore == _planned_alone(record.graph, inputs.reference.graph)
