@@ -15,6 +15,10 @@ gigabyte of weights costs nothing. It refuses:
   names...), the budget that keeps a parse under about 1 GB;
 * more than :data:`MAX_FIELDS` fields in all (every tag read, unknown fields
   included), which bounds the walk's own time;
+* more than :data:`MAX_PACKED_VALUES` numbers in packed varint fields
+  (``int64_data``, ``int32_data``, ``dims``...): one byte of file can be one
+  value, which the runtime keeps in 4 or 8 bytes, so these are counted from
+  their bytes (one value ends at each byte below 0x80) rather than skipped;
 * messages nested more than :data:`MAX_DEPTH` deep (protobuf's own limit:
   subgraphs of subgraphs cost three levels each);
 * malformed wire data: a varint over ten bytes, a length past the end of its
@@ -29,7 +33,10 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MAX_DEPTH", "MAX_ENTRIES", "MAX_FIELDS", "BudgetExceeded", "Counts", "WireError", "schema", "walk"]
+__all__ = [
+    "MAX_DEPTH", "MAX_ENTRIES", "MAX_FIELDS", "MAX_PACKED_VALUES", "BudgetExceeded", "Counts", "WireError", "schema",
+    "walk",
+]  # fmt: skip
 
 #: Most protobuf messages and repeated strings in one ONNX file. Real models hold far fewer: a
 #: transformer exported to ONNX has 10^4 to 10^5 nodes, about five to ten entries each (the node, its
@@ -40,8 +47,13 @@ MAX_ENTRIES = 1_000_000
 MAX_FIELDS = 10_000_000
 #: Deepest nesting of messages (the protobuf runtime's default recursion limit).
 MAX_DEPTH = 100
+#: Most numbers in packed varint fields in one file: the runtime keeps each in up to 8 bytes, so this keeps
+#: them under 1 GiB. Weights are stored as raw bytes (``raw_data``) by every exporter auditor knows; a tensor
+#: of this many elements in ``int64_data`` would need that memory in any reader.
+MAX_PACKED_VALUES = 128 << 20
 
-_MESSAGE, _STRINGS = 1, 2
+_MESSAGE, _STRINGS, _PACKED = 1, 2, 3
+_HIGH_BYTES = bytes(range(0x80, 0x100))
 # A message type's fields that cost the runtime an object: number -> (kind, child table, shown name).
 Table = dict[int, tuple[int, "Table", str]]
 _EMPTY: Table = {}
@@ -71,6 +83,11 @@ def schema(descriptor: Any) -> Table:
     from google.protobuf.descriptor import FieldDescriptor
 
     texts = (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES)
+    varints = (
+        FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_BOOL, FieldDescriptor.TYPE_ENUM,
+    )  # fmt: skip
     built: dict[str, Table] = {}
     todo = [descriptor]
     while todo:
@@ -86,6 +103,8 @@ def schema(descriptor: Any) -> Table:
                 table[fd.number] = (_MESSAGE, built[child.full_name], name)
             elif fd.type in texts and _repeated(fd):
                 table[fd.number] = (_STRINGS, _EMPTY, name)
+            elif fd.type in varints and _repeated(fd):
+                table[fd.number] = (_PACKED, _EMPTY, name)
     return built[descriptor.full_name]
 
 
@@ -119,6 +138,7 @@ def walk(
     max_entries: int = MAX_ENTRIES,
     max_fields: int = MAX_FIELDS,
     max_depth: int = MAX_DEPTH,
+    max_packed: int = MAX_PACKED_VALUES,
 ) -> Counts:
     """Walk ``data`` as a message of table ``top``; raise :class:`WireError` or :class:`BudgetExceeded`.
 
@@ -127,7 +147,7 @@ def walk(
     """
     stack: list[tuple[int, Table, str]] = []
     pos, end, table, inside = 0, len(data), top, ""
-    entries = fields = deepest = 0
+    entries = fields = deepest = packed = 0
     while True:
         if pos >= end:
             if not stack:
@@ -169,6 +189,14 @@ def walk(
                 )
             entry = table.get(number)
             if entry is None:
+                pos += length
+                continue
+            if entry[0] == _PACKED:  # one value ends at each byte below 0x80
+                packed += len(data[pos : pos + length].translate(None, _HIGH_BYTES))
+                if packed > max_packed:
+                    raise BudgetExceeded(
+                        f"more than {max_packed:,d} numbers in packed integer fields ({entry[2]} at byte {start})"
+                    )
                 pos += length
                 continue
             entries += 1

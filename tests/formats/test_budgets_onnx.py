@@ -86,6 +86,24 @@ def test_ten_million_fields_are_refused(tmp_path: Path) -> None:
         onnx_format.load(path)
 
 
+def test_packed_integers_that_would_swell_in_memory_are_refused(tmp_path: Path) -> None:
+    """A packed int64_data of one-byte varints: 1 byte of file is 8 bytes in the protobuf runtime, so they
+    are counted from their bytes, not skipped by their length (a small budget shows it without 128 MB)."""
+    values = b"\x01" * 5_000  # TensorProto.int64_data = 7, packed: 5,000 values of 1 byte each
+    tensor = _field(1, 5_000) + _field(2, TensorProto.INT64) + _field(7, values) + _field(8, b"w")
+    data = _model(_field(5, tensor))  # GraphProto.initializer = 5
+    counts = _onnx_wire.walk(data, _onnx_wire.schema(onnx.ModelProto.DESCRIPTOR), max_packed=5_000)
+    assert counts.entries == 3  # the graph, the opset import and the tensor: the numbers are counted apart
+    with pytest.raises(_onnx_wire.BudgetExceeded, match="more than 4,999 numbers in packed integer fields"):
+        _onnx_wire.walk(data, _onnx_wire.schema(onnx.ModelProto.DESCRIPTOR), max_packed=4_999)
+    big = b"\x80\x01" * 2_500  # 2,500 two-byte varints: counted as 2,500, not 5,000
+    tensor = _field(1, 2_500) + _field(2, TensorProto.INT64) + _field(7, big) + _field(8, b"w")
+    _onnx_wire.walk(_model(_field(5, tensor)), _onnx_wire.schema(onnx.ModelProto.DESCRIPTOR), max_packed=2_500)
+    path = tmp_path / "packed.onnx"
+    path.write_bytes(_model(_field(5, _field(1, 5_000) + _field(2, TensorProto.INT64) + _field(7, values))))
+    assert onnx.load_model_from_string(path.read_bytes()).graph.initializer[0].int64_data[0] == 1  # well-formed
+
+
 def _nested_ifs(levels: int) -> bytes:
     graph = _field(1, _field(1, b"x") + _field(2, b"y") + _field(4, b"Identity"))
     for _ in range(levels):
