@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,33 +107,11 @@ def test_mutated_tiny_model(target: Path, mutations: list[tuple[str, int, int]])
     _check(target, bytes(data))
 
 
-def mutate(rng: random.Random, original: bytes) -> bytes:
-    """One to six byte edits: bit flips, set, insert, delete, cut a run, splice random bytes."""
-    data = bytearray(original)
-    for _ in range(rng.randint(1, 6)):
-        if not data:
-            break
-        where, kind = rng.randrange(len(data)), rng.randrange(6)
-        if kind == 0:
-            data[where] ^= 1 << rng.randrange(8)
-        elif kind == 1:
-            data[where] = rng.randrange(256)
-        elif kind == 2:
-            data.insert(where, rng.randrange(256))
-        elif kind == 3:
-            del data[where]
-        elif kind == 4:
-            del data[where : where + rng.randint(1, 16)]
-        else:
-            data[where:where] = rng.randbytes(rng.randint(1, 8))
-    return bytes(data)
-
-
 @pytest.mark.parametrize("chunk", CHUNK_PARAMS)
-def test_mutated_assets(target: Path, chunk: int) -> None:
+def test_mutated_assets(target: Path, chunk: int, byte_edits: Callable[[random.Random, bytes], bytes]) -> None:
     rng = random.Random(1000 + chunk)
     for i in range(MUTANTS_PER_CHUNK):
-        _check(target, mutate(rng, rng.choice(CORPUS)), f"mutant {i} of chunk {chunk}")
+        _check(target, byte_edits(rng, rng.choice(CORPUS)), f"mutant {i} of chunk {chunk}")
 
 
 # ---------------------------------------------------------------- generated models
@@ -322,13 +301,13 @@ class Generator:
 
 
 @pytest.mark.parametrize("chunk", CHUNK_PARAMS)
-def test_generated_models(target: Path, chunk: int) -> None:
+def test_generated_models(target: Path, chunk: int, byte_edits: Callable[[random.Random, bytes], bytes]) -> None:
     rng = random.Random(2000 + chunk)
     loaded = layered = 0
     for i in range(MODELS_PER_CHUNK):
         data = Generator(rng).model()
         if rng.random() < 0.1:
-            data = mutate(rng, data)  # a few mutants of well-formed structures
+            data = byte_edits(rng, data)  # a few mutants of well-formed structures
         graphs = _check(target, data, f"generated model {i} of chunk {chunk}")
         loaded += bool(graphs)
         layered += any(g.layers for g in graphs)

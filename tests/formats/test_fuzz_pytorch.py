@@ -173,28 +173,6 @@ def test_mutated_checkpoints(target: Path, data: bytes) -> None:
 INTERESTING = [0, 1, 2, 7, 8, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF]
 
 
-def byte_edits(rng: random.Random, original: bytes) -> bytes:
-    """One to six byte edits: bit flips, set, insert, delete, cut a run, splice random bytes."""
-    data = bytearray(original)
-    for _ in range(rng.randint(1, 6)):
-        if not data:
-            break
-        where, kind = rng.randrange(len(data)), rng.randrange(6)
-        if kind == 0:
-            data[where] ^= 1 << rng.randrange(8)
-        elif kind == 1:
-            data[where] = rng.randrange(256)
-        elif kind == 2:
-            data.insert(where, rng.randrange(256))
-        elif kind == 3:
-            del data[where]
-        elif kind == 4:
-            del data[where : where + rng.randint(1, 16)]
-        else:
-            data[where:where] = rng.randbytes(rng.randint(1, 8))
-    return bytes(data)
-
-
 # Where each zip record keeps its fields: signature -> [(offset, width)].
 _RECORDS = {
     b"PK\x01\x02": [(8, 2), (10, 2), (16, 4), (20, 4), (24, 4), (28, 2), (30, 2), (32, 2), (42, 4)],
@@ -313,7 +291,9 @@ def pickle_mutant(rng: random.Random, edit: Callable[[random.Random, bytes], byt
 
 
 @pytest.mark.parametrize("chunk", CHUNK_PARAMS)
-def test_byte_edits_of_every_kind_of_checkpoint(target: Path, chunk: int) -> None:
+def test_byte_edits_of_every_kind_of_checkpoint(
+    target: Path, chunk: int, byte_edits: Callable[[random.Random, bytes], bytes]
+) -> None:
     rng = random.Random(2000 + chunk)
     for i in range(PER_CHUNK):
         check(target, byte_edits(rng, rng.choice(CORPUS)), f"byte mutant {i} of chunk {chunk}")
