@@ -38,6 +38,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "auditor.formats.safetensors",
     "auditor.formats.pytorch",
     "auditor.formats.onnx",
+    "auditor.formats.gguf",
     "auditor.plugins.greedy_residuals.detector",
     "auditor.plugins.greedy_residuals.embedder",
     "auditor.plugins.greedy_residuals.attacks",
