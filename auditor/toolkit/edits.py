@@ -20,14 +20,14 @@ benchmarks, and are the base an attack plugin can wrap.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from auditor.errors import UsageError
 from auditor.formats.statedict import split_key
-from auditor.graph import LayerGraph
+from auditor.graph import LayerGraph, LayerKind
 from auditor.toolkit.channels import DEFAULT_EPS, Space, Tensors, apply_channel_maps, channel_spaces, input_params
 
 __all__ = [
@@ -215,3 +215,168 @@ def factor_linear(model: nn.Module, *, seed: int, layers: list[str] | None = Non
         parent = out.get_submodule(parent_name) if parent_name else out
         setattr(parent, attr, _factored(layer, random_orthogonal(width, generator=gen)))
     return out, names
+
+
+# --- linear structure edits (issue 13): each keeps the function, each is a chain or a map restore undoes ---
+
+__all__ += ["bn_between", "factor_chain", "insert_identity", "invertible_map", "linear_pairs", "random_invertible"]
+
+
+def random_invertible(n: int, *, condition: float, generator: torch.Generator) -> torch.Tensor:
+    """A random ``n x n`` matrix with singular values log-spaced from ``1/sqrt(condition)`` to
+    ``sqrt(condition)`` (condition number ``condition``) between two random orthogonal bases, float64."""
+    if condition < 1:
+        raise UsageError(f"a condition number is at least 1, not {condition:g}")
+    u, v = random_orthogonal(n, generator=generator), random_orthogonal(n, generator=generator)
+    s = torch.logspace(-0.5, 0.5, n, base=condition, dtype=torch.float64)
+    return (u * s[torch.randperm(n, generator=generator)].reshape(1, -1)) @ v.T
+
+
+def _pointwise_like(layer: _Factorable, width: int, weight: torch.Tensor, bias: torch.Tensor | None) -> _Factorable:
+    """A 1x1 convolution (or a linear layer) of ``layer``'s kind from ``width`` to ``weight.shape[0]``."""
+    out_w = weight.shape[0]
+    new: _Factorable
+    if isinstance(layer, nn.Linear):
+        new = nn.Linear(width, out_w, bias=bias is not None)
+    else:
+        new = type(layer)(width, out_w, 1, bias=bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(weight.reshape(tuple(new.weight.shape)).float())
+        if bias is not None and new.bias is not None:
+            new.bias.copy_(bias.float())
+    return new
+
+
+def _with_weight(layer: _Factorable, weight: torch.Tensor, bias: torch.Tensor | None) -> _Factorable:
+    new = copy.deepcopy(layer)  # same kernel, stride, padding, dilation
+    new.weight = nn.Parameter(weight.reshape(layer.weight.shape).float())
+    new.bias = None if bias is None else nn.Parameter(bias.float())
+    return new
+
+
+def _replace_layers(
+    model: nn.Module, layers: list[str] | None, build: Callable[[_Factorable, torch.Generator], nn.Module], seed: int
+) -> tuple[nn.Module, list[str]]:
+    """A copy of ``model`` whose named (default: every ungrouped convolution and linear) layers are replaced
+    by ``build(layer, generator)``, in module order."""
+    out = copy.deepcopy(model)
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Linear)
+    found = {n: m for n, m in out.named_modules() if isinstance(m, kinds) and getattr(m, "groups", 1) == 1}
+    names = list(found) if layers is None else list(layers)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise UsageError(f"cannot edit {', '.join(missing)}: layers that can be edited: {', '.join(found)}")
+    gen = torch.Generator().manual_seed(seed)
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        setattr(parent, attr, build(found[name], gen))
+    return out, names
+
+
+def _width(layer: _Factorable) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def insert_identity(model: nn.Module, *, layers: list[str] | None = None) -> tuple[nn.Module, list[str]]:
+    """A copy of ``model`` with an identity 1x1 convolution (or square linear layer, weights ``I``, no bias)
+    after each named layer: ``conv1`` becomes ``conv1.0`` (the layer) and ``conv1.1`` (the identity)."""
+
+    def build(layer: _Factorable, gen: torch.Generator) -> nn.Module:
+        eye = torch.eye(_width(layer), dtype=torch.float64)
+        return nn.Sequential(layer, _pointwise_like(layer, _width(layer), eye, None))
+
+    return _replace_layers(model, layers, build, 0)
+
+
+def bn_between(model: nn.Module, *, seed: int, layers: list[str] | None = None) -> tuple[nn.Module, list[str]]:
+    """A copy of ``model`` with each named layer ``W`` written as ``Q^T W`` (no bias), a batch-norm with random
+    statistics and affine parameters, and a 1x1 convolution (or linear layer) ``Q diag(1/g)`` with bias
+    ``b - Q (h / g)`` that undoes both (``g``, ``h``: the batch-norm's gain and shift); ``Q`` random orthogonal.
+    Names ``conv1.0``, ``conv1.1`` (the batch-norm), ``conv1.2``."""
+
+    def build(layer: _Factorable, gen: torch.Generator) -> nn.Module:
+        n = _width(layer)
+        q = random_orthogonal(n, generator=gen)
+        w = layer.weight.detach().double()
+        first = _with_weight(layer, q.T @ w.reshape(n, -1), None)
+        norm = (nn.BatchNorm1d if isinstance(layer, nn.Linear | nn.Conv1d) else nn.BatchNorm2d)(n).eval()
+        gamma, beta = torch.empty(n).uniform_(0.5, 2.0, generator=gen) * _signs(n, gen), torch.randn(n, generator=gen)
+        mean, var = torch.randn(n, generator=gen), torch.empty(n).uniform_(0.5, 2.0, generator=gen)
+        norm.load_state_dict({"weight": gamma, "bias": beta, "running_mean": mean, "running_var": var,
+                              "num_batches_tracked": torch.tensor(0)})  # fmt: skip
+        g = gamma.double() / torch.sqrt(var.double() + norm.eps)
+        h = beta.double() - mean.double() * g
+        bias = -(q @ (h / g))
+        if layer.bias is not None:
+            bias = bias + layer.bias.detach().double()
+        return nn.Sequential(first, norm, _pointwise_like(layer, n, q / g.reshape(1, -1), bias))
+
+    return _replace_layers(model, layers, build, seed)
+
+
+def _signs(n: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+
+
+def factor_chain(
+    model: nn.Module, *, seed: int, layers: list[str] | None = None, condition: float = 10.0
+) -> tuple[nn.Module, list[str]]:
+    """A copy of ``model`` with each named layer ``W`` factored into three linear operations: ``A W`` (``A``
+    random invertible of condition number ``condition``, no bias), a 1x1 convolution (or square linear
+    layer) ``Q`` (random orthogonal) and one ``(Q A)^-1`` with the original bias. Names ``.0``, ``.1``, ``.2``."""
+
+    def build(layer: _Factorable, gen: torch.Generator) -> nn.Module:
+        n = _width(layer)
+        a = random_invertible(n, condition=condition, generator=gen)
+        q = random_orthogonal(n, generator=gen)
+        w = layer.weight.detach().double()
+        bias = None if layer.bias is None else layer.bias.detach().double()
+        first = _with_weight(layer, a @ w.reshape(n, -1), None)
+        last = torch.linalg.inv(q @ a)
+        return nn.Sequential(first, _pointwise_like(layer, n, q, None), _pointwise_like(layer, n, last, bias))
+
+    return _replace_layers(model, layers, build, seed)
+
+
+def linear_pairs(graph: LayerGraph) -> list[tuple[str, str]]:
+    """The pairs ``(a, b)`` of the graph where ``a`` (an ungrouped convolution or linear layer) feeds ``b``
+    alone and ``b`` reads ``a`` alone, nothing but Identity/Dropout between them, and ``b`` is a linear layer
+    after a linear layer or a 1x1 convolution after a convolution: an invertible map fits between them."""
+    layers = {x.name: x for x in graph.layers}
+    kinds = (LayerKind.CONV1D, LayerKind.CONV2D, LayerKind.LINEAR)
+    out = []
+    for a in graph.layers:
+        readers = graph.consumers(a.name)
+        if a.kind not in kinds or a.weight is None or len(readers) != 1 or readers[0].dst not in layers:
+            continue
+        b, edge = layers[readers[0].dst], readers[0]
+        if b.kind is not a.kind or b.weight is None or len(graph.producers(b.name)) != 1:
+            continue
+        groups = [int(x.attrs.get("groups", 1)) for x in (a, b)]
+        if groups != [1, 1] or edge.offset not in (0, None) or set(edge.via) - {"Identity", "Dropout"}:
+            continue
+        if b.in_channels == a.out_channels and all(k == 1 for k in b.weight.shape[2:]):
+            out.append((a.name, b.name))
+    return out
+
+
+def invertible_map(
+    graph: LayerGraph, tensors: Input, pairs: list[tuple[str, str]], *, seed: int, condition: float = 10.0
+) -> Tensors:
+    """An invertible map ``A`` (random, condition number ``condition``) and its inverse between each pair
+    ``(a, b)`` of :func:`linear_pairs`: ``W_a -> A W_a``, ``b_a -> A b_a``, ``W_b -> W_b A^-1``. The model's
+    names and shapes stay; what it computes stays up to rounding."""
+    gen = torch.Generator().manual_seed(seed)
+    out = _copy(tensors)
+    for a, b in pairs:
+        wa, wb = out[a]["weight"], out[b]["weight"]
+        n = wa.shape[0]
+        m = random_invertible(n, condition=condition, generator=gen)
+        out[a] = {**out[a], "weight": (m @ wa.double().reshape(n, -1)).reshape(wa.shape).to(wa.dtype)}
+        if "bias" in out[a]:
+            out[a]["bias"] = (m @ out[a]["bias"].double()).to(wa.dtype)
+        inv = torch.linalg.inv(m)
+        flat = wb.double().reshape(wb.shape[0], n)
+        out[b] = {**out[b], "weight": (flat @ inv).reshape(wb.shape).to(wb.dtype)}
+    return out

@@ -19,7 +19,7 @@ __all__ = ["BASELINE", "GROUP_ORDER", "ONNX_ATTACKS", "Cell", "contributed", "fu
 #: The cell that evaluates the model as it is.
 BASELINE = "none"
 #: The attacks that write an ONNX file (run in onnxruntime when the grid measures accuracy).
-ONNX_ATTACKS = frozenset({"onnx-export", "quantize-dynamic", "factor-linear"})
+ONNX_ATTACKS = frozenset({"onnx-export", "quantize-dynamic", "factor-linear", "insert-identity", "bn-between", "chain"})
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,10 @@ def full_grid(*, bundles: Mapping[str, str] | None = None) -> list[Cell]:
             "every linear layer factored through an orthogonal map (Q^T W, then Q)",
             "function-preserving",
         ),
+        Cell("insert-identity", "an identity layer inserted after every layer", "function-preserving"),
+        Cell("bn-between", "every layer split through a random batch-norm (Q^T W, BN, undone)", "function-preserving"),
+        Cell("chain", "every layer factored into three linear operations (A W, Q, (QA)^-1)", "function-preserving"),
+        Cell("invertible-map", "an invertible map (condition 10) between two linear layers", "function-preserving"),
     ]
     cells += [
         Cell("cast-fp16", "float16 cast", "precision"),

@@ -1,23 +1,37 @@
 """Canonical form before alignment: linear chains fused into one layer.
 
-A thief can factor a layer ``W`` into two with no nonlinearity between them,
-``Q^T W`` then a 1x1 convolution (or a square linear layer) ``Q`` with ``Q``
-a random orthogonal matrix: the model computes the same, but no channel
-permutation, scale or sign turns ``Q^T W`` into ``W``. The product does: the
-chain is fused back, ``W = Q W'`` and ``b = Q b' + c``, and the inserted map
-vanishes whatever it was.
+A thief can factor a layer ``W`` into several with no nonlinearity between
+them: ``Q^T W`` then a 1x1 convolution (or a square linear layer) ``Q``; an
+inserted identity layer; a batch-norm whose affine map the next layer undoes;
+a layer split into three linear operations. The model computes the same, but
+no channel permutation, scale or sign turns the pieces into ``W``. Their
+product does: each chain is fused back, ``W = W_k ... G W_1`` and the biases
+carried through (a batch-norm in the chain is the affine map
+``g x + beta - mean g``, ``g = gamma / sqrt(var + eps)``), and whatever was
+inserted vanishes.
 
-A pair ``a -> b`` is fused when the edges say ``a`` feeds ``b`` alone, ``b``
-reads ``a`` alone, nothing but identity operations sit between them
-(:data:`LINEAR_VIA`), neither is grouped or per-channel, and ``b`` is a
-1x1 convolution with stride 1 and no padding (or a linear layer after a
-linear layer). Edges guessed from file order (a bare state dict) are trusted
-only where the names say the two are one module's consecutive entries
-(``conv1.0``, ``conv1.1``); the log says so. The fused graph must then have
-as many weighted layers as the reference, each fused layer paired
-(:func:`~.align.align_layers`) with a reference layer of its own weight
-shape; it takes that layer's name, so that the later restorers and the
-detectors find it where they find the reference's.
+A chain (:func:`linear_runs`) starts at an ungrouped convolution or linear
+layer and follows each link ``x -> y`` where the edges say ``x`` feeds ``y``
+alone, ``y`` reads ``x`` alone, nothing but identity operations sit between
+them (:data:`LINEAR_VIA`), and ``y`` is a batch-norm over ``x``'s channels, a
+1x1 convolution with stride 1 and no padding after a convolution, or a linear
+layer after a linear layer. A batch-norm at the end of a chain is not part of
+it (the reference has it there too). Edges guessed from file order (a bare
+state dict) are trusted only where the names say the two are one module's
+consecutive entries (``conv1.0``, ``conv1.1``, ``conv1.2``): a gap in the
+numbering is a parameter-free module, which may be a ReLU; the log says which.
+
+The reference decides how far to fuse: where the reference itself has a
+chain (a bottleneck of two linear layers with nothing between), the suspect's
+chain over the same widths is fused into as many layers as the reference's,
+split where its widths match (:func:`_segments`); the invertible map that may
+sit between those (:mod:`.basis`) is the next restorer's job. The fused graph
+must then have as many weighted layers as the reference, each fused layer
+paired (:func:`~.align.align_layers`) with a reference layer of its own
+weight shape; it takes that layer's name, so that the later restorers and
+the detectors find it where they find the reference's. A bias the fusion
+created in front of a batch-norm, where the reference layer has none, is
+moved into that batch-norm's running mean (the same function).
 """
 
 from __future__ import annotations
@@ -28,11 +42,11 @@ from typing import Any
 
 import torch
 
-from auditor.graph import EdgeSource, Layer, LayerGraph, LayerKind, TensorRef
+from auditor.graph import Edge, EdgeSource, Layer, LayerGraph, LayerKind, TensorRef
 from auditor.plugins.restore.align import align_layers
-from auditor.toolkit.channels import PRODUCER_KINDS, is_pass_through
+from auditor.toolkit.channels import DEFAULT_EPS, PRODUCER_KINDS, is_pass_through
 
-__all__ = ["LINEAR_VIA", "Fusion", "fuse_chains"]
+__all__ = ["LINEAR_VIA", "Fusion", "fuse_chains", "linear_link", "linear_runs"]
 
 #: Operations on an edge that keep a chain linear (anything else, a ReLU or a pooling, ends it).
 LINEAR_VIA = frozenset({"Identity", "Dropout"})
@@ -41,7 +55,7 @@ _ENTRY = re.compile(r"^(.*)\.(\d+)$")
 
 @dataclasses.dataclass
 class Fusion:
-    """One fused chain: the two suspect layers and what came of them."""
+    """One fused chain: its suspect layers (batch-norms included) and what came of them."""
 
     first: str
     second: str
@@ -49,15 +63,22 @@ class Fusion:
     residual: float
     edges: str
     reference: str | None = None
+    chain: list[str] = dataclasses.field(default_factory=list)
 
     def to_log(self) -> dict[str, Any]:
         """JSON-ready form for the restore log."""
-        return {"name": self.fused, "first": self.first, "second": self.second, "reference": self.reference,
-                "residual": float(f"{self.residual:.3g}"), "edges": self.edges}  # fmt: skip
+        return {
+            "name": self.fused, "first": self.first, "second": self.second, "chain": list(self.chain),
+            "reference": self.reference, "residual": float(f"{self.residual:.3g}"), "edges": self.edges,
+        }  # fmt: skip
 
 
 def _weighted(layer: Layer) -> bool:
     return layer.kind in PRODUCER_KINDS and layer.weight is not None and not is_pass_through(layer)
+
+
+def _norm(layer: Layer) -> bool:
+    return layer.kind is LayerKind.BATCH_NORM and is_pass_through(layer) and "running_var" in layer.params
 
 
 def _ungrouped(layer: Layer) -> bool:
@@ -79,90 +100,187 @@ def _consecutive(a: str, b: str) -> bool:
     return ma is not None and mb is not None and ma.group(1) == mb.group(1) and int(mb.group(2)) == int(ma.group(2)) + 1
 
 
-def _chains(graph: LayerGraph) -> list[tuple[Layer, Layer, str]]:
-    """The fusable pairs ``(a, b, where the edge comes from)``, in graph order, no layer in two pairs."""
+def linear_link(graph: LayerGraph, x: Layer, family: LayerKind, layers: dict[str, Layer]) -> tuple[Layer, str] | None:
+    """The layer ``y`` that continues a linear chain of ``family`` after ``x``, with where the edge comes
+    from; None where the chain ends (see the module docstring)."""
+    readers = [e for e in graph.edges if e.src == x.name]
+    if len(readers) != 1 or readers[0].dst not in layers:
+        return None
+    edge = readers[0]
+    y = layers[edge.dst]
+    if edge.offset not in (0, None) or not set(edge.via) <= LINEAR_VIA:
+        return None
+    if {e.src for e in graph.edges if e.dst == y.name} != {x.name} or y.in_channels != x.out_channels:
+        return None
+    if _norm(y):
+        pass
+    elif not (_weighted(y) and _ungrouped(y) and y.kind is family):
+        return None
+    elif family is not LayerKind.LINEAR and not _pointwise(y):
+        return None
+    if edge.source is EdgeSource.GRAPH:
+        return y, "the file's graph"
+    if _consecutive(x.name, y.name):
+        return y, "inferred from file order; the names say one module's consecutive entries"
+    return None  # a guessed edge between unrelated names: a ReLU may sit there unseen
+
+
+def linear_runs(graph: LayerGraph) -> list[tuple[list[Layer], str]]:
+    """The maximal linear chains of two or more weighted layers (batch-norms between them included), in
+    graph order, no layer in two chains, with where their edges come from."""
     layers = {x.name: x for x in graph.layers}
-    out: list[tuple[Layer, Layer, str]] = []
+    out: list[tuple[list[Layer], str]] = []
     used: set[str] = set()
     for a in graph.layers:
-        if a.name in used or not _weighted(a) or not _ungrouped(a):
+        if a.name in used or not (_weighted(a) and _ungrouped(a)) or _continues(graph, a, layers):
             continue
-        readers = [e for e in graph.edges if e.src == a.name]
-        if len(readers) != 1 or readers[0].dst not in layers:
+        run, wheres = [a], set()
+        while (link := linear_link(graph, run[-1], a.kind, layers)) is not None and link[0].name not in used:
+            run.append(link[0])
+            wheres.add(link[1])
+        while run and _norm(run[-1]):
+            run.pop()
+        if sum(1 for x in run if _weighted(x)) < 2:
             continue
-        edge = readers[0]
-        b = layers[edge.dst]
-        if b.name in used or not _weighted(b) or not _ungrouped(b) or edge.offset not in (0, None):
-            continue
-        if {e.src for e in graph.edges if e.dst == b.name} != {a.name} or not set(edge.via) <= LINEAR_VIA:
-            continue
-        conv_pair = a.kind is b.kind and a.kind is not LayerKind.LINEAR and _pointwise(b)
-        if not (conv_pair or (a.kind is b.kind is LayerKind.LINEAR)) or b.in_channels != a.out_channels:
-            continue
-        if edge.source is EdgeSource.GRAPH:
-            where = "the file's graph"
-        elif _consecutive(a.name, b.name):
-            where = "inferred from file order; the names say one module's consecutive entries"
-        else:
-            continue  # a guessed edge between unrelated names: a ReLU may sit there unseen
-        out.append((a, b, where))
-        used |= {a.name, b.name}
+        out.append((run, "; ".join(sorted(wheres))))
+        used |= {x.name for x in run}
     return out
 
 
-def _fuse(a: Layer, b: Layer, name: str) -> tuple[Layer, float]:
-    """The one layer computing ``b(a(x))``, and the relative residual of the product on random inputs."""
-    wa = a.params["weight"].read(float32=True).to(torch.float64)
-    wb = b.params["weight"].read(float32=True).to(torch.float64).reshape(b.weight.shape[0], -1)  # type: ignore[union-attr]
-    flat = wa.reshape(wa.shape[0], -1)
-    fused = wb @ flat
-    bias = b.params["bias"].read(float32=True).to(torch.float64) if "bias" in b.params else None
-    if "bias" in a.params:
-        inner = wb @ a.params["bias"].read(float32=True).to(torch.float64)
-        bias = inner if bias is None else bias + inner
-    w32 = fused.to(torch.float32)
-    probe = torch.randn(flat.shape[1], 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    chain = wb @ (flat.to(torch.float32).to(torch.float64) @ probe)
-    residual = float((w32.to(torch.float64) @ probe - chain).norm() / chain.norm().clamp_min(1e-30))
-    params = {"weight": TensorRef.from_tensor(f"{name}.weight", w32.reshape((-1, *wa.shape[1:])))}
+def _continues(graph: LayerGraph, a: Layer, layers: dict[str, Layer]) -> bool:
+    """Whether ``a`` continues a chain that a weighted layer before it begins (then it is no chain's start)."""
+    current, seen = a, set()
+    while current.name not in seen:
+        seen.add(current.name)
+        srcs = {e.src for e in graph.edges if e.dst == current.name}
+        prev = layers.get(srcs.pop()) if len(srcs) == 1 else None
+        if prev is None or not (_norm(prev) or _weighted(prev)):
+            return False
+        link = linear_link(graph, prev, a.kind, layers)
+        if link is None or link[0].name != current.name:
+            return False
+        if _weighted(prev):
+            return _ungrouped(prev) and prev.kind is a.kind
+        current = prev
+    return False
+
+
+def _widths(run: list[Layer]) -> tuple[LayerKind, int | None, int | None]:
+    return run[0].kind, run[0].in_channels, run[-1].out_channels
+
+
+def _segments(run: list[Layer], reference_runs: list[list[Layer]]) -> list[list[Layer]]:
+    """``run`` split into as many pieces as the reference's chain over the same widths has weighted layers
+    (one piece where the reference has none): boundaries after the last weighted layer, from the end,
+    whose output width is the reference layer's."""
+    whole = [run]
+    ref = next((r for r in reference_runs if _widths(r) == _widths(run)), None)
+    if ref is None:
+        return whole
+    ref_w = [x for x in ref if _weighted(x)]
+    idx = [i for i, x in enumerate(run) if _weighted(x)]
+    if len(ref_w) > len(idx):
+        return whole
+    cuts: list[int] = []  # positions in ``run`` after which a piece ends
+    limit = len(idx) - 1  # the last weighted layer always closes the last piece
+    for j in range(len(ref_w) - 2, -1, -1):
+        width = ref_w[j].out_channels
+        found = [k for k in range(j, limit) if run[idx[k]].out_channels == width]
+        if not found:
+            return whole
+        limit = found[-1]
+        end = idx[limit]
+        while end + 1 < len(run) and _norm(run[end + 1]):  # a batch-norm goes with the piece before it
+            end += 1
+        cuts.append(end)
+    cuts.sort()
+    pieces, start = [], 0
+    for end in cuts:
+        pieces.append(run[start : end + 1])
+        start = end + 1
+    pieces.append(run[start:])
+    return pieces
+
+
+def _affine(layer: Layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A chain element as ``(matrix or per-channel gain, bias)`` in float64."""
+    p = {k: v.read(float32=True).to(torch.float64) for k, v in layer.params.items()}
+    if _norm(layer):
+        g = p["weight"] / torch.sqrt(p["running_var"] + float(layer.attrs.get("eps", DEFAULT_EPS)))
+        return g, p.get("bias", torch.zeros_like(g)) - p["running_mean"] * g
+    return p["weight"].reshape(p["weight"].shape[0], -1), p.get("bias")
+
+
+def _fuse(piece: list[Layer], name: str) -> tuple[Layer, float]:
+    """The one layer computing the chain ``piece``, and the relative residual of the float32 result on
+    random inputs against the chain applied step by step."""
+    first = piece[0]
+    w, bias = _affine(first)
+    probe = torch.randn(w.shape[1], 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    chain = w.to(torch.float32).to(torch.float64) @ probe + (0 if bias is None else bias.reshape(-1, 1))
+    for layer in piece[1:]:
+        m, c = _affine(layer)
+        if m.ndim == 1:
+            w, chain = m.reshape(-1, 1) * w, m.reshape(-1, 1) * chain
+            bias = m * bias if bias is not None else None
+        else:
+            w, chain = m @ w, m.to(torch.float32).to(torch.float64) @ chain
+            bias = m @ bias if bias is not None else None
+        if c is not None:
+            bias = c if bias is None else bias + c
+            chain = chain + c.reshape(-1, 1)
+    w32 = w.to(torch.float32)
+    b32 = None if bias is None else bias.to(torch.float32).to(torch.float64).reshape(-1, 1)
+    out = w32.to(torch.float64) @ probe + (0 if b32 is None else b32)
+    residual = float((out - chain).norm() / chain.norm().clamp_min(1e-30))
+    shape = (-1, *first.weight.shape[1:])  # type: ignore[union-attr]
+    params = {"weight": TensorRef.from_tensor(f"{name}.weight", w32.reshape(shape))}
     if bias is not None:
         params["bias"] = TensorRef.from_tensor(f"{name}.bias", bias.to(torch.float32))
-    attrs = {**a.attrs, "restored": f"fused from {a.name} and {b.name}"}
-    source = f"fused: {a.name} -> {b.name}"
-    return dataclasses.replace(a, name=name, params=params, attrs=attrs, source=source), residual
+    names = " -> ".join(x.name for x in piece)
+    attrs = {**first.attrs, "restored": f"fused from {names}"}
+    return dataclasses.replace(first, name=name, params=params, attrs=attrs, source=f"fused: {names}"), residual
 
 
 def fuse_chains(suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph | None, list[Fusion], str]:
     """The suspect with its linear chains fused (None when there is nothing to fuse that the reference
     explains), the fusions, and why (see the module docstring)."""
-    chains = _chains(suspect)
-    if not chains:
-        return None, [], "no chain of two linear layers without a nonlinearity between them"
+    runs = linear_runs(suspect)
+    if not runs:
+        return None, [], "no chain of linear layers without a nonlinearity between them"
+    reference_runs = [r for r, _ in linear_runs(reference)]
+    pieces = [(p, where) for run, where in runs for p in _segments(run, reference_runs)]
+    pieces = [(p, where) for p, where in pieces if len(p) > 1]
+    if not pieces:
+        return None, [], "every linear chain is one the reference has too: nothing to fuse"
     n_suspect = sum(1 for x in suspect.layers if _weighted(x))
+    n_fused = n_suspect - sum(sum(1 for x in p if _weighted(x)) - 1 for p, _ in pieces)
     n_reference = sum(1 for x in reference.layers if _weighted(x))
-    if n_suspect - len(chains) != n_reference:
+    if n_fused != n_reference:
         why = (
-            f"{len(chains)} chain(s) found, but fused the suspect would have {n_suspect - len(chains)} weighted"
+            f"{len(pieces)} chain(s) found, but fused the suspect would have {n_fused} weighted"
             f" layer(s) where the reference has {n_reference}: left alone"
         )
         return None, [], why
     layers: list[Layer] = []
     edges = list(suspect.edges)
     fusions: list[Fusion] = []
-    firsts = {a.name: (a, b, where) for a, b, where in chains}
-    seconds = {b.name: a.name for a, b, _ in chains}
+    starts = {p[0].name: (p, where) for p, where in pieces}
+    inside = {x.name for p, _ in pieces for x in p[1:]}
     for layer in suspect.layers:
-        if layer.name in seconds:
+        if layer.name in inside:
             continue
-        if layer.name not in firsts:
+        if layer.name not in starts:
             layers.append(layer)
             continue
-        a, b, where = firsts[layer.name]
-        fused, residual = _fuse(a, b, a.name)
+        piece, where = starts[layer.name]
+        fused, residual = _fuse(piece, layer.name)
         layers.append(fused)
-        fusions.append(Fusion(a.name, b.name, a.name, residual, where))
-        edges = [e for e in edges if not (e.src == a.name and e.dst == b.name)]
-        edges = [dataclasses.replace(e, src=a.name) if e.src == b.name else e for e in edges]
+        members = {x.name for x in piece}
+        fusions.append(Fusion(piece[0].name, piece[-1].name, layer.name, residual, where,
+                              chain=[x.name for x in piece]))  # fmt: skip
+        edges = [e for e in edges if not (e.src in members and e.dst in members)]
+        edges = [dataclasses.replace(e, src=layer.name) if e.src == piece[-1].name else e for e in edges]
     graph = dataclasses.replace(suspect, layers=layers, edges=edges, files=list(suspect.files),
                                 metadata=dict(suspect.metadata))  # fmt: skip
     # Name each fused layer as the reference layer it pairs with, where that name is free.
@@ -175,7 +293,7 @@ def fuse_chains(suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph 
         ref = ref_layers.get(ref_name) if ref_name is not None else None
         fused_layer = next(x for x in layers if x.name == f.fused)
         if ref is None or ref.weight is None or ref.weight.shape != fused_layer.weight.shape:  # type: ignore[union-attr]
-            return None, [], f"fused, {f.first} -> {f.second} has no reference layer of its shape: left alone"
+            return None, [], f"fused, {' -> '.join(f.chain)} has no reference layer of its shape: left alone"
         f.reference = ref.name
         if ref.name != f.fused and ref.name not in taken:
             renames[f.fused] = ref.name
@@ -185,9 +303,33 @@ def fuse_chains(suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph 
         edges = [dataclasses.replace(e, src=renames.get(e.src, e.src), dst=renames.get(e.dst, e.dst)) for e in edges]
         for f in fusions:
             f.fused = renames.get(f.fused, f.fused)
-    note = "restore-canonical: " + ", ".join(f"{f.first} -> {f.second} fused into {f.fused}" for f in fusions)
+    layers = _bias_into_norms(layers, edges, fusions, ref_layers)
+    note = "restore-canonical: " + ", ".join(f"{' -> '.join(f.chain)} fused into {f.fused}" for f in fusions)
     graph = dataclasses.replace(graph, layers=layers, edges=edges, notes=[*suspect.notes, note])
     return graph, fusions, f"{len(fusions)} linear chain(s) fused"
+
+
+def _bias_into_norms(
+    layers: list[Layer], edges: list[Edge], fusions: list[Fusion], reference: dict[str, Layer]
+) -> list[Layer]:
+    """Each fused layer's bias moved into the batch-norm it alone feeds, where its reference layer has no
+    bias: ``BN(x + b)`` is ``BN(x)`` with running mean ``mean - b``."""
+    by_name = {x.name: x for x in layers}
+    for f in fusions:
+        layer, ref = by_name[f.fused], reference.get(f.reference or "")
+        readers = [e for e in edges if e.src == f.fused]
+        if ref is None or "bias" in ref.params or "bias" not in layer.params or len(readers) != 1:
+            continue
+        bn = by_name.get(readers[0].dst)
+        if bn is None or not _norm(bn) or set(readers[0].via) - LINEAR_VIA:
+            continue
+        bias = layer.params["bias"].read(float32=True).to(torch.float64)
+        mean = bn.params["running_mean"].read(float32=True).to(torch.float64)
+        params = {**bn.params, "running_mean": TensorRef.from_tensor(f"{bn.name}.running_mean",
+                                                                    (mean - bias).to(torch.float32))}  # fmt: skip
+        by_name[bn.name] = dataclasses.replace(bn, params=params)
+        by_name[f.fused] = dataclasses.replace(layer, params={k: v for k, v in layer.params.items() if k != "bias"})
+    return [by_name[x.name] for x in layers]
 
 
 def _renamed(layer: Layer, name: str) -> Layer:

@@ -58,14 +58,17 @@ def _digest(path: Path) -> tuple[str, int]:
     return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
 
 
-FUNCTION_PRESERVING = ["bn-fold", "expand", "factor-linear", "onnx-export", "permute", "scale", "sign-flip"]
+FUNCTION_PRESERVING = ["bn-fold", "expand", "factor-linear", "onnx-export", "permute", "scale", "sign-flip",
+                       "insert-identity", "bn-between", "chain"]  # fmt: skip
+#: New layers: written as ONNX, so that the file runs (and is read back with more layers than the original).
+STRUCTURAL = ("factor-linear", "insert-identity", "bn-between", "chain")
 
 
 def test_function_preserving_claims_are_the_tested_ones() -> None:
     """A new attack that claims to keep the function must join the test below (forgeries are tested
     unchanged in test_attacks_training.py)."""
     claimed = {aid for aid, a in attacks().items() if a.function_preserving and not aid.startswith("forge-")}
-    assert claimed == set(FUNCTION_PRESERVING)
+    assert claimed == {*FUNCTION_PRESERVING, "invertible-map"}  # on a model with a linear pair: test_linear_attacks
 
 
 @pytest.mark.parametrize("arch", ["cnn", "resnet"])
@@ -78,7 +81,7 @@ def test_function_preserving_attack_keeps_outputs(
     zoo: dict[str, SimpleNamespace], arch: str, attack: str, options: dict[str, Any], fmt: str
 ) -> None:
     m = zoo[arch]
-    suffix = ".onnx" if attack in ("onnx-export", "factor-linear") else ".safetensors"
+    suffix = ".onnx" if attack in ("onnx-export", *STRUCTURAL) else ".safetensors"
     out = m.out / f"{attack}-{'-'.join(map(str, options.values()))}-{fmt}{suffix}"
     summary = attacks()[attack].apply(m.files[fmt], out, options={**options, "seed": 3, "overwrite": True})
     run = predictor(out)
@@ -86,7 +89,7 @@ def test_function_preserving_attack_keeps_outputs(
     change = float((run(m.x) - m.y).abs().max())
     assert change <= 1e-4, (attack, summary)
     if suffix == ".onnx":  # the graph itself is read back: a factored model has one layer more per factor
-        if attack == "factor-linear":
+        if attack in STRUCTURAL:
             assert len(load_model(out).layers) > len(load_model(m.files["safetensors"]).layers), summary
     else:  # the attack changed the stored weights, or it proved nothing
         before, after = read_model(m.files[fmt]).state_dict(), load_file(out)
