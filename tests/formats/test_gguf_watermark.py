@@ -1,0 +1,40 @@
+"""Greedy Residuals through llama.cpp's conversion: a marked Llama-style decoder converted to GGUF (names
+mapped, rotary rows reordered, quantised) is found at F16, Q8_0, Q4_0 and Q4_K; an independently trained
+one is not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from auditor.errors import EXIT_NOT_FOUND, EXIT_OK
+from auditor.toolkit.gguf import hf_to_gguf, write_gguf
+
+pytestmark = pytest.mark.slow  # trains two small decoders (about 15 s)
+
+
+def _gguf(model: SimpleNamespace, path: Path, qtype: str) -> Path:
+    meta = {"general.architecture": "llama", "llama.attention.head_count": model.heads,
+            "llama.attention.head_count_kv": model.kv_heads, "llama.block_count": 2}  # fmt: skip
+    return write_gguf(path, hf_to_gguf(model.state, heads=model.heads, kv_heads=model.kv_heads, type_name=qtype), meta)
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0", "Q4_K"])
+def test_marked_llama_is_found_after_gguf_conversion(tmp_path: Path, run_cli, llama_owner, qtype: str) -> None:  # type: ignore[no-untyped-def]
+    suspect = _gguf(llama_owner, tmp_path / f"stolen-{qtype}.gguf", qtype)
+    result = run_cli("audit", str(suspect), "--bundle", str(llama_owner.bundle), "--json")
+    report = json.loads(result.stdout)
+    assert result.code == EXIT_OK, result.stderr
+    finding = next(f for f in report["findings"] if f["scheme"] == "greedy-residuals")
+    assert finding["verdict"] == "detected"
+    assert finding["metrics"]["log10_combined_p"] < -20
+
+
+def test_innocent_llama_in_gguf_is_not_claimed(tmp_path: Path, run_cli, llama_owner, llama_innocent) -> None:  # type: ignore[no-untyped-def]
+    suspect = _gguf(llama_innocent, tmp_path / "innocent.gguf", "Q4_K")
+    result = run_cli("audit", str(suspect), "--bundle", str(llama_owner.bundle), "--json")
+    assert result.code == EXIT_NOT_FOUND, result.stderr
+    assert json.loads(result.stdout)["verdict"] == "not-detected"
