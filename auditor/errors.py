@@ -23,10 +23,13 @@ EXIT_INTERNAL = 70
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success (for an audit: the watermark was found)",
     EXIT_NOT_FOUND: (
-        "audit completed: no watermark found; `report verify`: the report was altered or its signature does not verify"
+        "audit completed: no watermark found; `report verify`: the report was altered or its signature does not verify;"
+        " `embed`: the watermark just embedded would not be found (nothing written)"
     ),
     EXIT_USAGE: "bad command line (unknown option, missing argument)",
-    EXIT_INCONCLUSIVE: "audit completed: inconclusive",
+    EXIT_INCONCLUSIVE: (
+        "audit completed: inconclusive; `evaluate`: a cell of the grid failed (each printed with its reason)"
+    ),
     EXIT_INPUT: "input error: a file is missing, unreadable, truncated, malformed or of an unknown format",
     EXIT_UNSAFE: "input refused as unsafe: it holds code or objects to run, or points outside its folder",
     EXIT_PLUGIN: "plugin error: a plugin failed to load or registered something invalid",

@@ -112,7 +112,7 @@ def export_onnx(model: Runnable, out: Path, *, exporter: str = "legacy", trainin
     module = copy.deepcopy(model.module)
     mode = torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL
     module.train(training)
-    example = (torch.zeros(2, *model.input_shape),)
+    example = (torch.zeros(2, *model.input_shape, dtype=model.input_dtype),)
     kwargs: dict[str, Any] = {"input_names": ["input"], "output_names": ["logits"]}
     if exporter == "legacy":
         kwargs.update(dynamo=False, training=mode, do_constant_folding=not training,

@@ -9,7 +9,9 @@ names in a saved state dict are readable in a report.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,8 +30,10 @@ __all__ = [
     "SmallCNN",
     "SmallResNet",
     "build",
+    "declared_input",
     "model_graph",
     "owner_model",
+    "probe_input",
 ]
 
 
@@ -200,3 +204,40 @@ def model_graph(model: nn.Module) -> LayerGraph:
 
     tensors = [(k, TensorRef.from_tensor(k, v.detach())) for k, v in model.state_dict().items()]
     return graph_from_tensors("model", Path("<in-memory model>"), tensors, files=[], order="module order")
+
+
+#: The input this run's models take when they declare none (:func:`probe_input`): ``(shape, dtype)``.
+_PROBE: ContextVar[tuple[tuple[int, ...], torch.dtype] | None] = ContextVar("auditor_probe_input", default=None)
+
+
+def declared_input(model: nn.Module) -> tuple[tuple[int, ...], torch.dtype] | None:
+    """The input an owner's model says it takes: one example's shape without the batch axis and its dtype.
+
+    A model declares it with an ``input_shape`` attribute (``(4, 64)`` for a ``Conv1d`` over four
+    channels of 64 steps) and, for anything but float32, an ``input_dtype`` (``torch.int64`` for
+    token ids). Without one, the input :func:`probe_input` set for this run, if any; else ``None``.
+    Raises :class:`~auditor.errors.UsageError` for a malformed declaration.
+    """
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        return _PROBE.get()
+    if not isinstance(shape, tuple | list) or not all(isinstance(s, int) and s > 0 for s in shape):
+        raise UsageError(f"the model's input_shape must be a tuple of positive integers, not {shape!r}")
+    dtype = getattr(model, "input_dtype", torch.float32)
+    if not isinstance(dtype, torch.dtype):
+        raise UsageError(f"the model's input_dtype must be a torch.dtype, not {dtype!r}")
+    return tuple(shape), dtype
+
+
+@contextmanager
+def probe_input(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Iterator[None]:
+    """Within the ``with``, a model that declares no input (:func:`declared_input`) is run on
+    inputs of ``shape`` (no batch axis) and ``dtype``: what the owner's data factory gives.
+    ``auditor evaluate`` sets it from the test split, so that the attacks it runs trace and
+    export the owner's model on the owner's kind of input."""
+    token = _PROBE.set((tuple(int(s) for s in shape), dtype))
+    try:
+        yield
+    finally:
+        _PROBE.reset(token)
+

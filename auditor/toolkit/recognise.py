@@ -34,6 +34,7 @@ class Runnable:
     name: str
     input_shape: tuple[int, ...]
     folded: bool = False
+    input_dtype: torch.dtype = torch.float32
 
 
 def _guess(arch: str, state: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
@@ -106,7 +107,9 @@ def _candidates(state: Mapping[str, torch.Tensor], model_factory: str | None,
         module = _built(load_factory(model_factory))
         if not isinstance(module, nn.Module):
             raise UsageError(f"model factory {model_factory!r} returned {type(module).__name__}, not an nn.Module")
-        yield Runnable(module, model_factory, input_shape)
+        # The owner's model runs on its own kind of input (models.declared_input), never on a guess.
+        shape, dtype = zoo.declared_input(module) or (input_shape, torch.float32)
+        yield Runnable(module, model_factory, shape, input_dtype=dtype)
         return
     for arch in sorted(zoo.ARCHITECTURES):
         kwargs = _guess(arch, state)
@@ -137,7 +140,7 @@ def runnable(state: Mapping[str, torch.Tensor], *, model_factory: str | None = N
                 continue
             load_into(module, state)
             name = candidate.name + (", batch-norm folded" if is_folded else "") + (", resized" if resized else "")
-            return Runnable(module.eval(), name, candidate.input_shape, is_folded)
+            return Runnable(module.eval(), name, candidate.input_shape, is_folded, candidate.input_dtype)
     return None
 
 

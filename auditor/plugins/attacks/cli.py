@@ -139,9 +139,12 @@ def evaluate(  # noqa: PLR0917
     no_progress: opt.NoProgress = False,
     as_json: opt.Json = False,
 ) -> None:
-    """Attack the model across a grid of attacks and strengths and audit each result; resumable."""
-    from auditor.cli.console import emit_json, out, shown
-    from auditor.plugins.attacks.evaluate import evaluate_model
+    """Attack the model across a grid of attacks and strengths and audit each result; resumable.
+
+    Exit code 0 when every cell ran, 3 when any failed (each is printed with its reason on stderr)."""
+    from auditor.cli.console import emit_json, err, out, shown
+    from auditor.errors import EXIT_INCONCLUSIVE
+    from auditor.plugins.attacks.evaluate import evaluate_model, failures
     from auditor.plugins.attacks.render import summary
 
     chosen = [a.strip() for item in attacks or [] for a in item.split(",") if a.strip()]
@@ -149,13 +152,20 @@ def evaluate(  # noqa: PLR0917
                              grid=grid, model_factory=model_factory, data_factory=data_factory, seed=seed,
                              restart=restart,
                              progress=not no_progress)  # fmt: skip
+    failed = failures(results)
     if as_json:
-        emit_json({k: v for k, v in results.items() if k != "cells"} | {"summary": summary(results)})
-        return
-    for line in summary(results):
-        out.print(shown(line))
-    for kind, path in results["files"].items():
-        out.print(f"wrote {shown(path)} ({kind})")
+        emit_json({k: v for k, v in results.items() if k != "cells"} | {"summary": summary(results)}
+                  | {"failed": [{"cell": label, "reason": why} for label, why in failed]})  # fmt: skip
+    else:
+        for line in summary(results):
+            out.print(shown(line))
+        for kind, path in results["files"].items():
+            out.print(f"wrote {shown(path)} ({kind})")
+    for label, why in failed:
+        err.print(shown(f"error: cell {label}: {why}"))
+    if failed:
+        err.print(f"{len(failed)} of {len(results['cells'])} cells failed (exit {EXIT_INCONCLUSIVE})")
+        raise typer.Exit(EXIT_INCONCLUSIVE)
 
 
 @hookimpl

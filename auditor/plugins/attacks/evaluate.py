@@ -30,7 +30,7 @@ from auditor.errors import AuditorError, UsageError
 from auditor.findings import Finding
 from auditor.plugins.attacks.grid import BASELINE, Cell, full_grid, quick_grid, select
 
-__all__ = ["STATE_FILE", "evaluate_model", "finding_row"]
+__all__ = ["STATE_FILE", "evaluate_model", "failures", "finding_row"]
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
@@ -55,6 +55,22 @@ def finding_row(f: Finding) -> dict[str, Any]:
     if f.verdict.value in ("inconclusive", "error"):
         row["why"] = f.summary
     return row
+
+
+def failures(results: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(cell label, reason)`` for every cell of ``results`` that failed: the attack or the audit
+    raised (``status`` error), or a detector ended in an error finding on it. ``auditor evaluate``
+    prints each and exits non-zero when there is any."""
+    found = []
+    for cell in results["cells"]:
+        if cell.get("status") == "error":
+            found.append((str(cell["label"]), str(cell.get("error", "failed"))))
+            continue
+        for which in ("direct", "restored"):
+            for row in cell.get(which) or []:
+                if row.get("verdict") == "error":
+                    found.append((str(cell["label"]), f"{row['detector']} ({which}): {row.get('why', 'error')}"))
+    return found
 
 
 def _sha256(path: Path) -> str:
@@ -91,8 +107,30 @@ class _Context:
         by_path = {b.path: b for b in self.inputs.bundles}
         self.bundles = [by_path[Path(b)] for b in bundles]  # in the order given
         self.test = datasets.owner_dataset(data_factory).test
+        inputs = self.test.tensors[0]
+        #: One example's shape and dtype, from the data: what every attack traces and exports the model on.
+        self.probe = (tuple(inputs.shape[1:]), inputs.dtype)
+        self._check_probe(model_factory, data_factory)
         run = predictor(model, model_factory=model_factory)
-        self.original = run(self.test.tensors[0]) if run is not None else None
+        self.original = run(inputs) if run is not None else None
+
+    def _check_probe(self, model_factory: str | None, data_factory: str | None) -> None:
+        """Refuse a model that declares an input other than the test data's (a factory given without
+        its data would otherwise be fed digits)."""
+        from auditor.toolkit import models as zoo
+        from auditor.toolkit.data import load_factory
+
+        if not model_factory:
+            return
+        with torch.random.fork_rng(devices=[]):  # building the model must not move anyone's random draws
+            module = load_factory(model_factory)()
+        declared = zoo.declared_input(module) if isinstance(module, torch.nn.Module) else None
+        if declared is not None and declared != self.probe:
+            data = data_factory or "the bundled digits"
+            raise UsageError(
+                f"the model factory's model takes inputs of shape {list(declared[0])} ({declared[1]}) but the test "
+                f"data ({data}) has {list(self.probe[0])} ({self.probe[1]}); name your data with --data-factory"
+            )
 
     def audit(self, path: Path) -> dict[str, Any]:
         """Accuracy, change of outputs, and the detectors' rows before and after restore."""
@@ -207,7 +245,9 @@ def evaluate_model(
     work.mkdir(exist_ok=True)
     todo = [c for c in cells if c.key not in state["cells"]]
     started = time.perf_counter()
-    with _progress(progress, len(cells), len(cells) - len(todo)) as advance:
+    from auditor.toolkit.models import probe_input
+
+    with _progress(progress, len(cells), len(cells) - len(todo)) as advance, probe_input(*ctx.probe):
         for cell in todo:
             advance(cell.label, 0)
             with _threads(1):
