@@ -1,5 +1,5 @@
-"""The built-in restorers, in the order they run: channels (20), fold (30), scale (40); and canonical form
-(10), not yet registered by default (docs/restore.md).
+"""The built-in restorers, in the order they run: canonical form (10), basis (16), channels (20), fold (30),
+scale (40) (docs/restore.md).
 
 Channel order comes first because every later step compares a suspect channel
 with *its* reference channel; |cosine| finds it whatever the channel's scale,
@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the planning modules import torch: they load when a restore
     from auditor.plugins.restore.plan import Plan
 
 __all__ = [
+    "BasisRestorer",
     "CanonicalRestorer",
     "ChannelRestorer",
     "FoldRestorer",
@@ -162,6 +163,35 @@ class CanonicalRestorer(GuardedRestorer):
         return fused, log
 
 
+class BasisRestorer(GuardedRestorer):
+    """Removes an invertible map between two linear layers (``A W1``, ``W2 A^-1``), estimated against the
+    reference, so that the channel steps see the reference's basis (:mod:`.basis`); behind the guard."""
+
+    id = "restore-basis"
+    order = 16
+    description = "Remove an invertible map between two linear layers, estimated against the reference (LFEA)."
+
+    def restore(self, suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph, dict[str, Any]]:
+        """The aligned suspect (or the suspect itself, untouched) and the log."""
+        from auditor.plugins.restore.basis import align_bases
+
+        aligned, fits, why = align_bases(suspect, reference)
+        log: dict[str, Any] = {"acted": False, "guard": "on" if self.guarded else "off", "notes": [], "reason": why,
+                               "maps": [f.to_log() for f in fits]}  # fmt: skip
+        log["layers"] = [{"name": f.first, "reference": f.reference_first, "note": f"{f.first} -> {f.second}: {f.note}"}
+                         for f in fits]  # fmt: skip
+        if aligned is None:
+            return suspect, log
+        plan = shared_plan(aligned, reference)
+        evidence = _guard.assess(plan.matches.values(), threshold=self.threshold)
+        log.update(edges_from=plan.edges_from, evidence=evidence.to_log(), notes=list(plan.notes))
+        if self.guarded and not evidence.derived:
+            log["reason"] = f"left alone: aligned, not demonstrably derived from the reference ({evidence.reason})"
+            return suspect, log
+        log.update(acted=True, reason=f"{why}; the aligned suspect is derived from the reference")
+        return aligned, log
+
+
 class ChannelRestorer(GuardedRestorer):
     """Restores channel order: permutation, expansion (dropped) and cut-off (padded with zeros)."""
 
@@ -246,8 +276,9 @@ class ScaleRestorer(GuardedRestorer):
 
 @hookimpl
 def register_restorers(register: Callable[[Restorer], None]) -> None:
-    """Register the canonical-form, channel, fold and scale restorers."""
+    """Register the canonical-form, basis, channel, fold and scale restorers."""
     register(CanonicalRestorer())
+    register(BasisRestorer())
     register(ChannelRestorer())
     register(FoldRestorer())
     register(ScaleRestorer())
