@@ -19,7 +19,8 @@ __all__ = ["BASELINE", "GROUP_ORDER", "ONNX_ATTACKS", "Cell", "contributed", "fu
 #: The cell that evaluates the model as it is.
 BASELINE = "none"
 #: The attacks that write an ONNX file (run in onnxruntime when the grid measures accuracy).
-ONNX_ATTACKS = frozenset({"onnx-export", "quantize-dynamic", "factor-linear", "insert-identity", "bn-between", "chain"})
+ONNX_ATTACKS = frozenset({"onnx-export", "quantize-dynamic", "factor-linear", "insert-identity", "bn-between", "chain",
+                          "split-outputs", "split-inputs"})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,10 @@ def full_grid(*, bundles: Mapping[str, str] | None = None) -> list[Cell]:
             "function-preserving",
         ),
         Cell("insert-identity", "an identity layer inserted after every layer", "function-preserving"),
+        Cell("split-outputs", "every layer as two branches over its outputs, concatenated", "function-preserving"),
+        Cell("split-inputs", "every layer as two branches over its inputs, summed", "function-preserving"),
+        Cell("neuron-clique", "four dummy units per hidden layer (NeuronClique)", "function-preserving"),
+        Cell("neuron-split", "four units per hidden layer split in two (NeuronSplit)", "function-preserving"),
         Cell("bn-between", "every layer split through a random batch-norm (Q^T W, BN, undone)", "function-preserving"),
         Cell("chain", "every layer factored into three linear operations (A W, Q, (QA)^-1)", "function-preserving"),
         Cell("invertible-map", "an invertible map (condition 10) between two linear layers", "function-preserving"),

@@ -15,7 +15,7 @@ __all__ = ["builtin_attacks", "register_attacks"]
 
 def builtin_attacks() -> list[Attack]:
     """One instance of every scheme-free built-in attack, in id order."""
-    from auditor.plugins.attacks import export, linear, structure, training, weights
+    from auditor.plugins.attacks import equivalence, export, linear, structure, training, weights
 
     classes: list[type[Attack]] = [
         weights.MagnitudePruning, weights.RandomPruning, weights.ChannelPruning, weights.Fp16Cast,
@@ -24,6 +24,7 @@ def builtin_attacks() -> list[Attack]:
         export.BatchNormFolding,
         export.OnnxExport, export.QuantizeDynamic, training.FineTune, training.FineTuneAnneal,
         linear.InsertIdentity, linear.BatchNormBetween, linear.FactorChain, linear.InvertibleMap,
+        equivalence.SplitOutputs, equivalence.SplitInputs, equivalence.NeuronClique, equivalence.NeuronSplit,
     ]  # fmt: skip
     return sorted((cls() for cls in classes), key=lambda a: a.id)
 

@@ -276,9 +276,14 @@ class ScaleRestorer(GuardedRestorer):
 
 @hookimpl
 def register_restorers(register: Callable[[Restorer], None]) -> None:
-    """Register the canonical-form, basis, channel, fold and scale restorers."""
+    """Register the canonical-form, basis, branch, dummy-unit, channel, fold and scale restorers."""
+    from auditor.plugins.restore.branches import BranchRestorer  # here: they import this module
+    from auditor.plugins.restore.dummies import DummyRestorer
+
     register(CanonicalRestorer())
     register(BasisRestorer())
+    register(BranchRestorer())
+    register(DummyRestorer())
     register(ChannelRestorer())
     register(FoldRestorer())
     register(ScaleRestorer())

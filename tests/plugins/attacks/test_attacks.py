@@ -59,9 +59,10 @@ def _digest(path: Path) -> tuple[str, int]:
 
 
 FUNCTION_PRESERVING = ["bn-fold", "expand", "factor-linear", "onnx-export", "permute", "scale", "sign-flip",
-                       "insert-identity", "bn-between", "chain"]  # fmt: skip
+                       "insert-identity", "bn-between", "chain", "split-outputs", "split-inputs", "neuron-clique",
+                       "neuron-split"]  # fmt: skip
 #: New layers: written as ONNX, so that the file runs (and is read back with more layers than the original).
-STRUCTURAL = ("factor-linear", "insert-identity", "bn-between", "chain")
+STRUCTURAL = ("factor-linear", "insert-identity", "bn-between", "chain", "split-outputs", "split-inputs")
 
 
 def test_function_preserving_claims_are_the_tested_ones() -> None:
