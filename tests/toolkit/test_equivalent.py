@@ -67,7 +67,8 @@ def test_split_inputs_keeps_the_bias_in_branch_zero() -> None:
     model = _model("resnet")
     edited, _ = equivalent.split_inputs(model, k=2, layers=["head"])
     state = edited.state_dict()
-    assert torch.equal(torch.cat([state["head.0.weight"], state["head.1.weight"]], 1), model.state_dict()["head.weight"])
+    merged = torch.cat([state["head.0.weight"], state["head.1.weight"]], 1)
+    assert torch.equal(merged, model.state_dict()["head.weight"])
     assert torch.equal(state["head.0.bias"], model.state_dict()["head.bias"]) and "head.1.bias" not in state
 
 
