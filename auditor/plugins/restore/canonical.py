@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from auditor.graph import Edge, EdgeSource, Layer, LayerGraph, LayerKind, TensorRef
-from auditor.plugins.restore.align import align_layers
+from auditor.plugins.restore.align import align_layers, per_channel_edges
 from auditor.toolkit.channels import DEFAULT_EPS, PRODUCER_KINDS, is_pass_through
 
 __all__ = ["LINEAR_VIA", "Fusion", "fuse_chains", "linear_link", "linear_runs"]
@@ -303,7 +303,8 @@ def fuse_chains(suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph 
         edges = [dataclasses.replace(e, src=renames.get(e.src, e.src), dst=renames.get(e.dst, e.dst)) for e in edges]
         for f in fusions:
             f.fused = renames.get(f.fused, f.fused)
-    layers = _bias_into_norms(layers, edges, fusions, ref_layers)
+    layers = _bias_into_norms(layers, per_channel_edges(dataclasses.replace(graph, layers=layers, edges=edges)),
+                              fusions, ref_layers)  # fmt: skip
     note = "restore-canonical: " + ", ".join(f"{' -> '.join(f.chain)} fused into {f.fused}" for f in fusions)
     graph = dataclasses.replace(graph, layers=layers, edges=edges, notes=[*suspect.notes, note])
     return graph, fusions, f"{len(fusions)} linear chain(s) fused"
@@ -312,16 +313,17 @@ def fuse_chains(suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph 
 def _bias_into_norms(
     layers: list[Layer], edges: list[Edge], fusions: list[Fusion], reference: dict[str, Layer]
 ) -> list[Layer]:
-    """Each fused layer's bias moved into the batch-norm it alone feeds, where its reference layer has no
-    bias: ``BN(x + b)`` is ``BN(x)`` with running mean ``mean - b``."""
+    """Each fused layer's bias moved into the batch-norm after it (the one batch-norm it feeds, by the edges,
+    or by names where the edges are guessed: :func:`~.align.per_channel_edges`), where its reference layer
+    has no bias: ``BN(x + b)`` is ``BN(x)`` with running mean ``mean - b``."""
     by_name = {x.name: x for x in layers}
     for f in fusions:
         layer, ref = by_name[f.fused], reference.get(f.reference or "")
-        readers = [e for e in edges if e.src == f.fused]
-        if ref is None or "bias" in ref.params or "bias" not in layer.params or len(readers) != 1:
+        norms = [e for e in edges if e.src == f.fused and e.dst in by_name and _norm(by_name[e.dst])]
+        if ref is None or "bias" in ref.params or "bias" not in layer.params or len(norms) != 1:
             continue
-        bn = by_name.get(readers[0].dst)
-        if bn is None or not _norm(bn) or set(readers[0].via) - LINEAR_VIA:
+        bn = by_name[norms[0].dst]
+        if set(norms[0].via) - LINEAR_VIA or bn.weight is None or bn.weight.shape[0] != layer.out_channels:
             continue
         bias = layer.params["bias"].read(float32=True).to(torch.float64)
         mean = bn.params["running_mean"].read(float32=True).to(torch.float64)
