@@ -27,10 +27,19 @@ DOCS = ROOT / "docs" / "robustness.md"
 MESSAGE = "(c) 2026 Alice Example Labs. Digits classifier v1, all rights reserved."
 
 
-def make_owner(folder: Path, seed: int = 0) -> dict[str, Path]:
-    """Train the two-watermark owner under ``folder``; return the released model and both bundles."""
+#: The owners' recipes by architecture: (width, epochs); any other built-in gets (1, 20). HufuNet needs room in
+#: the host (548 EPH kernels): the CNN at width 2 (10,272 kernels), the ResNet at width 1 (30,752); a host without
+#: 3x3 kernels (the LSTM) carries Greedy Residuals alone.
+OWNER_RECIPES = {"cnn": (2, 20), "resnet": (1, 8), "lstm": (1, 20)}
+
+
+def make_owner(folder: Path, seed: int = 0, *, arch: str = "cnn", epochs: int | None = None) -> dict[str, Path]:
+    """Train the owner of ``arch`` under ``folder`` (both watermarks where the host has room for HufuNet's
+    3x3 kernels, Greedy Residuals alone elsewhere); return the released model (``model``, safetensors) and the bundles
+    (``gr``, and ``hufunet`` where embedded). ``epochs`` defaults to the architecture's recipe."""
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
+    from auditor.errors import UsageError
     from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
     from auditor.plugins.hufunet.generate import generate_hufunet, load_hufunet
     from auditor.plugins.hufunet.owner import plant, write_bundle
@@ -38,27 +47,36 @@ def make_owner(folder: Path, seed: int = 0) -> dict[str, Path]:
     from auditor.toolkit import models as zoo
     from auditor.toolkit import training
 
+    width, default_epochs = OWNER_RECIPES.get(arch, (1, 20))
     folder.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(f"owner placement key {seed}".encode()).digest()  # fixed, so the figures repeat
     generate_hufunet(out=folder / "hufunet_secret.json", seed=seed, overwrite=True, hmac_key=key)
     net, secret = load_hufunet(folder / "hufunet_secret.json")
     data = datasets.digits()
     torch.manual_seed(seed)
-    model = zoo.build("cnn", width=2)
+    model = zoo.build(arch, **({"width": width} if width != 1 else {}))
     signing = ed25519.Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"owner {seed}".encode()).digest())
     gr = GreedyResidualsWatermark.create(model, private_key=signing, message=MESSAGE)
-    hufunet = plant(model, net, key)
     try:
-        config = training.TrainConfig(epochs=20, lr=1e-2, seed=seed)
-        training.train(model, data.train, config, penalty=gr.penalty, after_step=hufunet.frozen.after_step)
+        hufunet = plant(model, net, key)
+    except UsageError:  # no 3x3 kernels, or too few: Greedy Residuals alone
+        hufunet = None
+    try:
+        config = training.TrainConfig(epochs=epochs or default_epochs, lr=1e-2, seed=seed)
+        training.train(model, data.train, config, penalty=gr.penalty,
+                       after_step=hufunet.frozen.after_step if hufunet else None)  # fmt: skip
     finally:
-        hufunet.frozen.detach()
+        if hufunet is not None:
+            hufunet.frozen.detach()
     model.eval()
     released = training.save_model(model, folder / "released", "model", overwrite=True)
-    gr.save_bundle(folder / "gr_bundle.json", model, model_file=released["safetensors"], architecture="cnn-width2")
-    write_bundle(folder / "hufunet_bundle.json", model, hufunet, net, secret, files=released, architecture="cnn",
-                 width=2)  # fmt: skip
-    bundles = {"gr": folder / "gr_bundle.json", "hufunet": folder / "hufunet_bundle.json"}
+    label = f"{arch}-width{width}" if width != 1 else arch
+    gr.save_bundle(folder / "gr_bundle.json", model, model_file=released["safetensors"], architecture=label)
+    bundles = {"gr": folder / "gr_bundle.json"}
+    if hufunet is not None:
+        write_bundle(folder / "hufunet_bundle.json", model, hufunet, net, secret, files=released, architecture=arch,
+                     **({"width": width} if width != 1 else {}))  # fmt: skip
+        bundles["hufunet"] = folder / "hufunet_bundle.json"
     return {"model": released["safetensors"], **bundles}
 
 
