@@ -1,11 +1,13 @@
 """The load stage: open a model file or folder with whichever registered format recognises its content,
 and hash every file it was read from.
 
-The suspect's bytes are read once for evidence: its SHA-256 is computed in a
-background thread (hashlib releases the interpreter lock) while the loader
-reads the header and the detectors read the few tensors they need through the
-memory map, so on a machine with two cores the audit costs about one pass of
-hashing over the file. The size recorded is the number of bytes hashed.
+The suspect's bytes are read once for evidence: their SHA-256 is computed in
+background threads (hashlib releases the interpreter lock; one thread per
+core, each on its own file, so a sharded checkpoint is hashed on every core)
+while the loader reads the header and the detectors read the few tensors they
+need through the memory map, so the audit costs about one pass of hashing
+over the files spread over the cores. The size recorded is the number of
+bytes hashed.
 """
 
 from __future__ import annotations
@@ -124,11 +126,22 @@ class _Stopped(Exception):
     pass
 
 
+def hash_workers() -> int:
+    """Threads that hash a model's files: one per core this process may run on (hashlib releases the
+    interpreter lock, so a sharded checkpoint is hashed on every core; one file is still one thread)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 32))
+
+
 class _Hasher:
-    """SHA-256 of files in one background thread; :meth:`close` stops a hash no one will wait for."""
+    """SHA-256 of files in background threads, one file per thread at a time; :meth:`close` stops a hash no
+    one will wait for."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="auditor-hash")
+        self._pool = ThreadPoolExecutor(max_workers=hash_workers(), thread_name_prefix="auditor-hash")
         self._stop = threading.Event()
         self._jobs: dict[Path, Future[tuple[str, int]]] = {}
 

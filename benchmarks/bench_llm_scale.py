@@ -1,0 +1,209 @@
+"""Benchmark ``auditor inspect`` and ``auditor audit`` on a Llama-2-7B-shaped checkpoint: wall time and peak memory
+against hashing the same files in parallel on every core (every byte must be hashed once: the physical limit).
+
+A plain script, not part of the test run::
+
+    python benchmarks/bench_llm_scale.py [--workdir benchmarks/out] [--runs 3] [--write-docs]
+
+It writes, sparse (the data regions are holes: no disk is used, and they read as zeros, which are valid weights
+in every type), in ``--workdir``:
+
+* ``llama7b-bf16/``: Llama-2-7B's 291 tensors in bfloat16 (13.5 GB) as three safetensors shards with
+  ``model.safetensors.index.json``, as ``save_pretrained`` writes them;
+* ``llama7b-q8_0.gguf``: the same model as llama.cpp writes it in Q8_0 (7.2 GB);
+* ``owner_bundle.json``: a Greedy Residuals bundle marking three layers of those shapes (the first block's MLP),
+  made with the owner API on a stand-in module of the three layers.
+
+Each command runs ``--runs`` times after one untimed warm-up (warm page cache), each in a fresh wrapper that
+reports the child's own peak RSS (see bench_inspect.py); the table shows medians. The yardstick is the same
+files hashed in parallel with Python's hashlib (OpenSSL), one thread per file on every core; for one file it
+is one pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+from _docs import ROOT, write_section
+from bench_inspect import bench
+
+sys.path.insert(0, str(ROOT))
+
+VOCAB, HIDDEN, INTER, LAYERS, HEADS = 32000, 4096, 11008, 32, 32
+MARKED = [f"model.layers.0.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+
+
+def llama_shapes() -> list[tuple[str, tuple[int, ...]]]:
+    """Llama-2-7B's tensors in the order ``save_pretrained`` writes them (291 tensors, 6.74 billion weights)."""
+    specs: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+    for i in range(LAYERS):
+        p = f"model.layers.{i}"
+        specs += [(f"{p}.self_attn.{n}_proj.weight", (HIDDEN, HIDDEN)) for n in "qkvo"]
+        specs += [(f"{p}.mlp.gate_proj.weight", (INTER, HIDDEN)), (f"{p}.mlp.up_proj.weight", (INTER, HIDDEN))]
+        specs += [(f"{p}.mlp.down_proj.weight", (HIDDEN, INTER))]
+        specs += [(f"{p}.input_layernorm.weight", (HIDDEN,)), (f"{p}.post_attention_layernorm.weight", (HIDDEN,))]
+    specs += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+    return specs
+
+
+def write_sharded(folder: Path, shards: int = 3) -> list[Path]:
+    """Sparse bf16 safetensors shards and their index; returns the shard paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = llama_shapes()
+    total = sum(math.prod(s) for _, s in specs) * 2
+    groups: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in range(shards)]
+    used = 0
+    for name, shape in specs:
+        groups[min(shards - 1, used * shards // total)].append((name, shape))
+        used += math.prod(shape) * 2
+    weight_map, paths = {}, []
+    for i, group in enumerate(groups):
+        path = folder / f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape in group:
+            nbytes = math.prod(shape) * 2
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = path.name
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with path.open("wb") as fh:
+            fh.write(struct.pack("<Q", len(raw)) + raw)
+            fh.truncate(8 + len(raw) + offset)
+        paths.append(path)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return paths
+
+
+def write_gguf_file(path: Path) -> Path:
+    """The same model as a sparse Q8_0 GGUF file (norms in F32, as llama.cpp keeps them)."""
+    from auditor.toolkit.gguf import GGUFTensor, write_gguf
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}  # fmt: skip
+    short = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm"}  # fmt: skip
+    tensors = []
+    for name, shape in llama_shapes():
+        if name not in names:
+            _, _, i, *rest = name.split(".")
+            names[name] = f"blk.{i}.{short['.'.join(rest[:-1])]}.weight"
+        tensors.append(GGUFTensor(names[name], shape, "F32" if len(shape) == 1 else "Q8_0"))
+    meta = {"general.architecture": "llama", "llama.block_count": LAYERS, "llama.attention.head_count": HEADS,
+            "llama.attention.head_count_kv": HEADS, "llama.embedding_length": HIDDEN}  # fmt: skip
+    return write_gguf(path, tensors, meta, sparse=True)
+
+
+def write_bundle(folder: Path) -> Path:
+    """A Greedy Residuals owner bundle for the three MLP matrices of the first block, at their 7B shapes."""
+    import torch
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from torch import nn
+
+    from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
+
+    torch.manual_seed(0)
+    mlp = nn.Module()
+    mlp.gate_proj = nn.Linear(HIDDEN, INTER, bias=False)
+    mlp.up_proj = nn.Linear(HIDDEN, INTER, bias=False)
+    mlp.down_proj = nn.Linear(INTER, HIDDEN, bias=False)
+    block = nn.Module()
+    block.mlp = mlp
+    inner = nn.Module()
+    inner.layers = nn.ModuleList([block])
+    model = nn.Module()
+    model.model = inner
+    key = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    wm = GreedyResidualsWatermark.create(model, private_key=key, message="(c) bench", layers=MARKED)
+    stand_in = folder / "stand_in.bin"
+    stand_in.write_bytes(b"stand-in for the released model")
+    bundle = folder / "owner_bundle.json"
+    wm.save_bundle(bundle, model, model_file=stand_in)
+    return bundle
+
+
+#: The yardstick: Python's hashlib (OpenSSL's SHA-256, the fastest on this machine: coreutils' sha256sum took
+#: twice as long) over every file, one thread per file and at most one per core, 1 MiB reads.
+PARALLEL_HASH = """
+import hashlib, os, sys
+from concurrent.futures import ThreadPoolExecutor
+def one(name):
+    digest = hashlib.sha256()
+    with open(name, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+    for name, sha in zip(sys.argv[1:], pool.map(one, sys.argv[1:])):
+        print(sha, name)
+"""
+
+
+def hash_cmd(files: list[Path]) -> list[str]:
+    """Every file hashed once, in parallel on every core."""
+    return [sys.executable, "-c", PARALLEL_HASH, *map(str, files)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "out" / "llm")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--write-docs", action="store_true")
+    args = parser.parse_args()
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    shards = write_sharded(work / "llama7b-bf16")
+    gguf = write_gguf_file(work / "llama7b-q8_0.gguf")
+    bundle = write_bundle(work)
+    auditor = str(Path(sys.executable).with_name("auditor"))
+    rows = []
+    for label, target, files in (("sharded bf16 safetensors, 3 shards", shards[0].parent, shards),
+                                 ("GGUF Q8_0, one file", gguf, [gguf])):  # fmt: skip
+        size = sum(f.stat().st_size for f in files)
+        base = bench(hash_cmd(files), args.runs)
+        inspect = bench([auditor, "inspect", str(target), "--json"], args.runs)
+        audit = bench([auditor, "audit", str(target), "--bundle", str(bundle), "--json"], args.runs)
+        for name, r in (("inspect", inspect), ("audit", audit)):
+            if r["rc"] not in (0, 1):  # audit: 1 is "not found", the expected answer for zero weights
+                raise SystemExit(f"{name} of {target} failed ({r['rc']}): {r['stderr']}")
+        rows.append((label, size, base, inspect, audit))
+        print(f"{label}: {size / 1e9:.1f} GB  hash {base['wall']:.1f} s  inspect {inspect['wall']:.1f} s "
+              f"({inspect['rss_mib']:.0f} MiB)  audit {audit['wall']:.1f} s ({audit['rss_mib']:.0f} MiB)")  # fmt: skip
+    if not args.keep:
+        shutil.rmtree(work)
+    cores = len(os.sched_getaffinity(0))
+    lines = [
+        f"Llama-2-7B shapes (291 tensors), files written sparse; {cores} cores, {platform.machine()}, "
+        f"Python {platform.python_version()}; medians of {args.runs} runs after a warm-up. Command: "
+        "`python benchmarks/bench_llm_scale.py --write-docs`.",
+        "",
+        "| checkpoint | size | hash all files in parallel | inspect | inspect / hash | peak RSS | audit (GR, 3 layers)"
+        " | audit / hash | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, size, base, inspect, audit in rows:
+        lines.append(
+            f"| {label} | {size / 1e9:.1f} GB | {base['wall']:.1f} s | {inspect['wall']:.1f} s | "
+            f"{inspect['wall'] / base['wall']:.2f}x | {inspect['rss_mib']:.0f} MiB | {audit['wall']:.1f} s | "
+            f"{audit['wall'] / base['wall']:.2f}x | {audit['rss_mib']:.0f} MiB |"
+        )
+    print("\n".join(lines))
+    if args.write_docs:
+        write_section("bench_llm_scale", "## A 7-billion-parameter checkpoint: inspect and audit", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
