@@ -152,3 +152,54 @@ def test_the_resnet_comes_back(tmp_path: Path, edit: str, suffix: str) -> None:
         for name in ("layer1.conv1", "layer1.conv2", "layer2.conv1", "layer2.conv2"):
             owner = model.state_dict()[f"{name}.weight"]
             assert torch.allclose(restored.layer(name).params["weight"].read(), owner, atol=1e-5)
+
+
+def _resnet_owner(out: Path) -> SimpleNamespace:
+    """A SmallResNet carrying both watermarks (Greedy Residuals and HufuNet), trained on digits."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from auditor.bundle import load_bundle
+    from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
+    from auditor.plugins.hufunet.generate import generate_hufunet, load_hufunet
+    from auditor.plugins.hufunet.owner import plant, write_bundle
+    from auditor.toolkit import data as datasets
+    from auditor.toolkit import training
+
+    key = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(2, 34)))
+    hmac_key = hashlib.sha256(b"restore-dummies test: HufuNet key").digest()
+    generate_hufunet(out=out / "hufunet_secret.json", seed=0, hmac_key=hmac_key)
+    net, secret = load_hufunet(out / "hufunet_secret.json")
+    model = zoo.build("resnet", seed=0)
+    wm = GreedyResidualsWatermark.create(model, private_key=key, message="(c) 2025 Alice: SmallResNet")
+    hufunet = plant(model, net, hmac_key)
+    try:
+        config = training.TrainConfig(epochs=6, lr=1e-2, seed=0)
+        training.train(model, datasets.digits(split_seed=0).train, config, penalty=wm.penalty,
+                       after_step=hufunet.frozen.after_step)  # fmt: skip
+    finally:
+        hufunet.frozen.detach()
+    model.eval()
+    files = training.save_model(model, out, "model")
+    wm.save_bundle(out / "gr.json", model, model_file=files["safetensors"], architecture="resnet")
+    write_bundle(out / "hufunet.json", model, hufunet, net, secret, files=files, architecture="resnet")
+    return SimpleNamespace(files=files, bundles=[load_bundle(out / "gr.json"), load_bundle(out / "hufunet.json")])
+
+
+@pytest.mark.slow
+def test_the_watermarked_resnet_is_found_after_every_structural_edit(tmp_path: Path) -> None:
+    """Both schemes on a SmallResNet owner: each of the four edits alone, as safetensors and as ONNX, is not
+    found before restore and found after (Greedy Residuals detected, HufuNet DiffAcc below tau)."""
+    owner = _resnet_owner(tmp_path)
+    reference = load_model(owner.files["safetensors"])
+    for aid in ("split-outputs", "split-inputs", "neuron-clique", "neuron-split"):
+        for suffix in (".safetensors", ".onnx"):
+            suspect = load_model(widen(owner.files["safetensors"], tmp_path / f"{aid}{suffix}", aid))
+            before = {f.detector: f for f in run_detectors(suspect, bundles=owner.bundles)}
+            assert Verdict.DETECTED not in {before[d].verdict for d in ("greedy-residuals", "hufunet")}, aid
+            restored, log = run_restorers(suspect, reference)
+            assert all(e["status"] == "ok" for e in log), log
+            after = {f.detector: f for f in run_detectors(restored, bundles=owner.bundles)}
+            assert after["greedy-residuals"].verdict is Verdict.DETECTED, (aid, suffix, after["greedy-residuals"])
+            assert after["hufunet"].metrics["diff_acc"] < TAU_ACC, (aid, suffix, after["hufunet"].summary)
