@@ -22,6 +22,7 @@ __all__ = [
     "NoProgress",
     "OutDir",
     "Overwrite",
+    "Precision",
     "Seed",
     "refuse_unknown_options",
     "split_names",
@@ -41,6 +42,9 @@ LearningRate = Annotated[float, typer.Option("--lr", help="Learning rate (Adam).
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of initialisation and shuffling.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Precision = Annotated[
+    str, typer.Option("--precision", help="fp32, bf16 or fp16 (autocast forward pass; fp16 with loss scaling).")
+]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Do not draw the progress bar.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace files already in --out.")]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]

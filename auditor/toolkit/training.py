@@ -1,9 +1,21 @@
-"""A small, seeded training loop shared by the embedders, and atomic model saving.
+"""A small, seeded training loop shared by the embedders, mixed precision, the embedding check, and
+atomic model saving.
 
 ``train`` adds an embedder's penalty to the cross-entropy on every step and
 calls ``after_step`` after every optimizer step (an embedder that freezes
 weights writes them back there). With the same seed, model initialisation
 and data, it gives bit-identical weights on CPU.
+
+Mixed precision (``TrainConfig.precision``): ``bf16`` and ``fp16`` run the
+model's forward pass under ``torch.autocast``; the weights, their gradients,
+the optimizer and the embedding penalty stay float32 (the penalty is computed
+outside autocast, on the float32 weights), so a frozen weight is written back
+bit for bit. ``fp16`` scales the loss with a ``GradScaler`` (a step whose
+gradients overflow is skipped and ``after_step`` still runs).
+
+An embedder ends by measuring what it embedded (:class:`EmbeddingCheck`);
+:meth:`EmbeddingCheck.require` raises :class:`EmbeddingCheckError` (exit code
+1, nothing written) when a detector would not find the watermark.
 """
 
 from __future__ import annotations
@@ -13,18 +25,36 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from auditor.errors import UsageError
+from auditor.errors import EXIT_NOT_FOUND, AuditorError, UsageError
 from auditor.safeio import write_atomically
 
-__all__ = ["TrainConfig", "TrainResult", "evaluate", "resolve_device", "save_model", "train"]
+__all__ = [
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "EmbeddingCheck",
+    "EmbeddingCheckError",
+    "TrainConfig",
+    "TrainResult",
+    "autocast_dtype",
+    "evaluate",
+    "grad_scaler",
+    "model_files",
+    "refuse_existing",
+    "resolve_device",
+    "save_model",
+    "train",
+]
 
 OPTIMIZERS = ("adam", "sgd", "adamw")
+#: ``--precision``: float32 throughout, or autocast to bfloat16 / float16 (with loss scaling) for the forward pass.
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -51,10 +81,31 @@ def resolve_device(spec: str) -> torch.device:
     raise UsageError(f"bad device {spec!r}; use auto, cpu, cuda or cuda:N")
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs the forward pass in for ``precision`` on ``device``
+    (``None`` for fp32). Raises :class:`~auditor.errors.UsageError` for an unknown precision or
+    a CUDA device without bfloat16."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UsageError(f"{device} does not support bfloat16; use --precision fp16 or fp32")
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    raise UsageError(f"unknown precision {precision!r}; one of {', '.join(PRECISIONS)}")
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """The loss scaler fp16 needs (float16 gradients underflow without it) on ``device``; ``None`` otherwise."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of :func:`train`. ``momentum`` only applies to SGD; ``schedule``
-    is ``constant`` or ``cosine`` (annealed to zero over all steps)."""
+    is ``constant`` or ``cosine`` (annealed to zero over all steps); ``precision`` one of
+    :data:`PRECISIONS` (see the module docstring)."""
 
     epochs: int = 30
     batch_size: int = 64
@@ -65,8 +116,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     schedule: str = "constant"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"unknown precision {self.precision!r}; one of {', '.join(PRECISIONS)}")
         if self.schedule not in ("constant", "cosine"):
             raise UsageError(f"unknown learning-rate schedule {self.schedule!r}; one of constant, cosine")
         if self.optimizer not in OPTIMIZERS:
@@ -77,12 +131,14 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a :func:`train` run did: mean task loss and mean penalty per epoch, steps, seconds."""
+    """What a :func:`train` run did: mean task loss and mean penalty per epoch, steps, seconds, and
+    (fp16) the optimizer steps the loss scaler skipped because the gradients overflowed."""
 
     losses: list[float] = field(default_factory=list)
     penalties: list[float] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    skipped_steps: int = 0
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -139,6 +195,8 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     device = resolve_device(config.device)
+    amp = autocast_dtype(config.precision, device)
+    scaler = grad_scaler(config.precision, device)
     model.to(device)
     model.train()
     optimizer = _optimizer(model, config)
@@ -168,14 +226,19 @@ def train(
             for inputs, labels in batches():
                 xb, yb = inputs.to(device), labels.to(device)
                 optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(xb), yb)
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    logits = model(xb)
+                loss = F.cross_entropy(logits.float(), yb)
                 total = loss
                 if penalty is not None:
-                    extra = penalty(model)
+                    extra = penalty(model)  # outside autocast: on the float32 weights
                     total = loss + extra
                     penalty_sum += float(extra.detach()) * len(yb)
-                total.backward()
-                optimizer.step()
+                if scaler is None:
+                    total.backward()
+                    optimizer.step()
+                else:
+                    result.skipped_steps += scaled_step(scaler, optimizer, total)
                 if schedule is not None:
                     schedule.step()
                 if after_step is not None:
@@ -189,6 +252,59 @@ def train(
             bar.update(task, epoch=epoch + 1, loss=f"{result.losses[-1]:.4f}")
     result.seconds = time.perf_counter() - started
     return result
+
+
+def scaled_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> int:
+    """One fp16 optimizer step: backward on the scaled loss, step (skipped by the scaler when a
+    gradient is inf or NaN), update the scale. Returns 1 when the step was skipped, else 0."""
+    before = scaler.get_scale()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return int(scaler.get_scale() < before)
+
+
+class EmbeddingCheckError(AuditorError):
+    """The watermark an embedder just embedded would not be found by its detector (exit code 1)."""
+
+    exit_code = EXIT_NOT_FOUND
+
+
+@dataclass
+class EmbeddingCheck:
+    """What an embedder measured of the watermark it just embedded, and whether its detector would find it.
+
+    ``measures`` is JSON-ready (the scheme's figures and the bar each had to reach); ``shortfalls``
+    has one sentence per figure below its bar; ``relax`` says how to accept a weaker watermark (the
+    option that lowers the bar) or get a stronger one.
+    """
+
+    scheme: str
+    measures: dict[str, Any]
+    shortfalls: list[str] = field(default_factory=list)
+    relax: str = ""
+
+    @property
+    def passed(self) -> bool:
+        """Whether every figure reached its bar."""
+        return not self.shortfalls
+
+    def message(self) -> str:
+        """One line: what fell short and what to do about it."""
+        if self.passed:
+            return f"{self.scheme}: the embedded watermark would be found"
+        tail = f"; {self.relax}" if self.relax else ""
+        return f"{self.scheme}: the watermark would not be found: {'; '.join(self.shortfalls)}{tail}"
+
+    def require(self) -> EmbeddingCheck:
+        """``self`` if it passed; else raise :class:`EmbeddingCheckError` with :meth:`message`."""
+        if not self.passed:
+            raise EmbeddingCheckError(self.message())
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form for a summary."""
+        return {"passed": self.passed, **self.measures, "shortfalls": list(self.shortfalls)}
 
 
 @torch.no_grad()

@@ -2,8 +2,11 @@
 
 Trains a built-in architecture on the bundled digits (or the owner's model
 and data, named as ``module:function``) with the embedding term added to the
-loss, then writes ``model.safetensors``, ``model.pt`` and ``owner_bundle.json``.
-The private key signs the message and is dropped; it never reaches an output.
+loss, checks that the detector would find what was embedded (every marked
+layer carries the signature bits the detector needs, or ``min_bits``), then
+writes ``model.safetensors``, ``model.pt`` and ``owner_bundle.json``; a failed
+check writes nothing and exits 1. The private key signs the message and is
+dropped; it never reaches an output.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "optimizer": "adam",
     "seed": 0,
     "device": "auto",
+    "precision": "fp32",
 }
 
 
@@ -67,13 +71,17 @@ def embed_greedy_residuals(
     optimizer: str = DEFAULTS["optimizer"],
     seed: int = DEFAULTS["seed"],
     device: str = DEFAULTS["device"],
+    precision: str = DEFAULTS["precision"],
+    min_bits: int | None = None,
     progress: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train a watermarked model and write it and its owner bundle under ``out_dir``.
 
-    Returns a JSON-ready summary: files written (with SHA-256), test accuracy,
-    per-layer detection rate, the marked layers and the training settings.
+    ``min_bits`` is the fewest signature bits every marked layer must carry (default: what the
+    detector needs at its threshold); below it :class:`~auditor.toolkit.training.EmbeddingCheckError`
+    is raised and nothing is written. Returns a JSON-ready summary: files written (with SHA-256),
+    test accuracy, per-layer detection rate, the check, the marked layers and the training settings.
     """
     import torch
 
@@ -89,9 +97,13 @@ def embed_greedy_residuals(
     training.refuse_existing(targets, overwrite=overwrite, hint="choose another --out folder or --overwrite")
     # Checked before the key is read and before any training: fail fast and cheaply.
     config = training.TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device
-    )
+        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device,
+        precision=precision,
+    )  # fmt: skip
     torch_device = training.resolve_device(device)
+    training.autocast_dtype(precision, torch_device)  # a precision the device lacks fails before training
+    if min_bits is not None and min_bits < 0:
+        raise UsageError(f"--min-bits must be 0 or more, not {min_bits}")
     private_key = keys.load_private_key(Path(key), passphrase)
 
     dataset = datasets.owner_dataset(data_factory)
@@ -106,6 +118,7 @@ def embed_greedy_residuals(
     accuracy = training.evaluate(model, dataset.test, torch_device)
     model.to("cpu")
     rates = watermark.rates(model)
+    check = watermark.check(model, min_bits=min_bits).require()  # before any file: never release a mark unfound
 
     paths = training.save_model(model, out_dir, MODEL_STEM, overwrite=overwrite)
     recipe = {
@@ -116,6 +129,7 @@ def embed_greedy_residuals(
         "lr": lr,
         "optimizer": optimizer,
         "seed": seed,
+        "precision": precision,
     }
     bundle_path = out_dir / BUNDLE_FILE
     bundle_sha = watermark.save_bundle(
@@ -130,11 +144,14 @@ def embed_greedy_residuals(
         "test_accuracy": accuracy,
         "rates": rates,
         "bits": watermark.params.bits,
+        "check": check.to_dict(),
         "architecture": architecture,
         "dataset": dataset.name,
         "test_size": len(dataset.test),
         "seconds": result.seconds,
         "device": str(torch_device),
+        "precision": precision,
+        "skipped_steps": result.skipped_steps,
     }
 
 
@@ -189,6 +206,14 @@ def register_commands(app: typer.Typer) -> None:
         batch_size: opt.BatchSize = DEFAULTS["batch_size"],
         seed: opt.Seed = 0,
         device: opt.Device = DEFAULTS["device"],
+        precision: opt.Precision = DEFAULTS["precision"],
+        min_bits: Annotated[
+            int | None,
+            typer.Option(
+                "--min-bits",
+                help="Fewest signature bits every marked layer must carry (default: what detection needs).",
+            ),
+        ] = None,
         no_progress: opt.NoProgress = False,
         overwrite: opt.Overwrite = False,
         as_json: opt.Json = False,
@@ -209,6 +234,8 @@ def register_commands(app: typer.Typer) -> None:
             batch_size=batch_size,
             seed=seed,
             device=device,
+            precision=precision,
+            min_bits=min_bits,
             progress=not no_progress,
             overwrite=overwrite,
         )
@@ -221,6 +248,8 @@ def register_commands(app: typer.Typer) -> None:
             f"test accuracy: {summary['test_accuracy']:.2%} "
             f"({summary['test_size']} test examples, {shown(summary['dataset'])})"
         )
-        bits = summary["bits"]
+        bits, needed = summary["bits"], summary["check"]["bits_needed"]
         for name, rate in summary["rates"].items():
-            out.print(f"detection rate {shown(name)}: {rate:.2%} ({round(rate * bits)}/{bits} bits)")
+            out.print(
+                f"detection rate {shown(name)}: {rate:.2%} ({round(rate * bits)}/{bits} bits; detection needs {needed})"
+            )

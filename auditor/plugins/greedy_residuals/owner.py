@@ -1,9 +1,10 @@
 """The owner's side of Greedy Residuals: sign, pick layers, add the penalty, write the bundle.
 
-A plain PyTorch loop needs three lines::
+A plain PyTorch loop needs four lines::
 
     wm = GreedyResidualsWatermark.create(model, private_key=key, message="(c) 2025 Alice")
     loss = F.cross_entropy(model(x), y) + wm.penalty(model)      # every step
+    wm.check(model).require()                                     # would the detector find it?
     wm.save_bundle(out / "owner_bundle.json", model, model_file=out / "model.safetensors")
 
 The object keeps the signature, the public key and the signature bits, never
@@ -13,6 +14,7 @@ the private key, and the bundle it writes holds nothing secret.
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from auditor.errors import UsageError
+from auditor.plugins.greedy_residuals import stats
 from auditor.plugins.greedy_residuals.scheme import (
     SCHEME,
     GRParams,
@@ -31,7 +34,7 @@ from auditor.plugins.greedy_residuals.scheme import (
     residuals,
 )
 
-__all__ = ["GreedyResidualsWatermark", "MarkedLayer", "default_layers", "marked_layer"]
+__all__ = ["GreedyResidualsWatermark", "MarkedLayer", "bits_needed", "default_layers", "marked_layer"]
 
 #: The spec's parameters (the authors' experiments).
 DEFAULT_PARAMS = GRParams()
@@ -118,6 +121,20 @@ def marked_layer(model: nn.Module, qualified: str) -> MarkedLayer:
     raise UsageError(
         f"{qualified!r} is not a weight of a conv, linear, LSTM or GRU layer of this model; candidates: {shown}"
     )
+
+
+def bits_needed(bits: int, layers: int, p_threshold: float | None = None) -> int:
+    """The fewest of ``bits`` signature bits one layer must match for the detector to report a
+    detection at ``p_threshold`` (its default when ``None``) with ``layers`` layers tried: the
+    smallest k whose two-sided binomial p-value times ``layers`` (Bonferroni) is below the threshold.
+    ``bits + 1`` when even every bit would not do."""
+    from auditor.plugins.greedy_residuals.detector import DEFAULT_P_THRESHOLD
+
+    threshold = DEFAULT_P_THRESHOLD if p_threshold is None else p_threshold
+    if not 0.0 < threshold < 1.0:
+        raise UsageError(f"the p-value threshold must be between 0 and 1, not {threshold}")
+    bar = math.log10(threshold) - math.log10(max(layers, 1))
+    return next((k for k in range(bits // 2, bits + 1) if stats.two_sided_p(k, bits).log10 < bar), bits + 1)
 
 
 def default_layers(model: nn.Module, params: GRParams = DEFAULT_PARAMS) -> list[str]:
@@ -228,6 +245,46 @@ class GreedyResidualsWatermark:
             for name in self.layer_names
         }
 
+    @torch.no_grad()
+    def check(self, model: nn.Module, *, min_bits: int | None = None, p_threshold: float | None = None) -> Any:
+        """Measure the watermark in ``model`` as the detector will: per marked layer, how many
+        signature bits its residual signs match, against the bits the detector needs at
+        ``p_threshold`` (:func:`bits_needed`, Bonferroni over the marked layers).
+
+        Every marked layer must reach ``min_bits`` (default: what the detector needs), since each
+        is meant to carry the signature on its own. Returns a
+        :class:`~auditor.toolkit.training.EmbeddingCheck`; its ``require()`` raises when one falls short.
+        """
+        from auditor.toolkit.training import EmbeddingCheck
+
+        b = self.params.bits
+        needed = bits_needed(b, len(self.layers), p_threshold)
+        bar = needed if min_bits is None else int(min_bits)
+        counts = {
+            name: match_bits(residuals(model.get_parameter(name).detach(), self.params), self.alpha)
+            for name in self.layer_names
+        }
+        threshold = _default_threshold() if p_threshold is None else p_threshold
+        n = len(self.layers)
+        why = (
+            f"the detector needs (p < {threshold:g}, {n} marked layer{'s' * (n != 1)})"
+            if bar == needed
+            else "that --min-bits asks for"
+        )
+        shortfalls = [f"{name} carries {k}/{b} signature bits, below the {bar} {why}" for name, k in counts.items()
+                      if k < bar]  # fmt: skip
+        relax = (
+            f"train longer (more --epochs), raise --lr, or accept it with --min-bits {min(counts.values())}"
+            if shortfalls
+            else ""
+        )
+        measures = {
+            "layers": {name: {"bits": k, "of": b} for name, k in counts.items()},
+            "bits_needed": needed,
+            "min_bits": bar,
+        }
+        return EmbeddingCheck("greedy-residuals", measures, shortfalls, relax)
+
     def payload(
         self,
         model: nn.Module,
@@ -289,3 +346,9 @@ class GreedyResidualsWatermark:
 
         payload = self.payload(model, model_file=model_file, architecture=architecture, training=training)
         return save_bundle(Path(path), scheme=SCHEME, payload=payload, secret=False)
+
+
+def _default_threshold() -> float:
+    from auditor.plugins.greedy_residuals.detector import DEFAULT_P_THRESHOLD
+
+    return DEFAULT_P_THRESHOLD

@@ -2,9 +2,11 @@
 
 Trains a host (a built-in architecture or the owner's own, the same choices
 as the Greedy Residuals embedder) on the bundled digits or the owner's data
-with HufuNet's EPH placed at the keyed positions and frozen, then writes
-``model.safetensors``, ``model.pt`` and the SECRET owner bundle
-``owner_bundle.json`` (mode 0600) that verification needs.
+with HufuNet's EPH placed at the keyed positions and frozen, checks what the
+detector will measure (EPH bit-identical, Acc_combined above its bar), then
+writes ``model.safetensors``, ``model.pt`` and the SECRET owner bundle
+``owner_bundle.json`` (mode 0600) that verification needs. A failed check
+writes nothing and exits 1.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "optimizer": "adam",
     "seed": 0,
     "device": "auto",
+    "precision": "fp32",
 }
 
 
@@ -51,13 +54,18 @@ def embed_hufunet(
     optimizer: str = DEFAULTS["optimizer"],
     seed: int = DEFAULTS["seed"],
     device: str = DEFAULTS["device"],
+    precision: str = DEFAULTS["precision"],
+    min_acc_combined: float | None = None,
     progress: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train a host with the secret HufuNet's EPH frozen in it; write the model and the owner bundle.
 
-    Returns a JSON-ready summary (files with SHA-256, test accuracy, host size,
-    EPH share, Acc_combined read back from the trained weights); never the key.
+    Before anything is written, :meth:`~auditor.plugins.hufunet.owner.EmbeddedHufuNet.check` must pass
+    (EPH bit-identical; Acc_combined above the detector's bar, or ``min_acc_combined``), else
+    :class:`~auditor.toolkit.training.EmbeddingCheckError`. Returns a JSON-ready summary (files with
+    SHA-256, test accuracy, host size, EPH share, the check, Acc_combined read back from the trained
+    weights); never the key.
     """
     import torch
 
@@ -71,9 +79,13 @@ def embed_hufunet(
     targets = [*training.model_files(out_dir, MODEL_STEM).values(), out_dir / BUNDLE_FILE]
     training.refuse_existing(targets, overwrite=overwrite, hint="choose another --out folder or --overwrite")
     config = training.TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device
-    )
+        epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device,
+        precision=precision,
+    )  # fmt: skip
     torch_device = training.resolve_device(device)
+    training.autocast_dtype(precision, torch_device)  # a precision the device lacks fails before training
+    if min_acc_combined is not None and not 0.0 <= min_acc_combined <= 1.0:
+        raise UsageError(f"--min-acc-combined must be between 0 and 1, not {min_acc_combined}")
     net, secret = load_hufunet(Path(hufunet))
     key = hmac_key(secret, Path(hufunet))
 
@@ -90,13 +102,13 @@ def embed_hufunet(
     finally:
         embedded.frozen.detach()
     model.to("cpu")
-    if not embedded.frozen.intact():  # checked before any file is written; write_bundle checks the release too
-        raise RuntimeError("EPH did not come out of training bit-identical")
+    # Before any file is written: EPH bit-identical and Acc_combined as the detector will measure them.
+    check = embedded.check(model, net, secret, min_acc_combined=min_acc_combined).require()
     test_accuracy = training.evaluate(model, dataset.test, "cpu")
     paths = training.save_model(model, out_dir, MODEL_STEM, overwrite=overwrite)
     recipe = {
         "dataset": dataset.describe(), "test_accuracy": test_accuracy, "epochs": epochs, "batch_size": batch_size,
-        "lr": lr, "optimizer": optimizer, "seed": seed,
+        "lr": lr, "optimizer": optimizer, "seed": seed, "precision": precision,
     }  # fmt: skip
     bundle_path = out_dir / BUNDLE_FILE
     bundle_sha, payload = write_bundle(
@@ -120,8 +132,11 @@ def embed_hufunet(
         "eph_fraction": embedded.eph_fraction,
         "acc_original": float(secret["acc_original"]),
         "acc_combined": acc_combined,
+        "check": check.to_dict(),
         "seconds": result.seconds,
         "device": str(torch_device),
+        "precision": precision,
+        "skipped_steps": result.skipped_steps,
     }
 
 
@@ -175,6 +190,14 @@ def register_commands(app: typer.Typer) -> None:
         batch_size: opt.BatchSize = DEFAULTS["batch_size"],
         seed: opt.Seed = 0,
         device: opt.Device = DEFAULTS["device"],
+        precision: opt.Precision = DEFAULTS["precision"],
+        min_acc_combined: Annotated[
+            float | None,
+            typer.Option(
+                "--min-acc-combined",
+                help="Lowest Acc_combined to accept (default: the detector's bar, DiffAcc < 0.15).",
+            ),
+        ] = None,
         no_progress: opt.NoProgress = False,
         overwrite: opt.Overwrite = False,
         as_json: opt.Json = False,
@@ -193,6 +216,8 @@ def register_commands(app: typer.Typer) -> None:
             batch_size=batch_size,
             seed=seed,
             device=device,
+            precision=precision,
+            min_acc_combined=min_acc_combined,
             progress=not no_progress,
             overwrite=overwrite,
         )
@@ -208,6 +233,8 @@ def register_commands(app: typer.Typer) -> None:
         out.print(
             f"EPH: {summary['eph_kernels']} kernels in a host of {summary['host_kernels']} "
             f"({summary['eph_fraction']:.1%}); Acc_combined {summary['acc_combined']:.2%} "
-            f"(Acc_original {summary['acc_original']:.2%})"
+            f"(Acc_original {summary['acc_original']:.2%}; detection needs above "
+            f"{summary['check']['acc_combined_needed']:.2%}); EPH bit-identical "
+            f"{summary['check']['bit_identical_fraction']:.2%}"
         )
         out.print("the owner bundle is SECRET (mode 0600): it holds the HufuNet and the placement key")

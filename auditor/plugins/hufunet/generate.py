@@ -181,6 +181,7 @@ def generate_hufunet(
             "seconds": round(seconds, 3),
         },
     }
+    out.parent.mkdir(parents=True, exist_ok=True)
     sha = save_bundle(out, scheme=SCHEME, payload=payload, secret=True)
     return {
         "path": str(out),

@@ -6,6 +6,16 @@ layers of its kind, kernel count). The detector rebuilds the same numbering
 from those records in any suspect file, whatever order the file keeps its
 tensors in, so the positions it recomputes point at the same weights.
 
+In the owner's own loop::
+
+    net, secret = load_hufunet(Path("hufunet.json"))            # auditor hufunet generate
+    embedded = plant(model, net, hmac_key(secret))              # EPH written and frozen
+    ... train, calling embedded.frozen.after_step(model) after every optimiser step ...
+    embedded.frozen.detach()
+    embedded.check(model, net, secret).require()                # EPH bit-identical, Acc_combined
+    files = save_model(model, out)                              # auditor.toolkit.training
+    write_bundle(out / "owner_bundle.json", model, embedded, net, secret, files=files, architecture="mine")
+
 The owner bundle (scheme ``hufunet``) is SECRET: it holds the whole HufuNet
 (EPH and SPH) and the placement key, which is what verification needs. It is
 written with mode 0600 and must reach only the analyst.
@@ -15,15 +25,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from auditor.errors import UsageError
 from auditor.plugins.hufunet.freezing import FrozenKernels
+from auditor.plugins.hufunet.generate import generate_hufunet, hmac_key, load_hufunet
 from auditor.plugins.hufunet.placement import HostView, eph_kernels, host_kernel_count, host_refs, place
 from auditor.plugins.hufunet.scheme import SCHEME, public_dataset
 from auditor.toolkit.models import model_graph
+
+if TYPE_CHECKING:
+    from auditor.toolkit.training import EmbeddingCheck
 
 __all__ = [
     "BUNDLE_FILE",
@@ -31,9 +46,13 @@ __all__ = [
     "SCHEME",
     "SECRET_FIELDS",
     "EmbeddedHufuNet",
+    "FrozenKernels",
+    "generate_hufunet",
+    "hmac_key",
     "host_layers",
     "kernel_total",
     "host_view",
+    "load_hufunet",
     "model_graph",
     "plant",
     "write_bundle",
@@ -101,6 +120,61 @@ class EmbeddedHufuNet:
         """EPH kernels as a fraction of the host's kernels."""
         return len(self.positions) / self.n
 
+    @torch.no_grad()
+    def measure(self, model: nn.Module, hufunet: nn.Module, secret: Mapping[str, Any]) -> dict[str, float]:
+        """What the detector will measure in ``model``'s current weights: the share of EPH weights
+        found bit for bit at the keyed positions (``bit_identical_fraction``), and the accuracy of
+        HufuNet rebuilt from them with the SPH on the public test split (``acc_combined``)."""
+        from auditor.plugins.hufunet.network import accuracy, assemble, sph_of
+        from auditor.plugins.hufunet.placement import retrieve
+
+        convs = [m.weight for m in hufunet.modules() if isinstance(m, nn.Conv2d)]
+        eph = eph_kernels(convs).detach().cpu().to(torch.float32)
+        read_back = retrieve(host_view(model, self.entries), self.positions).detach().cpu().to(torch.float32)
+        same = (read_back.contiguous().view(torch.int32) == eph.contiguous().view(torch.int32)).float().mean()
+        widths = [int(w.shape[0]) for w in convs]
+        combined = assemble(read_back, sph_of(hufunet), widths, int(convs[0].shape[1]))  # type: ignore[arg-type]
+        return {
+            "bit_identical_fraction": float(same),
+            "acc_combined": accuracy(combined, public_dataset(secret["dataset"])),
+            "acc_original": float(secret["acc_original"]),
+        }
+
+    def check(
+        self,
+        model: nn.Module,
+        hufunet: nn.Module,
+        secret: Mapping[str, Any],
+        *,
+        min_acc_combined: float | None = None,
+        min_identical: float = 1.0,
+    ) -> EmbeddingCheck:
+        """Measure (:meth:`measure`) and compare with what the detector needs: every EPH weight
+        bit-identical (``min_identical``), and Acc_combined above ``min_acc_combined`` (default: the
+        detector's bar, Acc_original x (1 - tau_acc), DiffAcc < tau_acc = 0.15). Returns an
+        :class:`~auditor.toolkit.training.EmbeddingCheck`; its ``require()`` raises when one falls short."""
+        from auditor.plugins.hufunet.detector import TAU_ACC
+        from auditor.toolkit.training import EmbeddingCheck
+
+        m = self.measure(model, hufunet, secret)
+        needed = m["acc_original"] * (1.0 - TAU_ACC)
+        shortfalls = []
+        if m["bit_identical_fraction"] < min_identical:
+            shortfalls.append(
+                f"only {m['bit_identical_fraction']:.2%} of the EPH weights are bit-identical at the keyed positions "
+                "(call frozen.after_step after every optimiser step; keep the host's weights float32)"
+            )
+        if min_acc_combined is None and not m["acc_combined"] > needed:
+            shortfalls.append(
+                f"Acc_combined is {m['acc_combined']:.2%}, not above the {needed:.2%} the detector needs "
+                f"(DiffAcc < {TAU_ACC} of Acc_original {m['acc_original']:.2%})"
+            )
+        elif min_acc_combined is not None and m["acc_combined"] < min_acc_combined:
+            shortfalls.append(f"Acc_combined is {m['acc_combined']:.2%}, below --min-acc-combined {min_acc_combined}")
+        relax = f"accept it with --min-acc-combined {m['acc_combined']:.4f}" if shortfalls else ""
+        measures = {**m, "acc_combined_needed": needed if min_acc_combined is None else min_acc_combined}
+        return EmbeddingCheck("hufunet", measures, shortfalls, relax)
+
 
 def plant(model: nn.Module, hufunet: nn.Module, key: bytes, *, layers: Sequence[str] | None = None) -> EmbeddedHufuNet:
     """Place the HufuNet's EPH in ``model`` (paper Algorithm 1) and freeze it there.
@@ -144,21 +218,16 @@ def write_bundle(
     ``model`` at the keyed positions to record Acc_combined at release, and
     must come back bit-identical.
     """
-    import torch
-
     from auditor.bundle import save_bundle
-    from auditor.plugins.hufunet.network import accuracy, assemble, sph_of
-    from auditor.plugins.hufunet.placement import retrieve
     from auditor.safeio import sha256_file
 
-    convs = [m.weight for m in hufunet.modules() if isinstance(m, nn.Conv2d)]
-    eph = eph_kernels(convs)
-    read_back = retrieve(host_view(model, embedded.entries), embedded.positions)
-    if not torch.equal(read_back.view(torch.int32), eph.view(torch.int32)):
-        raise RuntimeError("EPH did not come out of training bit-identical")  # the freezing contract: a bug
-    widths = [int(w.shape[0]) for w in convs]
-    combined = assemble(read_back, sph_of(hufunet), widths, int(convs[0].shape[1]))  # type: ignore[arg-type]
-    acc_combined = accuracy(combined, public_dataset(secret["dataset"]))
+    measured = embedded.measure(model, hufunet, secret)
+    if measured["bit_identical_fraction"] < 1.0:
+        raise UsageError(
+            f"only {measured['bit_identical_fraction']:.2%} of the EPH weights are bit-identical in the trained "
+            "model: the freezing was broken (call frozen.after_step after every optimiser step); no bundle written"
+        )
+    acc_combined = measured["acc_combined"]
     released = {"file": Path(files["safetensors"]).name, "sha256": sha256_file(Path(files["safetensors"]))}
     if "pt" in files:
         released.update(pt_file=Path(files["pt"]).name, pt_sha256=sha256_file(Path(files["pt"])))

@@ -277,7 +277,7 @@ def test_embed_cli_end_to_end(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pass.txt").write_bytes(PASSPHRASE + b"\n")
     args = ["embed", "greedy-residuals", "--key", str(key_files.private), "--passphrase-file", "pass.txt"]
-    args += ["--message", "(c) 2025 Alice Example Ltd.", "--out", "out", "--epochs", "2", "--device", "cpu"]
+    args += ["--message", "(c) 2025 Alice Example Ltd.", "--out", "out", "--epochs", "4", "--device", "cpu"]
     result = run_cli(*args)
     assert result.code == 0, result.stderr
     out = tmp_path / "out"
@@ -285,7 +285,7 @@ def test_embed_cli_end_to_end(
     lines = result.stdout.splitlines()
     assert re.fullmatch(r"test accuracy: \d+\.\d\d% \(359 test examples, digits\)", lines[3])
     assert [line.split(":")[0] for line in lines[4:]] == ["detection rate conv2.weight", "detection rate conv3.weight"]
-    assert all(re.search(r": \d+\.\d\d% \(\d+/256 bits\)$", line) for line in lines[4:])
+    assert all(re.search(r": \d+\.\d\d% \(\d+/256 bits; detection needs 169\)$", line) for line in lines[4:])
     assert "training" in result.stderr  # the progress bar
 
     bundle = load_bundle(out / "owner_bundle.json")
@@ -349,7 +349,7 @@ def test_embed_with_owner_factories(
     summary = GreedyResidualsEmbedder().embed(
         out_dir=tmp_path / "out",
         options={"key": key_files.private, "passphrase": PASSPHRASE, "message": "(c) C", "epochs": 2,
-                 "device": "cpu", **owner_factories},
+                 "device": "cpu", "min_bits": 0, **owner_factories},  # two steps: plumbing, not a strong mark
     )  # fmt: skip
     assert list(summary["rates"]) == ["1.weight"]  # 768 weights; the head is excluded
     assert summary["dataset"] == f"{tmp_path / 'mine.py'}:data" and summary["test_size"] == 30
