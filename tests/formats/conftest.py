@@ -44,7 +44,7 @@ def byte_edits() -> Callable[[random.Random, bytes], bytes]:
 
 
 def _train_llama(out: Path, *, seed: int, private_key: Any | None) -> SimpleNamespace:
-    """A two-block Llama-style decoder trained 150 steps on a counting task, with Greedy Residuals when a key is
+    """A two-block Llama-style decoder trained 60 steps on a counting task, with Greedy Residuals when a key is
     given (the default layers: the first block's MLP), saved as safetensors (and the bundle when marked)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -52,7 +52,7 @@ def _train_llama(out: Path, *, seed: int, private_key: Any | None) -> SimpleName
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=64, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
     )  # fmt: skip
     model = LlamaForCausalLM(config)
@@ -64,7 +64,7 @@ def _train_llama(out: Path, *, seed: int, private_key: Any | None) -> SimpleName
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for _ in range(150):
+        for _ in range(60):
             seq = (torch.randint(0, 64, (32, 1), generator=generator) + torch.arange(17)) % 64
             logits = model(seq[:, :-1]).logits
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), seq[:, 1:].reshape(-1))

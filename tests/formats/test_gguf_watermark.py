@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from auditor.audit.load import load_model
 from auditor.errors import EXIT_NOT_FOUND, EXIT_OK
 from auditor.toolkit.gguf import hf_to_gguf, write_gguf
 
@@ -25,6 +26,10 @@ def _gguf(model: SimpleNamespace, path: Path, qtype: str) -> Path:
 @pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0", "Q4_K"])
 def test_marked_llama_is_found_after_gguf_conversion(tmp_path: Path, run_cli, llama_owner, qtype: str) -> None:  # type: ignore[no-untyped-def]
     suspect = _gguf(llama_owner, tmp_path / f"stolen-{qtype}.gguf", qtype)
+    marked = [layer["name"] for layer in json.loads(llama_owner.bundle.read_text())["payload"]["layers"]]
+    graph = load_model(suspect)
+    stored = {graph.layer(name).attrs.get("quantized", {}).get("dtype", "F16") for name in marked}
+    assert stored == {qtype}  # every marked matrix really went through this type (rows of 256: whole K-blocks)
     result = run_cli("audit", str(suspect), "--bundle", str(llama_owner.bundle), "--json")
     report = json.loads(result.stdout)
     assert result.code == EXIT_OK, result.stderr
