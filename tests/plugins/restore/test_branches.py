@@ -5,6 +5,7 @@ and found after; an innocent model split the same way is left alone; the ResNet'
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -140,3 +141,17 @@ def test_the_resnet_layers_come_back(tmp_path: Path, edit: str, suffix: str) -> 
         assert layer.weight is not None and layer.weight.shape == reference.layer(name).weight.shape  # type: ignore[union-attr]
         if suffix == ".safetensors":
             assert torch.equal(layer.params["weight"].read(), model.state_dict()[f"{name}.weight"])
+
+
+def test_the_audit_report_logs_the_merges(gr_owner: SimpleNamespace, tmp_path: Path, run_cli: Any) -> None:
+    suspect = split(gr_owner.files["pt"], tmp_path / "s.onnx", "split-inputs")
+    code, out, err = run_cli("audit", suspect, "--bundle", gr_owner.out / "owner_bundle.json", "--reference",
+                             gr_owner.files["safetensors"], "--out", tmp_path / "r.html")  # fmt: skip
+    assert code == 0, out + err
+    report = json.loads((tmp_path / "r.json").read_text())
+    (entry,) = [e for e in report["restore"]["entries"] if e["restorer"] == "restore-branches"]
+    assert entry["log"]["acted"] and entry["log"]["evidence"]["derived"]
+    merges = entry["log"]["merges"]
+    assert [m["name"] for m in merges] == ["conv2", "conv3", "head"] and {m["mode"] for m in merges} == {"inputs"}
+    assert merges[0]["members"] == ["conv2.0", "conv2.1"] and merges[0]["evidence"].startswith("the file's graph")
+    assert "restore-branches" in (tmp_path / "r.html").read_text()
