@@ -56,9 +56,10 @@ MAGIC = b"GGUF"
 MAX_KV = 65_536
 #: Most tensors (a 7B Llama holds 291, the largest mixture-of-experts files a few tens of thousands).
 MAX_TENSORS = 1_000_000
-#: Most array elements over the whole header (a 256k-token vocabulary with scores, types and merges is
-#: about a million); each is also checked against the bytes left, so the budget bounds time, not memory.
-MAX_ARRAY_ITEMS = 16_000_000
+#: Most strings (and nested arrays) in the header's arrays, which are walked one by one: a 262k-token
+#: vocabulary with 150k merges is about 0.4 million. Numeric arrays are skipped by their byte count and
+#: need no budget beyond the file's size; every length is also checked against the bytes left.
+MAX_ARRAY_ITEMS = 4_000_000
 #: Longest key, tensor name and metadata string.
 MAX_KEY = 65_536
 MAX_NAME = 65_536
@@ -82,6 +83,8 @@ _TYPE_NAMES = {
     8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64",
 }  # fmt: skip
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
+_WINDOW = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,27 @@ class _Cursor:
         self.fh.seek(n, 1)
         self.pos += n
 
+    def skip_strings(self, count: int, what: str) -> None:
+        """Walk past ``count`` length-prefixed strings without decoding them, a window of bytes at a time."""
+        window, at, left = b"", 0, count
+        while left:
+            if len(window) - at < 8:
+                window = window[at:] + self.fh.read(min(_WINDOW, self.size - self.pos - (len(window) - at)))
+                at = 0
+                if len(window) < 8:
+                    raise self.fail(f"{what}: the strings run past the end of the file (truncated or corrupt)")
+            (n,) = _U64.unpack_from(window, at)
+            if n > MAX_STRING or n > self.size - self.pos - 8:
+                raise self.fail(f"{what}: a string of {n} bytes runs past the end of the file (truncated or corrupt)")
+            self.pos += 8 + n
+            at += 8 + n
+            left -= 1
+            if at > len(window):  # the string ran past the window: continue after it
+                self.fh.seek(self.pos)
+                window, at = b"", 0
+        if at < len(window):  # give back what was read ahead
+            self.fh.seek(self.pos)
+
     def unpack(self, fmt: str, size: int, what: str) -> Any:
         return struct.unpack(fmt, self.take(size, what))[0]
 
@@ -183,9 +207,10 @@ def _value(cur: _Cursor, vtype: int, key: str, depth: int) -> Any:
                 f"{key!r} claims {count} elements of {_TYPE_NAMES[etype]}, more than the "
                 f"{cur.size - cur.pos} bytes left can hold (truncated or hostile)"
             )
-        cur.items += count
-        if cur.items > MAX_ARRAY_ITEMS:
-            raise cur.fail(f"more than {MAX_ARRAY_ITEMS} array elements in the header")
+        if etype in (_STRING, _ARRAY):  # numbers are skipped by their byte count; strings one by one
+            cur.items += count
+            if cur.items > MAX_ARRAY_ITEMS:
+                raise cur.fail(f"more than {MAX_ARRAY_ITEMS} strings and arrays in the header's arrays")
         if etype in _SCALARS:
             fmt, size = _SCALARS[etype]
             if count <= _KEEP_ARRAY:
@@ -193,6 +218,9 @@ def _value(cur: _Cursor, vtype: int, key: str, depth: int) -> Any:
                 return [_finite(v) for v in struct.iter_unpack(fmt, raw)]
             cur.skip(count * size, f"elements of {key!r}")
             return {"type": f"array of {_TYPE_NAMES[etype]}", "length": count}
+        if etype == _STRING and count > _KEEP_ARRAY:
+            cur.skip_strings(count, key)
+            return {"type": "array of string", "length": count}
         kept = []
         for i in range(count):
             item = _value(cur, etype, f"{key}[{i}]", depth + 1) if etype == _ARRAY else None

@@ -239,6 +239,29 @@ def test_hostile_header_is_one_line_input_error(tmp_path: Path, name: str) -> No
     assert "\n" not in str(err.value)
 
 
+def test_string_budget_refuses_before_walking(tmp_path: Path) -> None:
+    count = gguf_format.MAX_ARRAY_ITEMS + 1
+    path = tmp_path / "strings.gguf"
+    path.write_bytes(_header(0, 1, _s("k") + struct.pack("<IIQ", 9, 8, count) + b"\0" * (8 * count)))
+    with pytest.raises(InputError, match="strings and arrays"):
+        load_model(path)
+
+
+def test_long_string_arrays_are_walked_not_kept(tmp_path: Path) -> None:
+    strings = [b"x" * (2_500_000 if i % 700 == 0 else i % 50) for i in range(3000)]  # some cross the read window
+    body = _s("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, len(strings))
+    body += b"".join(struct.pack("<Q", len(t)) + t for t in strings)
+    body += _s("general.architecture") + struct.pack("<I", 8) + _s("llama")
+    path = tmp_path / "vocab.gguf"
+    path.write_bytes(_header(0, 2, body))
+    header = gguf_format.read_header(path)
+    assert header.metadata["tokenizer.ggml.tokens"] == {"type": "array of string", "length": 3000}
+    assert header.metadata["general.architecture"] == "llama"
+    path.write_bytes(path.read_bytes()[:-30])  # cut inside the last strings: an error, not a hang or a crash
+    with pytest.raises(InputError):
+        gguf_format.read_header(path)
+
+
 def test_hostile_file_through_the_cli_exits_with_the_input_code(tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "hostile.gguf"
     path.write_bytes(HOSTILE["array of 2**63"])
