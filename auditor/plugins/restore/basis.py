@@ -39,7 +39,7 @@ from auditor.graph import Layer, LayerGraph, TensorRef
 from auditor.plugins.restore.align import align_layers
 from auditor.plugins.restore.canonical import linear_link
 
-__all__ = ["MAX_CONDITION", "MAX_RESIDUAL", "MapFit", "align_bases", "estimate_map", "linear_pairs"]
+__all__ = ["MAX_CONDITION", "MAX_JOINT_WIDTH", "MAX_RESIDUAL", "MapFit", "align_bases", "estimate_map", "linear_pairs"]
 
 #: A map with a larger condition number is not removed (its inverse would amplify noise).
 MAX_CONDITION = 1e4
@@ -86,7 +86,7 @@ def linear_pairs(graph: LayerGraph) -> list[tuple[str, str]]:
     layers = {x.name: x for x in graph.layers}
     out = []
     for a in graph.layers:
-        if a.weight is None or int(a.attrs.get("groups", a.attrs.get("groups_inferred", 1))) != 1:
+        if a.weight is None or int(a.attrs.get("groups", 1)) != 1:  # inferred groups are guesses (canonical)
             continue
         link = linear_link(graph, a, a.kind, layers)
         if link is not None and link[0].kind is a.kind and link[0].weight is not None:
@@ -126,12 +126,8 @@ def estimate_map(
         u, _, vt = torch.linalg.svd(x @ y.T)
         candidates.append((u @ vt, "orthogonal Procrustes"))
         candidates.append((torch.linalg.lstsq(y.T, x.T).solution.T, "least squares"))
-    elif v.shape[0] >= k:  # the second layer's columns fix it: z = v A^-1 (its rows in the reference's order)
-        u, _, vt = torch.linalg.svd(z.T @ v)
-        candidates.append((u @ vt, "orthogonal Procrustes (second layer)"))
-        inverse = torch.linalg.lstsq(v, z).solution
-        if torch.linalg.matrix_rank(inverse) == k:
-            candidates.append((torch.linalg.inv(inverse), "least squares (second layer)"))
+    elif k <= MAX_JOINT_WIDTH and v.shape[0] >= k:  # neither alone: both, with the second's row scales free
+        candidates += _joint(x, y, z, v)
     if not candidates:
         return None
     fits = []
@@ -143,6 +139,31 @@ def estimate_map(
     if max(orth[2:]) <= max(1.05 * max(general[2:]), max(general[2:]) + 0.01):
         return orth
     return general
+
+
+#: Largest width for which a map fixed by neither layer alone is solved jointly (k^2 unknowns).
+MAX_JOINT_WIDTH = 64
+
+
+def _joint(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, str]]:
+    """``A`` from both layers at once where neither alone fixes it (the first's rows shorter than its width,
+    the second square): ``B = A^-1`` and the second layer's row scales ``e`` (a batch-norm folded into it)
+    solve ``B x = y`` and ``v B = diag(e) z`` in least squares, one linear system. Then the nearest
+    orthogonal map too."""
+    k, m = x.shape[0], v.shape[0]
+    w1, w2 = 1.0 / max(float(y.norm()), 1e-30), 1.0 / max(float(v.norm()), 1e-30)
+    eye = torch.eye(k, dtype=x.dtype)
+    first = torch.cat([w1 * torch.kron(x.T.contiguous(), eye), torch.zeros(x.shape[1] * k, m, dtype=x.dtype)], 1)
+    scales = torch.cat([-torch.diag(z[:, c]) for c in range(k)], 0)  # column c of diag(e) z is e * z[:, c]
+    second = torch.cat([w2 * torch.kron(eye, v), w2 * scales], 1)
+    rhs = torch.cat([w1 * y.T.reshape(-1), torch.zeros(m * k, dtype=x.dtype)])
+    solution = torch.linalg.lstsq(torch.cat([first, second], 0), rhs.reshape(-1, 1)).solution.reshape(-1)
+    inverse = solution[: k * k].reshape(k, k).T  # column-major vec
+    if torch.linalg.matrix_rank(inverse) < k:
+        return []
+    general = torch.linalg.inv(inverse)
+    u, _, vt = torch.linalg.svd(general)
+    return [(u @ vt, "orthogonal Procrustes (both layers)"), (general, "least squares (both layers)")]
 
 
 def _monomial(a: torch.Tensor) -> bool:
@@ -162,6 +183,13 @@ def _with(layer: Layer, weight: torch.Tensor, bias: torch.Tensor | None) -> Laye
     return dataclasses.replace(layer, params=params, attrs={**layer.attrs, "restored": "basis aligned"})
 
 
+def _named(layer: Layer, name: str) -> Layer:
+    if name == layer.name:
+        return layer
+    params = {role: TensorRef.from_tensor(f"{name}.{role}", ref.read()) for role, ref in layer.params.items()}
+    return dataclasses.replace(layer, name=name, params=params)
+
+
 def align_bases(suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph | None, list[MapFit], str]:
     """The suspect with each linear pair's invertible map removed (None when none is removed), one
     :class:`MapFit` per pair tried, and why (see the module docstring)."""
@@ -169,12 +197,16 @@ def align_bases(suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph 
     if not pairs:
         return None, [], "no two linear layers with nothing nonlinear between them"
     reference_pairs = set(linear_pairs(reference))
+    second_of = dict(reference_pairs)
     matched = align_layers(suspect, reference).pairs
     ref_layers = {x.name: x for x in reference.layers}
     layers = {x.name: x for x in suspect.layers}
     fits: list[MapFit] = []
     for a, b in pairs:
-        ra, rb = matched.get(a), matched.get(b)
+        ra = matched.get(a)
+        # The second layer is the one the reference's first feeds: the graph says so, where the pairing by
+        # position and channel counts may take another 1x1 convolution (a projection shortcut).
+        rb = second_of.get(ra) if ra is not None else None
         if ra is None or rb is None or (ra, rb) not in reference_pairs:
             continue  # the reference has no such pair here: nothing to align against (a chain is fused instead)
         la, lb, rla, rlb = layers[a], layers[b], ref_layers[ra], ref_layers[rb]
@@ -188,7 +220,8 @@ def align_bases(suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph 
         v, _ = _matrices(rlb)
         estimate = estimate_map(x, y, z, v)
         if estimate is None:
-            why = "neither layer fixes the map (the first's rows are shorter than its width, the second narrower)"
+            why = (f"neither layer fixes the map (the first's rows are shorter than its width, and {a} is wider than"
+                   f" {MAX_JOINT_WIDTH} channels or the second layer narrower)")  # fmt: skip
             fits.append(MapFit(a, b, ra, rb, "none", float("nan"), 1.0, 1.0, note=why + ": left alone"))
             continue
         m, method, r1, r2 = estimate
@@ -213,7 +246,19 @@ def align_bases(suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph 
     if not done:
         return None, fits, "no invertible map removed: " + "; ".join(f"{f.first} -> {f.second}: {f.note}" for f in fits)
     note = "restore-basis: " + ", ".join(f"map between {f.first} and {f.second} removed" for f in done)
-    graph = dataclasses.replace(suspect, layers=[layers[x.name] for x in suspect.layers], edges=list(suspect.edges),
-                                files=list(suspect.files), metadata=dict(suspect.metadata),
-                                notes=[*suspect.notes, note])  # fmt: skip
+    # Each aligned layer takes its reference layer's name where that is free, so that the later restorers and
+    # the detectors find it where they find the reference's.
+    renames: dict[str, str] = {}
+    taken = set(layers)
+    for f in done:
+        for name, ref in ((f.first, f.reference_first), (f.second, f.reference_second)):
+            if name != ref and ref not in taken:
+                renames[name] = ref
+                taken.add(ref)
+    out = [_named(layers[x.name], renames.get(x.name, x.name)) for x in suspect.layers]
+    edges = [
+        dataclasses.replace(e, src=renames.get(e.src, e.src), dst=renames.get(e.dst, e.dst)) for e in suspect.edges
+    ]
+    graph = dataclasses.replace(suspect, layers=out, edges=edges, files=list(suspect.files),
+                                metadata=dict(suspect.metadata), notes=[*suspect.notes, note])  # fmt: skip
     return graph, fits, f"{len(done)} invertible map(s) removed"

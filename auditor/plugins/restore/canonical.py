@@ -82,7 +82,17 @@ def _norm(layer: Layer) -> bool:
 
 
 def _ungrouped(layer: Layer) -> bool:
-    return int(layer.attrs.get("groups", layer.attrs.get("groups_inferred", 1))) == 1
+    # Only recorded groups count: groups inferred from a state dict come from a guessed edge (a 32 -> 64
+    # convolution after a 64-wide layer in name order looks like groups=2).
+    return int(layer.attrs.get("groups", 1)) == 1
+
+
+def _inputs(layer: Layer) -> int | None:
+    """Input channels or features, taking the layer as ungrouped."""
+    w = layer.weight
+    if _norm(layer):
+        return layer.out_channels
+    return None if w is None or len(w.shape) < 2 else w.shape[1]
 
 
 def _pointwise(layer: Layer) -> bool:
@@ -110,7 +120,7 @@ def linear_link(graph: LayerGraph, x: Layer, family: LayerKind, layers: dict[str
     y = layers[edge.dst]
     if edge.offset not in (0, None) or not set(edge.via) <= LINEAR_VIA:
         return None
-    if {e.src for e in graph.edges if e.dst == y.name} != {x.name} or y.in_channels != x.out_channels:
+    if {e.src for e in graph.edges if e.dst == y.name} != {x.name} or _inputs(y) != x.out_channels:
         return None
     if _norm(y):
         pass
@@ -166,7 +176,7 @@ def _continues(graph: LayerGraph, a: Layer, layers: dict[str, Layer]) -> bool:
 
 
 def _widths(run: list[Layer]) -> tuple[LayerKind, int | None, int | None]:
-    return run[0].kind, run[0].in_channels, run[-1].out_channels
+    return run[0].kind, _inputs(run[0]), run[-1].out_channels
 
 
 def _segments(run: list[Layer], reference_runs: list[list[Layer]]) -> list[list[Layer]]:
