@@ -34,10 +34,21 @@ if TYPE_CHECKING:
     from auditor.graph import Edge
     from auditor.toolkit.channels import Space, Tensors
 
-__all__ = ["COSINE_TOLERANCE", "CANCEL_TOLERANCE", "DummyRestorer", "Removal", "remove_dummies"]
+__all__ = [
+    "CANCEL_TOLERANCE",
+    "COSINE_TOLERANCE",
+    "MAX_UNITS",
+    "DummyRestorer",
+    "Removal",
+    "parallel_groups",
+    "remove_dummies",
+]
 
 #: Fan-ins closer than this to parallel (1 - cosine) are one unit's.
 COSINE_TOLERANCE = 1e-6
+#: Hidden layers wider than this are not searched (every pair of units is compared): left alone, with the reason.
+MAX_UNITS = 16384
+_CHUNK = 512
 #: A group's summed fan-out below this fraction of its members' fan-outs cancels (a clique); zero fan-out likewise.
 CANCEL_TOLERANCE = 1e-5
 
@@ -108,21 +119,23 @@ def _fan_out(graph: LayerGraph, space: Space) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _groups(fan_in: torch.Tensor) -> list[list[int]]:
+def parallel_groups(fan_in: torch.Tensor) -> list[list[int]]:
     """Units whose fan-ins are positive multiples of each other (weight part non-zero), in unit order."""
     import torch
 
     weight_norm = fan_in[:, :-1].norm(dim=1)
     live = weight_norm > 1e-12 * float(weight_norm.max().clamp_min(1e-300))
     unit = fan_in / fan_in.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    close = (unit @ unit.T) > 1 - COSINE_TOLERANCE
-    close &= live[:, None] & live[None, :]
     seen: set[int] = set()
     groups = []
+    close = torch.zeros(0, len(fan_in), dtype=torch.bool)
     for i in range(len(fan_in)):
+        if i % _CHUNK == 0:  # one block of rows of the cosine matrix at a time: memory stays _CHUNK x units
+            close = (unit[i : i + _CHUNK] @ unit.T) > 1 - COSINE_TOLERANCE
+            close &= live[i : i + _CHUNK, None] & live[None, :]
         if i in seen or not bool(live[i]):
             continue
-        members = [int(j) for j in torch.nonzero(close[i]).flatten().tolist() if j not in seen]
+        members = [int(j) for j in torch.nonzero(close[i % _CHUNK]).flatten().tolist() if j not in seen]
         if len(members) > 1:
             groups.append(members)
         seen.update(members)
@@ -138,7 +151,7 @@ def _plan_space(graph: LayerGraph, space: Space) -> tuple[list[int], dict[int, t
     cliques, splits, zero = [], [], []
     merged: dict[int, torch.Tensor] = {}
     residual = 0.0
-    for members in _groups(fan_in):
+    for members in parallel_groups(fan_in):
         lam = fan_in[members].norm(dim=1) / fan_in[members[0]].norm()
         total = (lam[:, None] * fan_out[members]).sum(dim=0)
         size = float((lam * norms[members]).sum())
@@ -225,6 +238,9 @@ def remove_dummies(suspect: LayerGraph, reference: LayerGraph | None = None) -> 
         ref_width = ref_layers[ref_name].out_channels if ref_name in ref_layers else None
         if reference is not None and (ref_width is None or space.width <= ref_width):
             continue  # no wider than the reference's: nothing was added
+        if space.width > MAX_UNITS:
+            passed.append(f"{producer}: {space.width} units, more than the {MAX_UNITS} compared pairwise: left alone")
+            continue
         keep, merged, removal = _plan_space(graph, space)
         if len(keep) == space.width:
             if reference is not None:

@@ -21,7 +21,7 @@ from auditor.graph import LayerGraph
 from auditor.plugin_manager import registered
 from auditor.plugins.hufunet.detector import TAU_ACC, audit_bundle
 from auditor.plugins.restore import guard
-from auditor.plugins.restore.dummies import DummyRestorer, remove_dummies
+from auditor.plugins.restore.dummies import DummyRestorer, parallel_groups, remove_dummies
 from auditor.toolkit import equivalent
 from auditor.toolkit import models as zoo
 from auditor.toolkit.modelio import export_onnx
@@ -203,3 +203,12 @@ def test_the_watermarked_resnet_is_found_after_every_structural_edit(tmp_path: P
             after = {f.detector: f for f in run_detectors(restored, bundles=owner.bundles)}
             assert after["greedy-residuals"].verdict is Verdict.DETECTED, (aid, suffix, after["greedy-residuals"])
             assert after["hufunet"].metrics["diff_acc"] < TAU_ACC, (aid, suffix, after["hufunet"].summary)
+
+
+def test_parallel_fan_ins_are_found_across_blocks() -> None:
+    """The cosine matrix is built in blocks of rows: copies far apart (units 3, 700 and 1100 of 1200) are
+    still one group, a negative copy is not, and a unit with no weights joins nobody."""
+    fan_in = torch.randn(1200, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fan_in[700], fan_in[1100], fan_in[900] = 2.5 * fan_in[3], 0.1 * fan_in[3], -fan_in[3]
+    fan_in[5, :-1] = fan_in[6, :-1] = 0.0
+    assert parallel_groups(fan_in) == [[3, 700, 1100]]
