@@ -167,8 +167,8 @@ def _by_concat(graph: LayerGraph, taken: set[str]) -> list[tuple[list[Layer], st
         offsets = [e.offset or 0 for e in edges]
         contiguous = all(offsets[i + 1] - offsets[i] == shapes[i][0] for i in range(len(shapes) - 1))
         alone = len({e.src for e in graph.edges if e.dst == edges[0].dst and "Concat" in e.via}) == len(members)
-        if (len({(m.kind, s[1:]) for m, s in zip(members, shapes, strict=True)}) == 1 and contiguous and alone
-                and all(s == sources[0] for s in sources) and sources[0]):  # fmt: skip
+        same = len({(m.kind, s[1:]) for m, s in zip(members, shapes, strict=True)}) == 1
+        if same and contiguous and alone and all(s == sources[0] for s in sources):  # none at all: the model's input
             found.append((members, "outputs", "the file's graph (Concat at consecutive offsets)"))
     return found
 

@@ -155,3 +155,27 @@ def test_the_audit_report_logs_the_merges(gr_owner: SimpleNamespace, tmp_path: P
     assert [m["name"] for m in merges] == ["conv2", "conv3", "head"] and {m["mode"] for m in merges} == {"inputs"}
     assert merges[0]["members"] == ["conv2.0", "conv2.1"] and merges[0]["evidence"].startswith("the file's graph")
     assert "restore-branches" in (tmp_path / "r.html").read_text()
+
+
+def test_an_anonymised_onnx_file_is_merged_from_its_concats(gr_owner: SimpleNamespace, tmp_path: Path) -> None:
+    """Every weight and node renamed (``t0``, ``n6``): the branches reaching one Concat at consecutive
+    offsets from the same input are still groups, and take the reference's names. The head's two branches
+    concatenate into the model's output, which no edge shows: they stay, and the watermark is found anyway."""
+    import onnx
+
+    model = onnx.load(str(split(gr_owner.files["pt"], tmp_path / "s.onnx", "split-outputs")))
+    renamed = {init.name: f"t{i}" for i, init in enumerate(model.graph.initializer)}
+    for init in model.graph.initializer:
+        init.name = renamed[init.name]
+    for i, node in enumerate(model.graph.node):
+        node.name = f"n{i}"
+        node.input[:] = [renamed.get(x, x) for x in node.input]
+    onnx.save(model, str(tmp_path / "anon.onnx"))
+    suspect = load_model(tmp_path / "anon.onnx")
+    assert not {"conv1.0", "conv2", "conv2.0"} & {x.name for x in suspect.layers}
+    assert gr_verdict(suspect, gr_owner) is not Verdict.DETECTED
+    restored, log = run_restorers(suspect, load_model(gr_owner.files["safetensors"]))
+    entry = branch_log(log)
+    assert entry["acted"] and [m["name"] for m in entry["merges"]] == ["conv1", "conv2", "conv3"]
+    assert all(m["evidence"] == "the file's graph (Concat at consecutive offsets)" for m in entry["merges"])
+    assert gr_verdict(restored, gr_owner) is Verdict.DETECTED
