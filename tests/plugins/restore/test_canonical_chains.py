@@ -158,3 +158,38 @@ def test_a_gap_in_the_names_is_not_a_chain(gr_owner: SimpleNamespace, tmp_path: 
     same, log = CanonicalRestorer().restore(graph, load_model(gr_owner.files["safetensors"]))
     assert same is graph and not log["acted"]
     assert log["reason"] == "no chain of linear layers without a nonlinearity between them"
+
+
+def test_onnx_matmul_add_chain_through_an_identity_node_is_fused(tmp_path: Path) -> None:
+    """A hand-written ONNX graph: ``MatMul + Add`` (a linear layer with its bias), an ``Identity`` node, a
+    second ``MatMul + Add`` mixing the 32 features by an orthogonal ``Q``, a ReLU, the head as a ``Gemm``.
+    The reference is the plain two-layer MLP as a state dict; the first two operations are fused back into
+    its first layer, named as the reference's."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    gen = torch.Generator().manual_seed(0)
+    w1, b1 = torch.randn(32, 64, generator=gen), torch.randn(32, generator=gen)
+    w2, b2 = torch.randn(10, 32, generator=gen), torch.randn(10, generator=gen)
+    save_file({"0.weight": w1, "0.bias": b1, "2.weight": w2, "2.bias": b2}, str(tmp_path / "reference.safetensors"))
+    q = edits.random_orthogonal(32, generator=gen).float()
+    inits = {"a1": (q.T @ w1).T, "c1": q.T @ b1, "a2": q.T, "c2": torch.zeros(32), "w2": w2, "b2": b2}
+    nodes = [
+        helper.make_node("MatMul", ["x", "a1"], ["h1"]), helper.make_node("Add", ["h1", "c1"], ["h2"]),
+        helper.make_node("Identity", ["h2"], ["h3"]), helper.make_node("MatMul", ["h3", "a2"], ["h4"]),
+        helper.make_node("Add", ["h4", "c2"], ["h5"]), helper.make_node("Relu", ["h5"], ["h6"]),
+        helper.make_node("Gemm", ["h6", "w2", "b2"], ["y"], transB=1),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        [numpy_helper.from_array(t.contiguous().numpy(), name) for name, t in inits.items()],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph), str(tmp_path / "suspect.onnx"))
+    suspect, reference = load_model(tmp_path / "suspect.onnx"), load_model(tmp_path / "reference.safetensors")
+    assert len([x for x in suspect.layers if x.kind.value == "linear"]) == 3
+    fused, log = CanonicalRestorer().restore(suspect, reference)
+    assert log["acted"] and "the file's graph" in log["fusions"][0]["edges"], log["reason"]
+    layer = fused.layer("0")
+    assert torch.allclose(layer.params["weight"].read(), w1, atol=1e-5)
+    assert torch.allclose(layer.params["bias"].read(), b1, atol=1e-5)
