@@ -158,7 +158,8 @@ def cnn_secrets(zoo: dict[str, SimpleNamespace], tmp_path_factory: pytest.TempPa
     return SimpleNamespace(gr=out / "gr.json", hufunet=out / "hufunet.json")
 
 
-@pytest.mark.parametrize("attack", sorted(attacks()))
+# invertible-map needs a model with a linear pair, which the built-ins lack: test_linear_attacks checks it.
+@pytest.mark.parametrize("attack", sorted(set(attacks()) - {"invertible-map"}))
 def test_attack_never_touches_its_input(zoo: dict[str, SimpleNamespace], cnn_secrets: SimpleNamespace,
                                         attack: str) -> None:  # fmt: skip
     m = zoo["cnn"]

@@ -124,9 +124,12 @@ def test_invertible_map_keeps_the_function_and_the_names(models: SimpleNamespace
 
 
 def test_invertible_map_picks_pairs(models: SimpleNamespace, tmp_path: Path) -> None:
+    source = models.out / "pair.safetensors"
+    untouched = (source.read_bytes(), source.stat().st_mtime_ns)
     summary = apply("invertible-map", models.out / "pair.safetensors", tmp_path / "one.safetensors",
                     model_factory=models.factory, pairs="conv2.0")  # fmt: skip
     assert summary["pairs"] == [["conv2.0", "conv2.1"]]
+    assert (source.read_bytes(), source.stat().st_mtime_ns) == untouched  # the input is never touched
     before, after = load_file(models.out / "pair.safetensors"), load_file(tmp_path / "one.safetensors")
     assert torch.equal(before["conv1.0.weight"], after["conv1.0.weight"])
     assert not torch.equal(before["conv2.0.weight"], after["conv2.0.weight"])
