@@ -240,12 +240,20 @@ class Detector(Presentable):
     #: What a finding of this detector does not prove, in a sentence or two, for the first screen
     #: (:attr:`explanation` says it at length further down).
     limitations: ClassVar[str] = ""
+    #: The question a bundle-free detector's findings answer, when it is not a watermark's: a few words read as
+    #: "<evidence>: yes / no / untested" ("derived from the reference"). The report shows such a finding beside
+    #: the verdict as a separate line of evidence and never as a watermark found or not; like every bundle-free
+    #: finding it leaves the verdict and the exit code alone. Empty (the default): a watermark check.
+    evidence: ClassVar[str] = ""
 
     @abc.abstractmethod
     def detect(self, suspect: LayerGraph, *, bundle: Any | None, context: Mapping[str, Any]) -> list[Finding]:
         """Findings for ``suspect`` against ``bundle`` (``None`` when ``scheme`` is
         empty). ``context["options"]`` holds this detector's options, validated
-        against :attr:`params` (:meth:`settings` reads them with the defaults).
+        against :attr:`params` (:meth:`settings` reads them with the defaults);
+        ``context["reference"]`` the reference model's graph (``None`` without
+        ``--reference``) and ``context["restore"]`` the restore stage's log, whose
+        ``status: ok`` entries changed ``suspect``.
         Exceptions are caught by the core and become an error finding."""
 
     def settings(self, context: Mapping[str, Any]) -> dict[str, Any]:

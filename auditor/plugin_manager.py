@@ -46,6 +46,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "auditor.plugins.hufunet.embedder",
     "auditor.plugins.hufunet.detector",
     "auditor.plugins.hufunet.attacks",
+    "auditor.plugins.lineage.detector",
     "auditor.plugins.restore.plugin",
     "auditor.plugins.attacks.plugin",
     "auditor.plugins.attacks.cli",

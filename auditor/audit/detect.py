@@ -10,7 +10,7 @@ from auditor.findings import Finding, Verdict, sort_findings
 from auditor.graph import LayerGraph
 from auditor.plugin_manager import components
 
-__all__ = ["bundle_scheme", "overall_verdict", "run_detectors"]
+__all__ = ["EVIDENCE_ANSWERS", "bundle_scheme", "evidence_answer", "overall_verdict", "run_detectors"]
 
 
 def bundle_scheme(bundle: Any) -> str:
@@ -89,13 +89,34 @@ def run_detectors(
     return sort_findings(findings)
 
 
+#: A finding's answer to its detector's :attr:`~auditor.bases.Detector.evidence` question, by verdict.
+EVIDENCE_ANSWERS = {
+    Verdict.DETECTED: "yes",
+    Verdict.NOT_DETECTED: "no",
+    Verdict.INCONCLUSIVE: "untested",
+    Verdict.ERROR: "untested",
+}
+
+
+def evidence_answer(finding: Finding, detector: Detector | None) -> dict[str, str] | None:
+    """What a bundle-free finding says as a separate line of evidence (``question`` and ``answer``: ``yes``,
+    ``no`` or ``untested``), or ``None`` for a finding of a watermark check: one with a scheme, or whose
+    detector declares no :attr:`~auditor.bases.Detector.evidence` (or is not installed). Such lines never
+    enter :func:`overall_verdict`."""
+    if finding.scheme or detector is None or not detector.evidence or finding.detector != detector.id:
+        return None
+    return {"question": detector.evidence, "answer": EVIDENCE_ANSWERS[finding.verdict]}
+
+
 def overall_verdict(findings: Sequence[Finding]) -> Verdict:
     """The audit's verdict over the watermark findings (those with a scheme).
 
     Detected if any scheme's finding is; otherwise inconclusive if any is
     inconclusive or failed, or if there was no watermark finding at all (no
     owner bundle, nothing looked for); otherwise not detected. Bundle-free
-    checks (empty scheme) inform the report but never decide the verdict.
+    checks (empty scheme) inform the report but never decide the verdict,
+    including those that answer another question (:func:`evidence_answer`:
+    a model derived from the reference is not one carrying the owner's mark).
     """
     verdicts = {f.verdict for f in findings if f.scheme}
     if Verdict.DETECTED in verdicts:

@@ -89,9 +89,11 @@ def audit_suspect(path: Path, inputs: AuditInputs, progress: Callable[[int], Non
     applicable detector with its options."""
     with hashed_load(path, progress) as loading:
         graph, log = loading.graph, list[dict[str, Any]]()
-        if inputs.reference is not None:
-            graph, log = run_restorers(graph, inputs.reference.graph)
-        findings = run_detectors(graph, bundles=inputs.bundles, options=inputs.options)
+        reference = inputs.reference.graph if inputs.reference is not None else None
+        if reference is not None:
+            graph, log = run_restorers(graph, reference)
+        context = {"reference": reference, "restore": log}  # what a detector may compare the suspect with
+        findings = run_detectors(graph, bundles=inputs.bundles, options=inputs.options, context=context)
         model = loading.finish()
     return AuditRecord(model, log, findings, overall_verdict(findings))
 

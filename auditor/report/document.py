@@ -9,7 +9,8 @@ whitelisting: what a report holds of an owner bundle is named field by field
   runs of the same audit; ``integrity`` (:mod:`auditor.report.seal`) seals the rest;
 * ``tool``, ``command``, ``suspect``, ``reference``, ``bundles``,
   ``reference_check`` (is the reference the owner's released model?), ``restore``,
-  ``findings`` (each with what it was ``measured_on`` and its ``first_screen``), ``verdict``, ``exit_code``.
+  ``findings`` (each with what it was ``measured_on`` and its ``first_screen``), ``verdict``, ``evidence``
+  (separate lines of evidence beside the verdict, which never change it), ``exit_code``.
 
 Everything is sorted or kept in the order the audit defines (findings by
 their stable key, bundles by scheme and SHA-256), so the same audit gives the
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from auditor import __version__
+from auditor.audit.detect import evidence_answer
+from auditor.bases import Detector
 from auditor.errors import UsageError
 from auditor.findings import Finding
 from auditor.jsondata import dump_json, jsonable
@@ -44,6 +47,7 @@ __all__ = [
     "REPORT_VERSION",
     "build_report",
     "bundle_entry",
+    "evidence_lines",
     "finding_entry",
     "reference_check",
     "run_block",
@@ -149,7 +153,28 @@ def finding_entry(
     if guard.leaks(first):  # the detector's own words quote a secret: the plain defaults stand in
         first = jsonable(view_of("detectors", "").first_screen(entry, bundle))
     entry["first_screen"] = first
+    answer = evidence_answer(finding, view.component if isinstance(view.component, Detector) else None)
+    if answer is not None:  # another question than a watermark's: shown beside the verdict, never as one
+        entry["evidence"] = answer
     return entry
+
+
+def evidence_lines(findings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The report's separate lines of evidence, one per finding that answers another question than a
+    watermark's (:func:`auditor.audit.detect.evidence_answer`), in the findings' order: the question, the
+    answer (yes, no, untested), its p-value and what it is, the detector and its one line."""
+    from auditor.report.view import view_of
+
+    lines = []
+    for f in findings:
+        if not isinstance(f.get("evidence"), dict):
+            continue
+        view, first = view_of("detectors", f["detector"]), f.get("first_screen") or {}
+        lines.append({
+            "detector": f["detector"], "title": view.title, **f["evidence"], "log10_p": first.get("log10_p"),
+            "p_label": first.get("p_label", ""), "headline": view.headline(f),
+        })  # fmt: skip
+    return jsonable(lines)
 
 
 def reference_check(inputs: AuditInputs) -> dict[str, Any] | None:
@@ -221,7 +246,7 @@ def build_report(record: AuditRecord, *, inputs: AuditInputs, run: Mapping[str, 
         "report_format": REPORT_FORMAT, "report_version": REPORT_VERSION, "run": dict(run), "tool": tool_info(),
         "command": command, "suspect": jsonable(suspect), "reference": inputs.reference_entry(), "bundles": bundles,
         "reference_check": reference_check(inputs), "restore": restore, "findings": findings,
-        "verdict": record.verdict.value, "exit_code": record.exit_code,
+        "verdict": record.verdict.value, "evidence": evidence_lines(findings), "exit_code": record.exit_code,
     }  # fmt: skip
     rates = calibration_block(record, inputs)  # known error rates and negative controls: report/controls.py
     attach_rates(report["findings"], record, rates)

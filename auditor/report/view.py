@@ -135,6 +135,19 @@ class ComponentView:
         shown.setdefault("p_label", "")
         return {k: shown[k] for k in sorted(shown)}
 
+    def evidence(self, entry: Mapping[str, Any]) -> dict[str, str] | None:
+        """The separate line of evidence a finding (as the report holds it) gives: its detector's question and
+        the answer (:func:`auditor.audit.detect.evidence_answer`), or ``None`` for a watermark finding."""
+        from auditor.audit.detect import evidence_answer
+        from auditor.findings import Finding, Verdict
+
+        try:
+            finding = Finding(detector=str(entry.get("detector")), verdict=Verdict(entry.get("verdict")),
+                              summary="", scheme=str(entry.get("scheme") or ""))  # fmt: skip
+        except ValueError:
+            return None
+        return evidence_answer(finding, self.component if isinstance(self.component, Detector) else None)
+
     def columns(self, key: str, rows: list[Any], limit: int = 10) -> tuple[list[str], bool]:
         """The columns of a details table ``key`` (the component's order first) and whether some were cut."""
         order = self.component.columns.get(key, ()) if self.component is not None else ()

@@ -241,3 +241,60 @@ def probe_input(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Ite
     finally:
         _PROBE.reset(token)
 
+
+class TinyViT(nn.Module):
+    """The smallest ViT-style classifier for the 8x8 digits: the image cut into 4x4 patches (four tokens of 16
+    pixels per channel), a linear patch embedding to ``dim`` (64), a class token and learned positions, ``depth``
+    (2) pre-norm transformer blocks of single-head self-attention (separate ``q``, ``k``, ``v`` and ``proj``
+    linear layers, so a state dict names them) and a ``4 * dim`` ReLU MLP (``fc1``, ``fc2``), a final layer
+    norm and a linear head on the class token.
+
+    Weights per layer at the defaults: patch 1,024, each of q/k/v/proj 4,096, fc1 and fc2 16,384, head 640.
+    Not in :data:`ARCHITECTURES` (the embedders do not mark it); build it directly.
+    """
+
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 1, *, patch: int = 4, dim: int = 64, depth: int = 2,
+        image: int = 8,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if image % patch:
+            raise UsageError(f"the image side {image} is not a multiple of the patch side {patch}")
+        self.patch_side = patch
+        tokens = (image // patch) ** 2
+        self.patch = nn.Linear(in_channels * patch * patch, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embedding = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.blocks = nn.ModuleList(_ViTBlock(dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of a batch ``(N, C, H, W)``."""
+        n, c, _, _ = x.shape
+        p = self.patch_side
+        patches = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(n, -1, c * p * p)
+        h = torch.cat([self.cls_token.expand(n, -1, -1), self.patch(patches)], dim=1) + self.pos_embedding
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h[:, 0]))
+
+
+class _ViTBlock(nn.Module):
+    """One pre-norm transformer block: single-head attention, then a ReLU MLP, each with a residual add."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """The block's output, same shape as ``h`` ``(N, T, dim)``."""
+        x = self.norm1(h)
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        attention = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+        h = h + self.proj(attention @ v)
+        return h + self.fc2(torch.relu(self.fc1(self.norm2(h))))

@@ -243,7 +243,7 @@ def test_the_released_model_as_reference_is_verified(
     assert check["bundles"][0]["sha256"] == "matches" and check["bundles"][0]["architecture"] is None
     assert WARNING not in html and UNVERIFIED_REFERENCE not in html
     assert "The reference is the owner's released model" in html
-    assert [f["measured_on"] for f in data["findings"]] == [AFTER_RESTORE]
+    assert [f["measured_on"] for f in data["findings"]] == [AFTER_RESTORE, AFTER_RESTORE]  # watermark, lineage
 
 
 def test_a_reference_that_is_not_the_released_model_is_stated_at_the_top(
