@@ -71,6 +71,11 @@ TOLERANCE = 1e-4
 COMMON_LOG_KEYS = {"acted", "reason", "guard", "evidence", "edges_from", "notes", "layers"}
 
 
+def say(line: str) -> None:
+    """Progress, as it comes (the output may be a file)."""
+    print(line, flush=True)
+
+
 # --- one stolen copy --------------------------------------------------------------------------------------------
 
 
@@ -231,7 +236,7 @@ def audit(path: Path, inputs: Any) -> dict[str, Any]:
 
 def evidence(
     owner: dict[str, Path], arch: str, work: Path, *, edits: Sequence[str], forms: Sequence[str],
-    modes: Sequence[str], seed: int = 0, log: Callable[[str], None] = print,
+    modes: Sequence[str], seed: int = 0, log: Callable[[str], None] = say,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Every (edit, form, mode) of one owner: the copy, its function check and its audits."""
     from auditor.audit.inputs import load_inputs
@@ -283,7 +288,7 @@ def train_innocent(arch: str, index: int, epochs: int, folder: Path) -> Path:
 
 def innocents(owner: dict[str, Path], arch: str, count: int, epochs: int, folder: Path, *,
               edits: Sequence[str] = (), forms: Sequence[str] = FORMS,
-              log: Callable[[str], None] = print) -> list[dict[str, Any]]:  # fmt: skip
+              log: Callable[[str], None] = say) -> list[dict[str, Any]]:  # fmt: skip
     """``count`` independent models audited against ``owner`` with every restorer on: each as trained, and
     each copy of it that the structural ``edits`` give (alone, in every form), so that every restore step
     has something to act on and its guard is asked."""
@@ -493,6 +498,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     inn.add_argument("--models", type=int, default=20, help="independent models per architecture")
     inn.add_argument("--epochs", type=int, default=8, help="their training epochs")
     args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    for flag in ("--out", "--json", "--write-docs"):  # where the results go, not what was measured
+        while flag in given:
+            at = given.index(flag)
+            del given[at : at + (1 if flag == "--write-docs" else 2)]
+    shown = " ".join(["python scripts/restore_evidence.py", *given, "--write-docs"])
     torch.set_num_threads(1)
     out = args.out or Path(tempfile.mkdtemp(prefix="restore-evidence-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -513,12 +524,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     restorers = ", ".join(f"`{r}`" for r in registered("restorers"))
     if args.command == "evidence":
-        body = (f"Command: `python scripts/restore_evidence.py evidence --write-docs` ({machine()}; {seconds:.0f} s). "
+        body = (f"Command: `{shown}` ({machine()}; {seconds:.0f} s). "
                 f"Restorers: {restorers}.\n\n{evidence_summary(rows)}\n\n{evidence_table(rows)}")  # fmt: skip
         failed = 0
     else:
-        body = (f"Command: `python scripts/restore_evidence.py innocents --models {args.models} --write-docs` "
-                f"({machine()}; {seconds:.0f} s). Restorers: {restorers}.\n\n{innocent_table(rows)}")  # fmt: skip
+        body = (f"Command: `{shown}` ({machine()}; {seconds:.0f} s). Restorers: {restorers}."
+                f"\n\n{innocent_table(rows)}")  # fmt: skip
         failed = sum(r.get("verdict") == "detected" for r in rows)
     print(body)
     if args.write_docs:
