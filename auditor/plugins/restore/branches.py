@@ -209,15 +209,18 @@ def _drop(via: tuple[str, ...], ops: tuple[str, ...]) -> tuple[str, ...]:
     return via
 
 
-def _rewire(edges: list[Edge], members: list[str], name: str, *, mode: str, whole: set[str]) -> list[Edge]:
-    """The edges with ``members`` replaced by the merged layer ``name`` (duplicates dropped); ``whole``
-    names the layers whose output is the merged layer's whole input (an input split then reads offset 0)."""
+def _rewire(edges: list[Edge], members: list[str], name: str, *, mode: str) -> list[Edge]:
+    """The edges with ``members`` replaced by the merged layer ``name`` (duplicates dropped). The merged
+    layer of an input split reads its one source from offset 0 (whole, or in blocks after a flatten); with
+    several sources (a concatenation before the split) where each arrives is not known."""
     group = set(members)
+    sources = {e.src for e in edges if e.dst in group and e.src not in group}
+    offset_in = 0 if len(sources) == 1 else None
 
     def rewired(e: Edge) -> Edge:
         if e.dst in group:
             if mode == "inputs":
-                return Edge(e.src, name, _drop(e.via, _SPLITS), 0 if e.src in whole else None, e.source)
+                return Edge(e.src, name, _drop(e.via, _SPLITS), offset_in, e.source)
             return dataclasses.replace(e, dst=name)
         if mode == "inputs":
             return Edge(name, e.dst, _drop(e.via, ("Add", "Sum")), e.offset, e.source)
@@ -249,7 +252,6 @@ def merge_branches(suspect: LayerGraph, reference: LayerGraph | None = None) -> 
     layers = list(suspect.layers)
     edges = list(suspect.edges)
     merges: list[Merge] = []
-    width_of = {x.name: x.out_channels for x in suspect.layers}
     for members, mode, evidence in groups:
         m = _ENTRY.match(module_path(members[0]))
         parent = m.group(1) if m is not None else members[0].name
@@ -275,9 +277,7 @@ def merge_branches(suspect: LayerGraph, reference: LayerGraph | None = None) -> 
         first = min(i for i, x in enumerate(layers) if x.name in names)
         layers = [x for x in layers if x.name not in names]
         layers.insert(first, merged)
-        whole = {x for x, w in width_of.items() if w is not None and w == merged.in_channels}
-        edges = _rewire(edges, names, name, mode=mode, whole=whole)
-        width_of[name] = merged.out_channels
+        edges = _rewire(edges, names, name, mode=mode)
         merges.append(Merge(names, mode, name, evidence, ref_name))
     note = "restore-branches: " + ", ".join(f"{' + '.join(x.members)} merged into {x.name}" for x in merges)
     graph = dataclasses.replace(suspect, layers=layers, edges=edges, files=list(suspect.files),

@@ -179,3 +179,16 @@ def test_an_anonymised_onnx_file_is_merged_from_its_concats(gr_owner: SimpleName
     assert entry["acted"] and [m["name"] for m in entry["merges"]] == ["conv1", "conv2", "conv3"]
     assert all(m["evidence"] == "the file's graph (Concat at consecutive offsets)" for m in entry["merges"])
     assert gr_verdict(restored, gr_owner) is Verdict.DETECTED
+
+
+@pytest.mark.parametrize("aid", ["split-outputs", "split-inputs"])
+def test_a_permuted_then_split_onnx_copy_is_found(gr_owner: SimpleNamespace, tmp_path: Path, aid: str) -> None:
+    """Composed with a permutation, the merged layers must keep the graph's edges (the head reads conv3
+    through a flatten, in blocks from offset 0), or conv3's channels could not be put back in order."""
+    registered("attacks")["permute"].component.apply(gr_owner.files["pt"], tmp_path / "p.pt", options={"seed": 5})
+    suspect = load_model(split(tmp_path / "p.pt", tmp_path / "s.onnx", aid))
+    restored, log = run_restorers(suspect, load_model(gr_owner.files["safetensors"]))
+    entry = branch_log(log)
+    assert entry["acted"] and min(entry["evidence"]["layers"].values()) > 0.99, entry["evidence"]
+    assert [e["restorer"] for e in log if e["log"]["acted"]][:2] == ["restore-branches", "restore-channels"]
+    assert gr_verdict(restored, gr_owner) is Verdict.DETECTED
