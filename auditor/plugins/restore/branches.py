@@ -211,11 +211,11 @@ def _drop(via: tuple[str, ...], ops: tuple[str, ...]) -> tuple[str, ...]:
 
 def _rewire(edges: list[Edge], members: list[str], name: str, *, mode: str) -> list[Edge]:
     """The edges with ``members`` replaced by the merged layer ``name`` (duplicates dropped). The merged
-    layer of an input split reads its one source from offset 0 (whole, or in blocks after a flatten); with
-    several sources (a concatenation before the split) where each arrives is not known."""
+    layer of an input split reads its sources from offset 0 (whole, in blocks after a flatten, or summed by
+    a residual add); after a concatenation where each source arrives is not known."""
     group = set(members)
-    sources = {e.src for e in edges if e.dst in group and e.src not in group}
-    offset_in = 0 if len(sources) == 1 else None
+    concat = any("Concat" in e.via for e in edges if e.dst in group and e.src not in group)
+    offset_in = None if concat else 0
 
     def rewired(e: Edge) -> Edge:
         if e.dst in group:

@@ -192,3 +192,18 @@ def test_a_permuted_then_split_onnx_copy_is_found(gr_owner: SimpleNamespace, tmp
     assert entry["acted"] and min(entry["evidence"]["layers"].values()) > 0.99, entry["evidence"]
     assert [e["restorer"] for e in log if e["log"]["acted"]][:2] == ["restore-branches", "restore-channels"]
     assert gr_verdict(restored, gr_owner) is Verdict.DETECTED
+
+
+@pytest.mark.parametrize("aid", ["split-outputs", "split-inputs"])
+def test_a_permuted_then_split_resnet_comes_back(tmp_path: Path, aid: str) -> None:
+    """The branches of an input split read a residual sum: two sources through an Add, both from offset 0."""
+    model = zoo.build("resnet", seed=0).eval()
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    registered("attacks")["permute"].component.apply(tmp_path / "m.pt", tmp_path / "p.pt", options={"seed": 5})
+    suspect = load_model(split(tmp_path / "p.pt", tmp_path / "s.onnx", aid))
+    _, log = run_restorers(suspect, load_model(tmp_path / "m.safetensors"))
+    entry = branch_log(log)
+    assert entry["acted"] and min(entry["evidence"]["layers"].values()) > 0.99, entry["evidence"]
+    assert len(entry["merges"]) == (7 if aid == "split-outputs" else 6)
+    assert [e["log"]["acted"] for e in log if e["restorer"] == "restore-channels"] == [True]
