@@ -61,7 +61,7 @@ def module_path(layer: Layer) -> str:
     """The layer's module path: its name, or for a legacy ONNX node path the last scope (``/a/a.1/Conv``)."""
     if layer.name.startswith("/"):
         parts = [p for p in layer.name.split("/") if p]
-        return parts[-2] if len(parts) >= 2 else parts[0]
+        return parts[-2] if len(parts) >= 2 else (parts or [layer.name])[0]
     return layer.name
 
 
