@@ -88,11 +88,20 @@ def run_audit(
     calibrations: Sequence[Path] = (),
     attest: bool = False,
     model_signer_key: Path | None = None,
+    engine: str = "local",
+    jobs: int | None = None,
+    ray_address: str | None = None,
+    cache: Path | None = None,
+    no_cache: bool = False,
+    refresh: bool = False,
 ) -> int:
     """Run the audit the command line asked for, write its reports, print its lines; the exit code.
 
     ``controls`` are negative controls, audited once with the same inputs and shown in every report;
-    ``calibrations`` are calibration files whose measured false-positive rates the reports show."""
+    ``calibrations`` are calibration files whose measured false-positive rates the reports show. ``engine``,
+    ``jobs`` and ``ray_address`` say where a batch's suspects are audited (:mod:`auditor.audit.engine`);
+    ``cache`` is the batch's result cache (:mod:`auditor.audit.cache`; default path unless ``no_cache``),
+    ``refresh`` audits everything again."""
     from auditor.audit.load import is_model
     from auditor.audit.pipeline import expand_suspects, load_inputs
     from auditor.report.document import run_block
@@ -100,8 +109,13 @@ def run_audit(
     paths, batch = expand_suspects(suspects)
     if attest and sign_key is None:
         raise UsageError("--attest needs --sign-key: the attestation is signed with the analyst's key")
-    if attest and batch:
-        raise UsageError("--attest applies to one suspect: audit each suspect on its own to attest it")
+    from auditor.audit.engine import Engine
+
+    batch_engine = Engine(engine, jobs, ray_address)
+    if no_cache and (cache is not None or refresh):
+        raise UsageError("--no-cache does not go with --cache or --refresh")
+    if attest and batch and out is None:
+        raise UsageError("--attest needs --out: a batch's attestation goes beside its summary")
     if model_signer_key is not None and batch:
         raise UsageError("--model-signer-key applies to one suspect: audit each suspect on its own")
     if attest and out is None and json_out is None:
@@ -124,8 +138,12 @@ def run_audit(
     if batch:
         if json_out is not None:
             raise UsageError("with several suspects, --out names a folder for every report; --json-out does not apply")
+        from auditor.audit.cache import default_cache_path
+
+        cache_path = None if no_cache else (cache or default_cache_path())
         code = _run_batch(paths, suspects, inputs=inputs, run=run, out=out, key=key, given=given, as_json=as_json,
-                          console=console)  # fmt: skip
+                          console=console, engine=batch_engine, cache=cache_path, refresh=refresh,
+                          attest=attest)  # fmt: skip
     else:
         code = _run_single(paths[0], inputs=inputs, run=run, out=out, json_out=json_out, key=key, given=given,
                            as_json=as_json, console=console, attest=attest,
@@ -216,10 +234,12 @@ def _audit_controls(inputs: Any, *, as_json: bool, console: Console) -> None:
 
 def _run_batch(
     paths: list[Path], suspects: Sequence[Path], *, inputs: Any, run: Any, out: Path | None, key: Any,
-    given: list[Path | None], as_json: bool, console: Console,
+    given: list[Path | None], as_json: bool, console: Console, engine: Any = None, cache: Path | None = None,
+    refresh: bool = False, attest: bool = False,
 ) -> int:  # fmt: skip
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from auditor.audit.cache import ResultCache
     from auditor.report.batch import audit_batch, report_names
 
     names = report_names(paths)
@@ -228,9 +248,13 @@ def _run_batch(
             raise UsageError(f"{out}: with several suspects, --out names a folder, and this is a file")
         if out.resolve() in {p.resolve() for p in suspects if p.is_dir()}:
             raise UsageError(f"{out}: the reports cannot go into the folder of suspects")
-        _refuse_overwriting_inputs([out / f"{n}.{ext}" for n in [*names, "summary"] for ext in ("html", "json")], given)
+        written = [out / f"{n}.{ext}" for n in [*names, "summary"] for ext in ("html", "json")]
+        _refuse_overwriting_inputs([*written, out / "summary.intoto.jsonl", cache], given)
+    elif cache is not None:
+        _refuse_overwriting_inputs([cache], given)
     _audit_controls(inputs, as_json=as_json, console=console)
     err = Console(stderr=True, highlight=False)
+    results = ResultCache(cache, refresh=refresh) if cache is not None else None
     with Progress(
         TextColumn("auditing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
         console=err, transient=True, disable=not err.is_terminal,
@@ -238,7 +262,7 @@ def _run_batch(
         task = progress.add_task("", total=len(paths))
 
         def done(row: dict[str, Any]) -> None:
-            progress.advance(task)
+            progress.update(task, advance=1, description=shown(Path(row["path"]).name))
             if as_json:
                 return
             if row["error"]:
@@ -249,18 +273,53 @@ def _run_batch(
                 schemes = "; ".join(f"{f['detector']}: {f['verdict']}" for f in row["findings"]) or "no findings"
                 console.print(shown(f"{row['path']}: {row['verdict']} ({schemes})"))
 
-        summary = audit_batch(
-            paths, names, inputs=inputs, run=run, command=inputs.command(*suspects), out_dir=out, key=key,
-            on_row=done, on_start=lambda p: progress.update(task, description=shown(p.name)),
-        )  # fmt: skip
+        try:
+            summary = audit_batch(
+                paths, names, inputs=inputs, run=run, command=inputs.command(*suspects), out_dir=out, key=key,
+                on_row=done, engine=engine, cache=results,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            if results is not None:
+                kept = results.hits + results.stored
+                Console(stderr=True, highlight=False, soft_wrap=True).print(shown(
+                    f"{kept} of {len(paths)} suspects done and kept in {cache}; the same command audits the rest"
+                ), markup=False)  # fmt: skip
+            raise
+        finally:
+            if results is not None:
+                results.close()
+    attested = _attest_batch(summary, out, key) if attest and out is not None else None
     if as_json:
         typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
     else:
         counts = ", ".join(f"{n} {v}" for v, n in summary["counts"].items())
+        control = summary["error_control"]
         console.print(f"{len(paths)} suspects: {counts}; exit code {summary['exit_code']}")
+        if control["detected"]:
+            console.print(f"batch-wide (Holm): {control['survive']} of {control['detected']} detections survive")
+        if results is not None and results.hits:
+            note(f"{results.hits} results taken from the cache {cache} (--refresh audits them again)")
         if out is not None:
             console.print(shown(f"summary: {out / 'summary.html'}"))
+        if attested is not None:
+            console.print(shown(f"attestation: {attested}"))
     return int(summary["exit_code"])
+
+
+def _attest_batch(summary: dict[str, Any], out: Path, key: Any) -> Path:
+    """Write the batch's attestation beside its summary: one signature over the summary and the Merkle root."""
+    import hashlib
+
+    from auditor.jsondata import dump_json
+    from auditor.report.attest import attestation_path, batch_statement, envelope, envelope_line
+    from auditor.safeio import write_atomically
+
+    json_path = out / "summary.json"
+    digest = hashlib.sha256(dump_json(summary)).hexdigest()  # the bytes write_report wrote
+    stmt = batch_statement(summary, json_name=json_path.name, json_sha256=digest, html_name="summary.html")
+    path = attestation_path(json_path)
+    write_atomically(path, envelope_line(envelope(stmt, key)))
+    return path
 
 
 @report_app.command()

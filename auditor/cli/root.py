@@ -396,12 +396,42 @@ def audit(  # noqa: PLR0917 (typer passes options positionally)
             dir_okay=False,
         ),
     ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help="Several suspects: where each is audited, 'local' (a process pool, -j) or 'ray' (a Ray cluster;"
+            " pip install 'auditor[ray]').",
+        ),
+    ] = "local",
+    jobs: Annotated[
+        int | None,
+        typer.Option("--jobs", "-j", help="Local engine: worker processes (default: the CPU cores).", min=1),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option("--ray-address", help="Ray engine: 'auto' or ray://HOST:PORT (default: a local Ray instance)."),
+    ] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache",
+            help="Several suspects: the result cache (SQLite; default ~/.cache/auditor/results.sqlite); a re-run"
+            " skips what is done, an interrupted run resumes.",
+            dir_okay=False,
+        ),
+    ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the result cache.")] = False,
+    refresh: Annotated[
+        bool, typer.Option("--refresh", help="Audit every suspect again and store the new results in the cache.")
+    ] = False,
 ) -> None:
     """Check suspect models against owners' bundles; print one line per finding and write the evidence report.
 
     Exit code 0: watermark found; 1: not found; 3: inconclusive (also when no
     bundle was given); 4/5: the suspect or a bundle could not be read safely.
-    With several suspects: the most serious outcome over all files (see the README)."""
+    With several suspects: the most serious outcome over all files (see the README);
+    130 when interrupted (the result cache keeps what was done)."""
     from auditor.cli.audit import run_audit
 
     with _few_collections():  # a suspect of 200,000 tensors: see inspect
@@ -409,7 +439,8 @@ def audit(  # noqa: PLR0917 (typer passes options positionally)
             suspects=suspects, bundles=bundle or [], reference=reference, case_id=case_id, analyst=analyst, out=out,
             json_out=json_out, sign_key=sign_key, passphrase_file=passphrase_file, options=option or [],
             as_json=as_json, console=out_console, controls=control or [], calibrations=calibration or [],
-            attest=attest, model_signer_key=model_signer_key,
+            attest=attest, model_signer_key=model_signer_key, engine=engine, jobs=jobs, ray_address=ray_address,
+            cache=cache, no_cache=no_cache, refresh=refresh,
         )  # fmt: skip
     raise typer.Exit(code)
 

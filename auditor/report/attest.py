@@ -35,6 +35,7 @@ import binascii
 import hashlib
 import json
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,12 +48,15 @@ __all__ = [
     "ATTESTATION_SUFFIX",
     "MAX_ATTESTATION_BYTES",
     "PAYLOAD_TYPE",
+    "BATCH_PREDICATE_TYPE",
     "PREDICATE_TYPE",
     "STATEMENT_TYPE",
     "AttestResult",
     "attestation_path",
+    "batch_statement",
     "envelope",
     "is_attestation",
+    "merkle_root",
     "statement",
     "subjects",
     "verify_attestation",
@@ -62,6 +66,10 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 #: What the predicate is; a URN, since auditor has no web address to resolve it at.
 PREDICATE_TYPE = "urn:auditor:predicate:evidence-report:v1"
+#: A batch's attestation: its subjects are the summary, its HTML page and the input files but the
+#: suspects; the predicate carries the Merkle root over every report's evidence SHA-256, so one signature
+#: covers a batch of any size (the summary lists each report and its digest).
+BATCH_PREDICATE_TYPE = "urn:auditor:predicate:batch-summary:v1"
 ATTESTATION_SUFFIX = ".intoto.jsonl"
 _SUFFIXES = (ATTESTATION_SUFFIX, ".intoto.json", ".dsse.json")
 #: An attestation holds a few hundred subjects at most; a report is limited to 32 MiB, this to 8 MiB.
@@ -173,6 +181,47 @@ def statement(report: dict[str, Any], *, json_name: str, json_sha256: str, html_
         "subject": subjects(report, json_name=json_name, json_sha256=json_sha256, html_name=html_name),
         "predicateType": PREDICATE_TYPE,
         "predicate": _predicate(report),
+    }
+
+
+def _batch_predicate(summary: dict[str, Any]) -> dict[str, Any]:
+    integrity = summary.get("integrity") or {}
+    signature = integrity.get("signature") or {}
+    control = summary.get("error_control") or {}
+    rows = [r for r in summary.get("suspects") or [] if isinstance(r, dict)]
+    return {
+        "tool": summary.get("tool"),
+        "command": summary.get("command"),
+        "options": _options(summary.get("command")),
+        "run": summary.get("run"),
+        "summary": {
+            "format": summary.get("report_format"), "version": summary.get("report_version"),
+            "content_sha256": integrity.get("content_sha256"), "evidence_sha256": integrity.get("evidence_sha256"),
+            "html_sha256": integrity.get("html_sha256"),
+            "signer": {"algorithm": signature.get("algorithm"), "public_key_sha256": signature.get("public_key_sha256")}
+            if signature else None,
+        },
+        "merkle": summary.get("merkle"),
+        "suspects": len(rows),
+        "counts": summary.get("counts"),
+        "exit_code": summary.get("exit_code"),
+        "holm_survivors": control.get("survive") if isinstance(control, dict) else None,
+        "reference_verified": (summary.get("reference_check") or {}).get("verified")
+        if isinstance(summary.get("reference_check"), dict) else None,
+    }  # fmt: skip
+
+
+def batch_statement(
+    summary: dict[str, Any], *, json_name: str, json_sha256: str, html_name: str | None
+) -> dict[str, Any]:
+    """The in-toto Statement (v1) of a sealed batch ``summary`` (JSON twin ``json_name`` of SHA-256
+    ``json_sha256``, HTML page ``html_name``): subjects the summary's files, the owner bundles and the
+    reference; predicate :data:`BATCH_PREDICATE_TYPE` with the Merkle root over the reports."""
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": subjects(summary, json_name=json_name, json_sha256=json_sha256, html_name=html_name),
+        "predicateType": BATCH_PREDICATE_TYPE,
+        "predicate": _batch_predicate(summary),
     }
 
 
@@ -312,7 +361,8 @@ def verify_attestation(path: Path, *, public_key: Path | None = None, given: tup
     problem = _statement_problem(stmt)
     if problem is not None:
         return AttestResult(False, f"not a valid in-toto Statement v1: {problem}")
-    if stmt.get("predicateType") != PREDICATE_TYPE:
+    kind = stmt.get("predicateType")
+    if kind not in (PREDICATE_TYPE, BATCH_PREDICATE_TYPE):
         return AttestResult(False, f"the predicate type is not {PREDICATE_TYPE}: not an auditor attestation")
     twin = _beside(path, stmt, "report-json")
     if twin is None:
@@ -342,8 +392,9 @@ def verify_attestation(path: Path, *, public_key: Path | None = None, given: tup
         return AttestResult(False, f"the envelope is not signed once by key {fingerprint}")
     if not _signature_ok(env, key):
         return AttestResult(False, "the envelope's signature does not verify")
-    expected = statement(report, json_name=json_path.name, json_sha256=json_digest,
-                         html_name=html[0].name if html else None)  # fmt: skip
+    build = batch_statement if kind == BATCH_PREDICATE_TYPE else statement
+    expected = build(report, json_name=json_path.name, json_sha256=json_digest,
+                     html_name=html[0].name if html else None)  # fmt: skip
     for field in ("_type", "subject", "predicateType", "predicate"):
         if stmt.get(field) != expected[field]:
             return AttestResult(False, f"altered: the statement's {field} is not the one {json_path.name} gives")
@@ -351,12 +402,18 @@ def verify_attestation(path: Path, *, public_key: Path | None = None, given: tup
 
     if payload != rfc8785.dumps(expected) or set(stmt) != set(expected):
         return AttestResult(False, "altered: the statement is not written as auditor writes it")
+    if kind == BATCH_PREDICATE_TYPE:
+        problem = _batch_problem(json_path, report, public_key)
+        if problem is not None:
+            return AttestResult(False, problem)
     digests = {s["digest"]["sha256"] for s in expected["subject"]}
     for extra in given:
         if sha256_file(extra, limit=1 << 62, what="a subject") not in digests:
             return AttestResult(False, f"{extra.name} is not among the attested subjects")
     checked = "the given key" if public_key is not None else "the key in the report only (give --public-key)"
     also = f", {len(given)} given file(s) among them" if given else ""
+    if kind == BATCH_PREDICATE_TYPE:
+        also += f"; Merkle root over {expected['predicate']['merkle']['leaves']} reports matches each report"
     return AttestResult(
         True,
         f"attestation valid ({checked}; signer {fingerprint}, {keys.signature_algorithm(key)});"
@@ -364,6 +421,53 @@ def verify_attestation(path: Path, *, public_key: Path | None = None, given: tup
     )
 
 
+def _batch_problem(json_path: Path, summary: dict[str, Any], public_key: Path | None) -> str | None:
+    """Why the reports beside a batch summary do not match its Merkle root, or ``None``: the root is
+    recomputed from the rows, and each report the summary lists must be beside it, verify, and have the
+    evidence SHA-256 its row gives."""
+    from auditor.report.seal import read_report, verify_report
+
+    rows = [r for r in summary.get("suspects") or [] if isinstance(r, dict)]
+    leaves = [r["evidence_sha256"] for r in rows if isinstance(r.get("evidence_sha256"), str)]
+    merkle = summary.get("merkle") or {}
+    try:
+        root = merkle_root(leaves)
+    except ValueError:
+        return "altered: a row's evidence SHA-256 is not hexadecimal"
+    if merkle.get("root") != root or merkle.get("leaves") != len(leaves):
+        return "altered: the Merkle root is not the one the summary's rows give"
+    for row in rows:
+        files = row.get("report")
+        if not isinstance(files, dict):
+            continue
+        names = [files.get("json"), files.get("html")]
+        if not all(isinstance(n, str) and Path(n).name == n and n not in ("", ".", "..") for n in names):
+            return "not readable as an attestation: a row names a report that is not a file name"
+        js, page = json_path.with_name(str(names[0])), json_path.with_name(str(names[1]))
+        result = verify_report(js, public_key=public_key, html=page)
+        if not result.intact:
+            return f"the report {js.name} does not verify: {result.message}"
+        if read_report(js).get("integrity", {}).get("evidence_sha256") != row.get("evidence_sha256"):
+            return f"altered: {js.name} is not the report its summary row gives"
+    return None
+
+
 def attestation_digest(env: dict[str, Any]) -> str:
     """SHA-256 of the attestation's bytes as written (what a timestamp is over)."""
     return hashlib.sha256(envelope_line(env)).hexdigest()
+
+
+# --------------------------------------------------------------------------- the Merkle root
+
+
+def merkle_root(leaves: Sequence[str]) -> str:
+    """RFC 6962's Merkle tree hash over ``leaves`` (hex SHA-256 digests, in order); SHA-256 of nothing for none."""
+    nodes = [hashlib.sha256(b"\x00" + bytes.fromhex(leaf)).digest() for leaf in leaves]
+    return _tree(nodes).hex() if nodes else hashlib.sha256(b"").hexdigest()
+
+
+def _tree(nodes: list[bytes]) -> bytes:
+    if len(nodes) == 1:
+        return nodes[0]
+    split = 1 << ((len(nodes) - 1).bit_length() - 1)  # the largest power of two below the count
+    return hashlib.sha256(b"\x01" + _tree(nodes[:split]) + _tree(nodes[split:])).digest()

@@ -195,7 +195,8 @@ def test_a_missing_json_twin_is_exit_4(attested: SimpleNamespace, run_cli: Calla
     [
         (["--attest"], "--attest needs --sign-key"),
         (["--attest", "--sign-key", "KEY"], "--attest needs --out or --json-out"),
-        (["--attest", "--sign-key", "KEY", "--out", "OUT", ASSETS / "pt_clean.pt"], "--attest applies to one suspect"),
+        (["--attest", "--sign-key", "KEY", "--json-out", "OUT", ASSETS / "pt_clean.pt"],
+         "--attest needs --out: a batch's attestation goes beside its summary"),
     ],
 )
 def test_attest_usage_errors(
