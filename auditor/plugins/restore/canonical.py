@@ -29,7 +29,11 @@ sit between those (:mod:`.basis`) is the next restorer's job. The fused graph
 must then have as many weighted layers as the reference, each fused layer
 paired (:func:`~.align.align_layers`) with a reference layer of its own
 weight shape; it takes that layer's name, so that the later restorers and
-the detectors find it where they find the reference's. A bias the fusion
+the detectors find it where they find the reference's. Before pairing, a
+whole chain is named after the module it replaced, where its layers' names
+share one (:func:`_module_name`): names only break ties in the pairing, but a
+reference read from a state dict lists its layers by name, not in the order
+they run, so position alone can pair a fused ResNet's layers crosswise. A bias the fusion
 created in front of a batch-norm, where the reference layer has none, is
 moved into that batch-norm's running mean (the same function).
 """
@@ -277,6 +281,8 @@ def fuse_chains(suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph 
     fusions: list[Fusion] = []
     starts = {p[0].name: (p, where) for p, where in pieces}
     inside = {x.name for p, _ in pieces for x in p[1:]}
+    whole = {run[0].name for run, _ in runs if any(p == run for p, _ in pieces)}
+    taken = {x.name for x in suspect.layers} - inside
     for layer in suspect.layers:
         if layer.name in inside:
             continue
@@ -284,13 +290,19 @@ def fuse_chains(suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph 
             layers.append(layer)
             continue
         piece, where = starts[layer.name]
-        fused, residual = _fuse(piece, layer.name)
+        name = layer.name
+        module = _module_name(piece) if layer.name in whole else None
+        if module is not None and module not in taken:
+            name = module
+            taken.add(module)
+        fused, residual = _fuse(piece, name)
         layers.append(fused)
         members = {x.name for x in piece}
-        fusions.append(Fusion(piece[0].name, piece[-1].name, layer.name, residual, where,
+        fusions.append(Fusion(piece[0].name, piece[-1].name, name, residual, where,
                               chain=[x.name for x in piece]))  # fmt: skip
         edges = [e for e in edges if not (e.src in members and e.dst in members)]
-        edges = [dataclasses.replace(e, src=layer.name) if e.src == piece[-1].name else e for e in edges]
+        edges = [dataclasses.replace(e, src=name) if e.src == piece[-1].name else e for e in edges]
+        edges = [dataclasses.replace(e, dst=name) if e.dst == piece[0].name else e for e in edges]
     graph = dataclasses.replace(suspect, layers=layers, edges=edges, files=list(suspect.files),
                                 metadata=dict(suspect.metadata))  # fmt: skip
     # Name each fused layer as the reference layer it pairs with, where that name is free.
@@ -342,6 +354,36 @@ def _bias_into_norms(
         by_name[bn.name] = dataclasses.replace(bn, params=params)
         by_name[f.fused] = dataclasses.replace(layer, params={k: v for k, v in layer.params.items() if k != "bias"})
     return [by_name[x.name] for x in layers]
+
+
+def _module_name(chain: list[Layer]) -> str | None:
+    """The module a whole chain replaced, where its layers' names say one: their longest common dotted
+    prefix (``layer2.conv1`` for ``layer2.conv1.0`` and ``layer2.conv1.1``, or for ONNX nodes
+    ``/layer2/conv1/conv1.0/Conv`` and ``/layer2/conv1/conv1.1/Conv``). Names prove nothing; the fused
+    layer named so only lets the layer pairing's name tie-breaker see the module the reference names
+    alike (a reference read from a state dict lists its layers by name, not in the order they run, so
+    position alone may pair them crosswise)."""
+    parts = [_dotted(x.name).split(".") for x in chain]
+    common: list[str] = []
+    for words in zip(*parts, strict=False):
+        if len(set(words)) != 1 or not words[0]:
+            break
+        common.append(words[0])
+    return ".".join(common) or None
+
+
+def _dotted(name: str) -> str:
+    """An ONNX node's scope as a module path (``/layer2/shortcut/shortcut.0/shortcut.0.0/Conv`` as
+    ``layer2.shortcut.0.0``: a scope that extends the one before it refines it); a tensor's name as it is."""
+    if not name.startswith("/"):
+        return name
+    path: list[str] = []
+    for scope in name.strip("/").split("/")[:-1]:
+        if path and scope.startswith(path[-1] + "."):
+            path[-1] = scope
+        else:
+            path.append(scope)
+    return ".".join(path)
 
 
 def _renamed(layer: Layer, name: str) -> Layer:
