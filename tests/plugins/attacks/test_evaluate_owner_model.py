@@ -73,7 +73,7 @@ def sequence_owner(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     factories = {"model_factory": f"{root / 'sequences.py'}:model", "data_factory": f"{root / 'sequences.py'}:data"}
     key = keys.generate_keypair(root / "keys", algorithm="ed25519").private
     summary = embed_greedy_residuals(key=key, message="(c) sequences", out_dir=root / "owner", epochs=6,
-                                     device="cpu", **factories)  # fmt: skip
+                                     layers=["conv2.weight"], device="cpu", **factories)  # fmt: skip
     return {"root": root, "summary": summary, "model": root / "owner" / "model.safetensors",
             "bundle": root / "owner" / "owner_bundle.json", **factories}  # fmt: skip
 
