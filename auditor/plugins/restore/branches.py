@@ -28,8 +28,7 @@ import re
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from auditor.graph import Edge, EdgeSource, Layer, LayerGraph, LayerKind, TensorRef
-from auditor.plugins.restore import guard as _guard
-from auditor.plugins.restore.plugin import GuardedRestorer, shared_plan
+from auditor.plugins.restore.structural import StructuralRestorer
 
 if TYPE_CHECKING:
     import torch
@@ -285,33 +284,24 @@ def merge_branches(suspect: LayerGraph, reference: LayerGraph | None = None) -> 
     return graph, merges, f"{len(merges)} branch group(s) merged" + tail
 
 
-class BranchRestorer(GuardedRestorer):
+class BranchRestorer(StructuralRestorer):
     """Merges a layer split into parallel branches (outputs concatenated, or inputs split and summed) back
     into one layer named as the reference's, before alignment; the guard judges the merged graph."""
 
     id = "restore-branches"
     order: ClassVar[int] = 12
     description = "Merge layers split into parallel branches (concatenated or summed) back into one layer."
+    rows_key = "merges"
 
-    def restore(self, suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph, dict[str, Any]]:
-        """The merged suspect (or the suspect itself, untouched) and the log."""
+    def rewrite(
+        self, suspect: LayerGraph, reference: LayerGraph
+    ) -> tuple[LayerGraph | None, list[dict[str, Any]], list[dict[str, Any]], str]:
+        """The merged suspect, one row per merge, and why."""
         merged, merges, why = merge_branches(suspect, reference)
-        log: dict[str, Any] = {"acted": False, "guard": "on" if self.guarded else "off", "notes": [], "reason": why}
-        if merged is None:
-            return suspect, log
-        plan = shared_plan(merged, reference)
-        evidence = _guard.assess(plan.matches.values(), threshold=self.threshold)
-        log.update(edges_from=plan.edges_from, evidence=evidence.to_log(), notes=list(plan.notes))
-        log["merges"] = [x.to_log() for x in merges]
-        log["layers"] = [
+        layers = [
             {"name": x.name, "reference": x.reference,
              "note": f"merged {' + '.join(x.members)} ({'concatenated' if x.mode == 'outputs' else 'summed'};"
-                     f" exact, residual 0; from {x.evidence})",
-             "similarity_after": round(plan.matches[x.name].after, 6) if x.name in plan.matches else None}
+                     f" exact, residual 0; from {x.evidence})"}
             for x in merges
         ]  # fmt: skip
-        if self.guarded and not evidence.derived:
-            log["reason"] = f"left alone: merged, not demonstrably derived from the reference ({evidence.reason})"
-            return suspect, log
-        log.update(acted=True, reason=f"{why}; the merged suspect is derived from the reference")
-        return merged, log
+        return merged, [x.to_log() for x in merges], layers, why

@@ -25,8 +25,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from auditor.graph import EdgeSource, LayerGraph
-from auditor.plugins.restore import guard as _guard
-from auditor.plugins.restore.plugin import GuardedRestorer, shared_plan
+from auditor.plugins.restore.structural import StructuralRestorer
 
 if TYPE_CHECKING:
     import torch
@@ -262,7 +261,7 @@ def remove_dummies(suspect: LayerGraph, reference: LayerGraph | None = None) -> 
     return graph, removals, f"dummy or split units removed in {len(removals)} hidden layer(s)" + tail
 
 
-class DummyRestorer(GuardedRestorer):
+class DummyRestorer(StructuralRestorer):
     """Removes dummy units (NeuronClique: fan-outs that cancel within a group, or no fan-out) and merges
     split units (NeuronSplit: one fan-in direction, fan-outs summed), before alignment; the guard judges
     the result."""
@@ -270,24 +269,12 @@ class DummyRestorer(GuardedRestorer):
     id = "restore-dummies"
     order: ClassVar[int] = 14
     description = "Remove dummy units whose fan-outs cancel or vanish; merge units split into scaled copies."
+    rows_key = "removals"
 
-    def restore(self, suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph, dict[str, Any]]:
-        """The suspect without its dummy units (or the suspect itself, untouched) and the log."""
+    def rewrite(
+        self, suspect: LayerGraph, reference: LayerGraph
+    ) -> tuple[LayerGraph | None, list[dict[str, Any]], list[dict[str, Any]], str]:
+        """The cleaned suspect, one row per hidden layer changed, and why."""
         cleaned, removals, why = remove_dummies(suspect, reference)
-        log: dict[str, Any] = {"acted": False, "guard": "on" if self.guarded else "off", "notes": [], "reason": why}
-        if cleaned is None:
-            return suspect, log
-        plan = shared_plan(cleaned, reference)
-        evidence = _guard.assess(plan.matches.values(), threshold=self.threshold)
-        log.update(edges_from=plan.edges_from, evidence=evidence.to_log(), notes=list(plan.notes))
-        log["removals"] = [r.to_log() for r in removals]
-        log["layers"] = [
-            {"name": r.producer, "reference": r.reference, "note": r.summary,
-             "similarity_after": round(plan.matches[r.producer].after, 6) if r.producer in plan.matches else None}
-            for r in removals
-        ]  # fmt: skip
-        if self.guarded and not evidence.derived:
-            log["reason"] = f"left alone: cleaned, not demonstrably derived from the reference ({evidence.reason})"
-            return suspect, log
-        log.update(acted=True, reason=f"{why}; the cleaned suspect is derived from the reference")
-        return cleaned, log
+        layers = [{"name": r.producer, "reference": r.reference, "note": r.summary} for r in removals]
+        return cleaned, [r.to_log() for r in removals], layers, why

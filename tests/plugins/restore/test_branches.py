@@ -90,7 +90,11 @@ def test_an_innocent_split_model_is_left_alone(gr_owner: SimpleNamespace, tmp_pa
     reference = load_model(gr_owner.files["safetensors"])
     restored, log = run_restorers(suspect, reference)
     entry = branch_log(log)
-    assert not entry["acted"] and entry["reason"].startswith("left alone: merged, not demonstrably derived")
+    assert (
+        not entry["acted"]
+        and entry["reason"].startswith("left alone: ")
+        and "but not demonstrably derived" in entry["reason"]
+    )
     assert entry["evidence"]["score"] < guard.THRESHOLD and len(entry["merges"]) == 4
     assert gr_verdict(restored, gr_owner) is not Verdict.DETECTED
     unguarded, _ = BranchRestorer(guard=False).restore(suspect, reference)

@@ -91,7 +91,11 @@ def test_an_innocent_widened_model_is_left_alone(gr_owner: SimpleNamespace, tmp_
     reference = load_model(gr_owner.files["safetensors"])
     restored, log = run_restorers(suspect, reference)
     entry = dummy_log(log)
-    assert not entry["acted"] and entry["reason"].startswith("left alone: cleaned, not demonstrably derived")
+    assert (
+        not entry["acted"]
+        and entry["reason"].startswith("left alone: ")
+        and "but not demonstrably derived" in entry["reason"]
+    )
     assert entry["evidence"]["score"] < guard.THRESHOLD and len(entry["removals"]) == 3
     assert gr_verdict(restored, gr_owner) is not Verdict.DETECTED
     unguarded, _ = DummyRestorer(guard=False).restore(suspect, reference)

@@ -1,0 +1,74 @@
+"""What the structural restorers share (``restore-branches``, ``restore-dummies``): rewrite the suspect,
+then let the guard judge the rewritten graph.
+
+Each subclass gives :meth:`StructuralRestorer.rewrite`: the rewritten suspect (or None when there is
+nothing to rewrite that the reference explains), the log rows of what it did, and why. The guard then
+plans the rewritten suspect against the reference (:func:`~.plan.make_plan`, the channel matching the
+other restorers use) and the rewrite stands only if that suspect is demonstrably derived from the
+reference; otherwise the suspect is returned untouched, with the guard's evidence and the rows of what
+would have been done. Nothing here imports the plugin module, which registers these restorers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from auditor.bases import Restorer
+from auditor.graph import LayerGraph
+from auditor.plugins.restore import guard as _guard
+from auditor.plugins.restore import report
+
+__all__ = ["StructuralRestorer"]
+
+
+class StructuralRestorer(Restorer):
+    """A restorer that rewrites the suspect's structure and keeps the rewrite only if the guard allows it.
+
+    ``guard=False`` switches the guard off (tests show what it would let happen to an innocent model);
+    ``threshold`` overrides the calibrated one."""
+
+    order: ClassVar[int] = 100
+    explanation = report.EXPLANATION
+    metric_labels = report.METRIC_LABELS
+    columns = report.COLUMNS
+    #: The log's key for the rows :meth:`rewrite` returns (``merges``, ``removals``).
+    rows_key: ClassVar[str] = "changes"
+
+    def __init__(self, *, guard: bool = True, threshold: float = _guard.THRESHOLD) -> None:
+        self.guarded = guard
+        self.threshold = threshold
+
+    def figure(self, entry: Mapping[str, Any]) -> tuple[str, Any] | None:
+        """The similarity chart of the logged layers."""
+        return report.figure(entry)
+
+    def rewrite(
+        self, suspect: LayerGraph, reference: LayerGraph
+    ) -> tuple[LayerGraph | None, list[dict[str, Any]], list[dict[str, Any]], str]:
+        """The rewritten suspect (None: nothing to do), the log rows, the layer-table rows
+        (``name``, ``reference``, ``note``) and why."""
+        raise NotImplementedError
+
+    def restore(self, suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph, dict[str, Any]]:
+        """The rewritten suspect (or the suspect itself, untouched) and the log."""
+        from auditor.plugins.restore.plan import make_plan
+
+        rewritten, rows, layers, why = self.rewrite(suspect, reference)
+        log: dict[str, Any] = {"acted": False, "guard": "on" if self.guarded else "off", "notes": [], "reason": why}
+        if rewritten is None:
+            return suspect, log
+        plan = make_plan(rewritten, reference)
+        evidence = _guard.assess(plan.matches.values(), threshold=self.threshold)
+        log.update(edges_from=plan.edges_from, evidence=evidence.to_log(), notes=list(plan.notes))
+        log[self.rows_key] = rows
+        log["layers"] = [
+            {**row, "similarity_after": round(plan.matches[row["name"]].after, 6) if row["name"] in plan.matches
+             else None}
+            for row in layers
+        ]  # fmt: skip
+        if self.guarded and not evidence.derived:
+            log["reason"] = f"left alone: {why}, but not demonstrably derived from the reference ({evidence.reason})"
+            return suspect, log
+        log.update(acted=True, reason=f"{why}; the result is derived from the reference")
+        return rewritten, log
