@@ -193,20 +193,28 @@ def _resnet_owner(out: Path) -> SimpleNamespace:
 
 @pytest.mark.slow
 def test_the_watermarked_resnet_is_found_after_every_structural_edit(tmp_path: Path) -> None:
-    """Both schemes on a SmallResNet owner: each of the four edits alone, as safetensors and as ONNX, is not
-    found before restore and found after (Greedy Residuals detected, HufuNet DiffAcc below tau)."""
+    """Both schemes on a SmallResNet owner: each of the four edits, alone and after permute + scale +
+    bn-fold, as safetensors and as ONNX, is not found before restore and found after (Greedy Residuals
+    detected, HufuNet DiffAcc below tau)."""
     owner = _resnet_owner(tmp_path)
     reference = load_model(owner.files["safetensors"])
-    for aid in ("split-outputs", "split-inputs", "neuron-clique", "neuron-split"):
-        for suffix in (".safetensors", ".onnx"):
-            suspect = load_model(widen(owner.files["safetensors"], tmp_path / f"{aid}{suffix}", aid))
-            before = {f.detector: f for f in run_detectors(suspect, bundles=owner.bundles)}
-            assert Verdict.DETECTED not in {before[d].verdict for d in ("greedy-residuals", "hufunet")}, aid
-            restored, log = run_restorers(suspect, reference)
-            assert all(e["status"] == "ok" for e in log), log
-            after = {f.detector: f for f in run_detectors(restored, bundles=owner.bundles)}
-            assert after["greedy-residuals"].verdict is Verdict.DETECTED, (aid, suffix, after["greedy-residuals"])
-            assert after["hufunet"].metrics["diff_acc"] < TAU_ACC, (aid, suffix, after["hufunet"].summary)
+    attacks = registered("attacks")
+    composed = owner.files["pt"]
+    for i, (aid, options) in enumerate((("permute", {"seed": 5}), ("scale", {"seed": 6}), ("bn-fold", {}))):
+        attacks[aid].component.apply(composed, tmp_path / f"c{i}.pt", options=options)
+        composed = tmp_path / f"c{i}.pt"
+    for base, model in (("alone", owner.files["safetensors"]), ("composed", composed)):
+        for aid in ("split-outputs", "split-inputs", "neuron-clique", "neuron-split"):
+            for suffix in (".safetensors", ".onnx"):
+                suspect = load_model(widen(model, tmp_path / f"{base}-{aid}{suffix}", aid))
+                before = {f.detector: f for f in run_detectors(suspect, bundles=owner.bundles)}
+                assert Verdict.DETECTED not in {before[d].verdict for d in ("greedy-residuals", "hufunet")}, aid
+                restored, log = run_restorers(suspect, reference)
+                assert all(e["status"] == "ok" for e in log), log
+                after = {f.detector: f for f in run_detectors(restored, bundles=owner.bundles)}
+                where = (base, aid, suffix)
+                assert after["greedy-residuals"].verdict is Verdict.DETECTED, (where, after["greedy-residuals"])
+                assert after["hufunet"].metrics["diff_acc"] < TAU_ACC, (where, after["hufunet"].summary)
 
 
 def test_parallel_fan_ins_are_found_across_blocks() -> None:
