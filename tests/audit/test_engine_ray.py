@@ -4,6 +4,7 @@ its task again) with nothing lost and nothing reported twice."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Callable
@@ -53,3 +54,30 @@ def test_a_killed_ray_worker_loses_nothing(
     assert killed, "no Ray worker was busy when results arrived"
     assert len(seen) == len(set(seen)) == 20
     assert outcome(summary) == outcome(reference_summary)
+
+
+def untimed(value: Any) -> Any:
+    """``value`` (JSON-ready) without its timings (``seconds``), which no two runs share."""
+    if isinstance(value, dict):
+        return {k: untimed(v) for k, v in value.items() if k != "seconds"}
+    return [untimed(v) for v in value] if isinstance(value, list) else value
+
+
+def test_evaluate_runs_the_grid_cells_as_ray_tasks(
+    ray_cluster: str, suspect_folder: Any, gr_owner: Any, tmp_path: Any
+) -> None:
+    from auditor.plugins.attacks.evaluate import evaluate_model
+
+    def cells(**kwargs: Any) -> list[dict[str, Any]]:
+        results = evaluate_model(model=gr_owner.files["safetensors"], bundles=[suspect_folder.bundle],
+                                 reference=gr_owner.files["safetensors"], grid="quick",
+                                 attacks=["prune-magnitude", "permute"], **kwargs)  # fmt: skip
+        return [untimed(c) for c in results["cells"]]
+
+    here = cells(out_dir=tmp_path / "here")
+    on_ray = cells(out_dir=tmp_path / "ray", engine=Engine("ray", address=ray_cluster))
+    assert [c["status"] for c in on_ray] == ["ok"] * len(here)
+    here = json.loads(json.dumps(here, default=str))
+    for got, expected in zip(on_ray, here, strict=True):
+        assert {k: (got.get(k), v) for k, v in expected.items() if got.get(k) != v} == {}, got["label"]
+    assert len(on_ray) == 4  # the model as released, the permutation, two prunings

@@ -138,20 +138,30 @@ def evaluate(  # noqa: PLR0917
     restart: Annotated[bool, typer.Option("--restart", help="Forget the progress saved in --out.")] = False,
     no_progress: opt.NoProgress = False,
     as_json: opt.Json = False,
+    engine: Annotated[
+        str | None,
+        typer.Option("--engine", help="Run the cells as tasks: 'local' (a process pool, -j) or 'ray' (a Ray cluster;"
+                     " cells that train ask for a GPU where it has one). Default: one after the other here."),
+    ] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Local engine: worker processes.", min=1)] = None,
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="Ray engine: 'auto' or ray://HOST:PORT (default: local).")
+    ] = None,
 ) -> None:
     """Attack the model across a grid of attacks and strengths and audit each result; resumable.
 
     Exit code 0 when every cell ran, 3 when any failed (each is printed with its reason on stderr)."""
+    from auditor.audit.engine import Engine
     from auditor.cli.console import emit_json, err, out, shown
     from auditor.errors import EXIT_INCONCLUSIVE
     from auditor.plugins.attacks.evaluate import evaluate_model, failures
     from auditor.plugins.attacks.render import summary
 
     chosen = [a.strip() for item in attacks or [] for a in item.split(",") if a.strip()]
+    on = Engine(engine, jobs, ray_address) if engine is not None else None
     results = evaluate_model(model=model, bundles=bundle, out_dir=out_dir, reference=reference, attacks=chosen,
                              grid=grid, model_factory=model_factory, data_factory=data_factory, seed=seed,
-                             restart=restart,
-                             progress=not no_progress)  # fmt: skip
+                             restart=restart, progress=not no_progress, engine=on)  # fmt: skip
     failed = failures(results)
     if as_json:
         emit_json({k: v for k, v in results.items() if k != "cells"} | {"summary": summary(results)}

@@ -30,7 +30,7 @@ from auditor.errors import AuditorError, UsageError
 from auditor.findings import Finding
 from auditor.plugins.attacks.grid import BASELINE, Cell, full_grid, quick_grid, select
 
-__all__ = ["STATE_FILE", "evaluate_model", "failures", "finding_row"]
+__all__ = ["STATE_FILE", "cell_task", "evaluate_model", "failures", "finding_row"]
 
 STATE_FILE = "state.json"
 STATE_VERSION = 1
@@ -216,10 +216,12 @@ def evaluate_model(
     restart: bool = False,
     progress: bool = False,
     on_cell: Callable[[dict[str, Any]], None] | None = None,
+    engine: Any = None,
 ) -> dict[str, Any]:
     """Run the grid (``full`` or ``quick``, limited to ``attacks``) on ``model``; return the results
     and write them under ``out_dir`` (see the module docstring). Cells already in ``out_dir``'s
-    state for the same inputs are not run again; ``restart`` starts afresh."""
+    state for the same inputs are not run again; ``restart`` starts afresh. With ``engine`` (an
+    :class:`auditor.audit.engine.Engine`) each cell is a task on it (:func:`cell_task`)."""
     from auditor.plugin_manager import registered
     from auditor.plugins.attacks.render import write_outputs
 
@@ -248,10 +250,14 @@ def evaluate_model(
     from auditor.toolkit.models import probe_input
 
     with _progress(progress, len(cells), len(cells) - len(todo)) as advance, probe_input(*ctx.probe):
-        for cell in todo:
-            advance(cell.label, 0)
-            with _threads(1):
-                record = _run_cell(cell, ctx, work, seed)
+        done = _on_engine(engine, todo, model=model, bundles=bundles, reference=reference, work=work, seed=seed,
+                          factories=(model_factory, data_factory))  # fmt: skip
+        for cell, finished in done if done is not None else ((c, None) for c in todo):
+            record = finished
+            if record is None:
+                advance(cell.label, 0)
+                with _threads(1):
+                    record = _run_cell(cell, ctx, work, seed)
             state["cells"][cell.key] = record
             _write_json(state_path, state)
             if on_cell is not None:
@@ -298,3 +304,70 @@ class _progress:
 
     def __exit__(self, *exc: object) -> None:
         self.bar.__exit__(None, None, None)
+
+
+# --------------------------------------------------------------------------- cells as engine tasks
+
+#: A worker's context (inputs, test data, the original's outputs), loaded once per worker process.
+_CONTEXTS: dict[str, _Context] = {}
+
+
+def cell_task(job: Mapping[str, Any]) -> str:
+    """One grid cell as an engine's worker runs it (``job``: plain data, the context's paths and the cell);
+    the cell's record as JSON text."""
+    from auditor.toolkit.models import probe_input
+
+    spec = job["context"]
+    key = json.dumps(spec, sort_keys=True)
+    if key not in _CONTEXTS:
+        _CONTEXTS.clear()
+        _CONTEXTS[key] = _Context(Path(spec["model"]), [Path(b) for b in spec["bundles"]],
+                                  Path(spec["reference"]) if spec["reference"] else None, spec["model_factory"],
+                                  spec["data_factory"])  # fmt: skip
+    ctx = _CONTEXTS[key]
+    work = Path(job["work"])
+    work.mkdir(parents=True, exist_ok=True)
+    with probe_input(*ctx.probe), _threads(1):
+        record = _run_cell(Cell(**job["cell"]), ctx, work, int(job["seed"]))
+    return json.dumps(record, default=str)
+
+
+def _on_engine(
+    engine: Any, todo: Sequence[Cell], *, model: Path, bundles: Sequence[Path], reference: Path | None,
+    work: Path, seed: int, factories: tuple[str | None, str | None],
+) -> Any:  # fmt: skip
+    """``(cell, record)`` as the cells of ``todo`` complete on ``engine`` (``None`` without one). A cell whose
+    attack trains (it takes ``epochs``) asks Ray for a GPU where the cluster has one."""
+    if engine is None:
+        return None
+    from functools import cache
+
+    from auditor.audit.engine import TaskFailed, cluster_has_gpu, run_tasks
+    from auditor.plugin_manager import registered
+
+    context = {"model": str(model.absolute()), "bundles": [str(Path(b).absolute()) for b in bundles],
+               "reference": str(Path(reference).absolute()) if reference else None,
+               "model_factory": factories[0], "data_factory": factories[1]}  # fmt: skip
+    attacks = registered("attacks")
+
+    def trains(cell: Cell) -> bool:
+        attack = attacks[cell.attack].component if cell.attack in attacks else None
+        return any(p.name == "epochs" for p in getattr(attack, "params", ()))
+
+    jobs = [{"context": context, "cell": dataclasses.asdict(c) | {"options": dict(c.options)}, "seed": seed,
+             "work": str((work / f"cell-{i}").absolute()), "trains": trains(c)}
+            for i, c in enumerate(todo)]  # fmt: skip
+    gpu = cache(cluster_has_gpu) if engine.name == "ray" else (lambda: False)
+
+    def results() -> Any:
+        for i, text in run_tasks(cell_task, jobs, engine=engine,
+                                 resources=lambda job: {"num_gpus": 1} if job["trains"] and gpu() else {}):  # fmt: skip
+            if isinstance(text, TaskFailed):
+                cell = todo[i]
+                yield cell, {"key": cell.key, "attack": cell.attack, "label": cell.label, "group": cell.group,
+                             "options": dict(cell.options), "series": cell.series, "strength": cell.strength,
+                             "status": "error", "error": text.message}  # fmt: skip
+            else:
+                yield todo[i], json.loads(text)
+
+    return results()
