@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import torch
 
     from auditor.graph import Edge
+    from auditor.plugins.restore.align import Alignment
     from auditor.toolkit.channels import Space, Tensors
 
 __all__ = [
@@ -196,12 +197,12 @@ def _apply(graph: LayerGraph, space: Space, keep: list[int], merged: dict[int, t
     return graph_with_tensors(graph, tensors)
 
 
-def _edges(suspect: LayerGraph, reference: LayerGraph | None) -> list[Edge]:
-    if suspect.edge_source is EdgeSource.GRAPH or reference is None:
+def _edges(suspect: LayerGraph, reference: LayerGraph | None, alignment: Alignment | None) -> list[Edge]:
+    if suspect.edge_source is EdgeSource.GRAPH or reference is None or alignment is None:
         return list(suspect.edges)
-    from auditor.plugins.restore.align import align_layers, effective_edges
+    from auditor.plugins.restore.align import effective_edges
 
-    return effective_edges(suspect, reference, align_layers(suspect, reference))[0]
+    return effective_edges(suspect, reference, alignment)[0]
 
 
 def _hidden(graph: LayerGraph, edges: list[Edge]) -> list[Space]:
@@ -217,12 +218,12 @@ def remove_dummies(suspect: LayerGraph, reference: LayerGraph | None = None) -> 
                                                                                      list[Removal], str]:  # fmt: skip
     """The suspect with dummy units removed and split units merged (None when nothing is to do or the
     reference does not explain it), what was done per hidden layer, and why (module docstring)."""
-    edges = _edges(suspect, reference)
     alignment = None
     if reference is not None:
         from auditor.plugins.restore.align import align_layers
 
         alignment = align_layers(suspect, reference)
+    edges = _edges(suspect, reference, alignment)
     ref_layers = {x.name: x for x in reference.layers} if reference is not None else {}
     graph = suspect
     removals: list[Removal] = []
