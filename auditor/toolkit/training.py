@@ -226,8 +226,16 @@ def train(
             for inputs, labels in batches():
                 xb, yb = inputs.to(device), labels.to(device)
                 optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    logits = model(xb)
+                try:
+                    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                        logits = model(xb)
+                except RuntimeError as exc:
+                    if amp is None:
+                        raise
+                    # Some layers have no low-precision kernel on some devices (an LSTM in fp16 on the CPU).
+                    reason = (str(exc).strip().splitlines() or ["failed"])[0]
+                    raise UsageError(f"the model's forward pass does not run in {config.precision} on {device}: "
+                                     f"{reason}; use another --precision") from None  # fmt: skip
                 loss = F.cross_entropy(logits.float(), yb)
                 total = loss
                 if penalty is not None:

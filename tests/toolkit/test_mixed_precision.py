@@ -165,3 +165,18 @@ def test_cuda_embedders_end_to_end(tmp_path: Any, hufunet_owner: Any) -> None:
     hufunet = embed_hufunet(hufunet=hufunet_owner.secret, out_dir=tmp_path / "hufunet", device="cuda",
                             precision="bf16", epochs=4)  # fmt: skip
     assert hufunet["check"]["bit_identical_fraction"] == 1.0 and hufunet["check"]["passed"]
+
+
+def test_a_layer_without_low_precision_kernels_is_a_one_line_usage_error() -> None:
+    """(An LSTM in fp16 on the CPU is one: oneDNN has no kernel for it.)"""
+
+    class NoHalf(Host):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.is_autocast_enabled("cpu"):
+                raise RuntimeError("could not create a primitive descriptor\nmore detail")
+            return super().forward(x)
+
+    with pytest.raises(UsageError, match=r"^the model's forward pass does not run in fp16 on cpu: could not create a "
+                       r"primitive descriptor; use another --precision$"):  # fmt: skip
+        train(NoHalf(), _data(), TrainConfig(epochs=1, precision="fp16"))
+    train(NoHalf(), _data(), TrainConfig(epochs=1, precision="fp32"))  # runs
