@@ -18,8 +18,10 @@ from rich.console import Console
 from auditor.cli.console import note, printable, shown
 from auditor.errors import EXIT_NOT_FOUND, EXIT_OK, UsageError
 
-__all__ = ["report_app", "run_audit", "verify"]
+__all__ = ["MAX_LIST_BYTES", "named_suspects", "report_app", "run_audit", "verify"]
 
+#: A list file (``@FILE``) of suspects is read up to this size: a million paths of 200 characters.
+MAX_LIST_BYTES = 256 << 20
 #: One suspect shows a progress bar (on a terminal) from this size on; several always show one.
 LARGE = 256 << 20
 report_app = typer.Typer(help="Check evidence reports.", no_args_is_help=True)
@@ -46,6 +48,45 @@ def _outputs(suspect: Path, out: Path | None, json_out: Path | None) -> tuple[Pa
     if out is not None and json_out is None:
         json_out = out.with_suffix(".json") if out.suffix.lower() != ".json" else out.with_name(out.name + ".json")
     return out, json_out
+
+
+def named_suspects(given: Sequence[Path]) -> list[Path]:
+    """The suspects as named, with each ``@FILE`` (a file that does not exist under that name) replaced by
+    the paths it lists, one a line (blank lines and lines starting with ``#`` skipped; relative paths are
+    from the current folder), and each glob pattern (``*``, ``?``, ``[``; ``**`` spans folders) that names no
+    existing file replaced by the paths it matches, sorted."""
+    import glob
+
+    from auditor.errors import InputError
+    from auditor.safeio import read_small_file
+
+    found: list[Path] = []
+    for p in given:
+        text = str(p)
+        if p.exists():
+            found.append(p)
+        elif text.startswith("@") and len(text) > 1:
+            listing = Path(text[1:])
+            data = read_small_file(listing, limit=MAX_LIST_BYTES, what="a list of suspects")
+            try:
+                lines = data.decode("utf-8").splitlines()
+            except UnicodeDecodeError as exc:
+                raise InputError(
+                    listing, f"a list of suspects must be UTF-8 text (bad byte at offset {exc.start})"
+                ) from None
+            if any("\0" in line for line in lines):
+                raise InputError(listing, "a list of suspects holds a NUL character")
+            found += [Path(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        elif glob.has_magic(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                raise UsageError(f"{text}: the pattern matches no file")
+            found += [Path(m) for m in matches]
+        else:
+            found.append(p)
+    if not found:
+        raise UsageError("the suspects named hold no path")
+    return found
 
 
 def _refuse_overwriting_inputs(outputs: Sequence[Path | None], inputs: Sequence[Path | None]) -> None:
@@ -106,7 +147,9 @@ def run_audit(
     from auditor.audit.pipeline import expand_suspects, load_inputs
     from auditor.report.document import run_block
 
-    paths, batch = expand_suspects(suspects)
+    listed = named_suspects(suspects)
+    paths, batch = expand_suspects(listed)
+    batch = batch or listed != list(suspects)  # a list file or a pattern names a batch, even of one
     if attest and sign_key is None:
         raise UsageError("--attest needs --sign-key: the attestation is signed with the analyst's key")
     from auditor.audit.engine import Engine
