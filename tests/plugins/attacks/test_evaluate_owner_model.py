@@ -153,3 +153,48 @@ def test_a_failed_cell_is_printed_with_its_reason_and_exits_3(
     passed = run_cli(*args, "--attacks", "permute", "--out", tmp_path / "c", "--grid", "quick")
     assert passed.code == 0, passed.stderr
     assert "error:" not in passed.stderr
+
+
+TOKENS = """
+import torch
+from torch import nn
+
+
+class TokenNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.fc1 = nn.Linear(8 * 6, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.fc1(torch.flatten(self.embed(ids), 1))))
+
+
+def model():
+    return TokenNet()
+"""
+
+
+def test_the_probe_keeps_the_datas_dtype(tmp_path: Path) -> None:
+    """Token ids (int64) from the data factory reach the export as int64: a float probe would fail."""
+    import torch
+    from safetensors.torch import save_file
+
+    from auditor.audit.load import load_model
+    from auditor.toolkit.data import load_factory
+    from auditor.toolkit.modelio import export_onnx, read_model, runnable
+    from auditor.toolkit.models import probe_input
+
+    (tmp_path / "tokens.py").write_text(TOKENS)
+    factory = f"{tmp_path / 'tokens.py'}:model"
+    torch.manual_seed(0)
+    save_file(load_factory(factory)().state_dict(), str(tmp_path / "m.safetensors"))
+    state = read_model(tmp_path / "m.safetensors").state_dict()
+    with probe_input((6,), torch.int64):
+        found = runnable(state, model_factory=factory)
+    assert found is not None and (found.input_shape, found.input_dtype) == ((6,), torch.int64)
+    export_onnx(found, tmp_path / "m.onnx")
+    assert {layer.name for layer in load_model(tmp_path / "m.onnx").layers} >= {"fc1", "head"}
+    outside = runnable(state, model_factory=factory)  # the context is gone: the default again
+    assert outside is not None and outside.input_dtype == torch.float32
