@@ -7,7 +7,7 @@ A plain script, not part of the test run::
 The files are bench_restore.py's: a ResNet-18 (CIFAR stem, 11.2 M parameters) with seeded random weights as the
 reference, and the suspect it permutes in every free channel space (outputs unchanged), saved as safetensors.
 Each run, in a fresh process with the weights already read: the restore stage (every registered restorer,
-as an audit runs them) on the suspect, then the lineage test (its default 9,999 re-orderings per layer) on the
+as an audit runs them) on the suspect, then the lineage test (its default re-orderings per layer) on the
 restored suspect; and the lineage test on an independently initialised ResNet-18 (seed 1), which the restore
 guard leaves alone. Medians and [min-max] of ``--runs`` runs; peak memory is the process's peak resident size.
 """
@@ -31,6 +31,8 @@ from _docs import write_section
 from _models import ResNet18
 from bench_restore import peak_mib, prepare
 from safetensors.torch import save_file
+
+from auditor.plugins.lineage.detector import DEFAULT_ALPHA, DEFAULT_PERMUTATIONS
 
 HEADING = "## Lineage: the lineage test on a ResNet-18, beside restore"
 
@@ -99,8 +101,10 @@ def main() -> None:
         "",
         f"Files: bench_restore.py's ResNet-18 ({facts['parameters'] / 1e6:.2f} M parameters) as the reference and its"
         f" permuted copy as the suspect (safetensors); an independently initialised ResNet-18 (seed 1). The lineage"
-        f" test runs its default 9,999 re-orderings on each of {first['derived']['layers']} layers (the output layer"
-        " is not tested).",
+        f" test runs its default {DEFAULT_PERMUTATIONS:,} re-orderings on each of {first['derived']['layers']} layers"
+        " (the output layer"
+        " is not tested) and calls a model derived at p <= "
+        f"{DEFAULT_ALPHA:g}.",
         "",
         "| step | wall (s) | answer |",
         "|---|---:|---|",

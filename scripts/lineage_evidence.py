@@ -8,7 +8,7 @@ what ``auditor audit SUSPECT --reference REFERENCE`` says. Three parts:
 
 * **Independent models**: ``--count`` models per architecture (SmallCNN, SmallResNet, TinyViT), each from its
   own seed with the reference's recipe, against a reference trained from seed 0: how many the test calls
-  derived at the default threshold (0.01), with the one-sided 95% Clopper-Pearson bound on that rate.
+  derived at the default threshold (0.001), with the one-sided 95% Clopper-Pearson bound on that rate.
 * **Derived suspects**: the reference after each registered function-preserving attack; heavy
   fine-tuning (Adam, lr 0.05 annealed to zero, 20 epochs) of a HufuNet owner's model, with HufuNet's own
   verdict beside it; structured pruning (25% of the filters) plus 5 epochs of fine-tuning; 80/20 and 50/50
@@ -39,6 +39,7 @@ from auditor.audit.calibration import clopper_pearson_upper
 from auditor.audit.pipeline import audit_suspect, load_inputs
 from auditor.findings import Finding
 from auditor.plugin_manager import registered
+from auditor.plugins.lineage.detector import DEFAULT_ALPHA
 from auditor.toolkit import data as datasets
 from auditor.toolkit import models as zoo
 from auditor.toolkit import training
@@ -103,6 +104,7 @@ def independents(folder: Path, count: int, log: Callable[[str], None]) -> dict[s
         called = sum(r["lineage"] == "detected" for r in rows)
         results[arch] = {
             "count": count, "called_derived": called, "fpr_upper_95": clopper_pearson_upper(called, count),
+            "called_at_0.01": sum(r["p"] <= 0.01 for r in rows),
             "smallest_p": min(r["p"] for r in rows), "restored": sum(r["restored"] for r in rows), "rows": rows,
         }  # fmt: skip
     return results
@@ -270,14 +272,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = {"derived": {} if args.skip_derived else derived(folder, log),
                        "independent": independents(folder, args.count, log)}  # fmt: skip
     print(
-        "| architecture | independent models | called derived (p <= 0.01) | false-positive rate, 95% upper bound |"
-        " smallest p | restored by the guard |"
+        f"| architecture | independent models | called derived (p <= {DEFAULT_ALPHA:g}) | false-positive rate, 95%"
+        " upper bound | smallest p | p <= 0.01 | restored by the guard |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for arch, r in results["independent"].items():
         print(
             f"| {arch} | {r['count']} | {r['called_derived']} | {r['fpr_upper_95']:.2%} | {r['smallest_p']:.3g} |"
-            f" {r['restored']} |"
+            f" {r['called_at_0.01']} | {r['restored']} |"
         )
     print("\n| derived suspect | lineage | p | watermark | restored | layers not derived |")
     print("|---|---|---:|---|---|---|")

@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_ALPHA", "DEFAULT_PERMUTATIONS", "LineageDetector", "register_detectors", "layers_to_test"]
 
 #: The documented threshold: a model (and a layer) is called derived when its Holm-adjusted p is at most this.
-DEFAULT_ALPHA = 0.01
+DEFAULT_ALPHA = 0.001
 #: Permutations per layer: the smallest p-value a layer can reach is 1 / (n + 1).
-DEFAULT_PERMUTATIONS = 9999
+DEFAULT_PERMUTATIONS = 19999
 #: Weighted layers whose output units are tested (their rows are hidden units).
 UNIT_KINDS = (LayerKind.CONV1D, LayerKind.CONV2D, LayerKind.LINEAR)
 
