@@ -21,9 +21,7 @@ ARCHS = ("cnn", "resnet")
 
 #: (architecture, edit, form) the restore stage does not undo yet, as measured (docs/restore.md, "Still out of
 #: reach"); strict, so a fix shows up as a failure to update this list and the docs.
-KNOWN_MISSES: set[tuple[str, str, str]] = {
-    ("cnn", "split-inputs", "onnx"),
-}  # fmt: skip
+KNOWN_MISSES: set[tuple[str, str, str]] = set()  # ("cnn", "split-inputs", "onnx") undone since b24d82b
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
