@@ -2,22 +2,28 @@
 
 A plain script, not part of the test run::
 
-    python benchmarks/bench_restore.py [--runs 3] [--threads 2] [--write-docs]
+    python benchmarks/bench_restore.py [--runs 3] [--threads 2] [--baseline TREE] [--write-docs]
 
 The network is a ResNet-18 written here (the CIFAR variant: 3x3 stem, no
 max-pool, four stages of two basic blocks, 11.2 M parameters; no
 torchvision) with seeded random weights and batch-norm statistics. Every free
 channel space is permuted with the restore package's own attack (its graph
 from an unfolded ONNX export, so the residual adds are real), which keeps
-the outputs; the result is saved as safetensors, the suspect. The three
-built-in restorers then run against the reference in two forms: the same
-bare safetensors file (no graph: each layer's input is chosen from the data)
-and the ONNX export (a real graph). Each timing runs in a fresh process
-(loading excluded, ``--runs`` times with the two forms interleaved,
-median and min-max shown); peak memory
+the outputs; the result is saved as safetensors, the suspect. The restore
+stage as the audit runs it (every registered restorer, in order) then runs
+against the reference in two forms: the same bare safetensors file (no graph:
+each layer's input is chosen from the data) and the ONNX export (a real
+graph). Each timing runs in a fresh process (loading excluded, ``--runs``
+times with the two forms interleaved, median and min-max shown); peak memory
 is the process's peak resident size after restoring, and its growth over the
 peak after loading both models. Every run checks that the restored weights
 equal the reference's.
+
+``--baseline TREE`` times another checkout's restore stage in the same run
+(its ``auditor`` package first on ``PYTHONPATH``, the same files; each of its
+runs follows one of this tree's) and adds the ratio of the medians: how the
+restore v2 work was measured against the commit before it
+(``git worktree add ../before 55e17d5^``).
 """
 
 from __future__ import annotations
@@ -95,7 +101,6 @@ def child(folder: Path, reference_form: str) -> None:
     """One timed restore in this process; prints a JSON line."""
     from auditor.audit.load import load_model
     from auditor.audit.restore import run_restorers
-    from auditor.plugins.restore.plugin import ChannelRestorer, FoldRestorer, ScaleRestorer
 
     suspect = load_model(folder / "suspect.safetensors")
     reference = load_model(folder / f"reference.{reference_form}")
@@ -104,10 +109,11 @@ def child(folder: Path, reference_form: str) -> None:
             ref.read()
     loaded = peak_mib()
     start = time.perf_counter()
-    restored, log = run_restorers(suspect, reference, restorers=[ChannelRestorer(), FoldRestorer(), ScaleRestorer()])
+    restored, log = run_restorers(suspect, reference)  # every registered restorer, as an audit runs them
     seconds = time.perf_counter() - start
     plain = load_model(folder / "reference.safetensors")
-    pairs = {row["name"]: row["reference"] for row in log[0]["log"]["layers"]}
+    channels = next(e for e in log if e["restorer"] == "restore-channels")
+    pairs = {row["name"]: row["reference"] for row in channels["log"]["layers"]}
     exact = all(
         torch.equal(restored.layer(s).params["weight"].read(), plain.layer(r).params["weight"].read())
         for s, r in pairs.items()
@@ -115,7 +121,7 @@ def child(folder: Path, reference_form: str) -> None:
     print(json.dumps({
         "seconds": seconds, "peak_mib": peak_mib(), "loaded_mib": loaded, "exact": exact,
         "acted": [e["log"].get("acted") for e in log], "status": [e["status"] for e in log],
-        "score": log[0]["log"]["evidence"]["score"],
+        "score": channels["log"]["evidence"]["score"], "restorers": [e["restorer"] for e in log],
     }))  # fmt: skip
 
 
@@ -123,10 +129,31 @@ def span(values: list[float], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
 
 
+def run_child(folder: Path, form: str, threads: int, tree: Path | None) -> dict[str, Any]:
+    """One fresh process of :func:`child`, with ``tree``'s auditor package first on the path if given."""
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
+    cmd = [sys.executable, __file__, "--threads", str(threads), "--child", str(folder), form]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def row(label: str, runs: list[dict[str, Any]]) -> str:
+    """A table row: the restore stage's wall time, memory, guard score and exactness over ``runs``."""
+    assert all(r["exact"] and set(r["status"]) == {"ok"} for r in runs), runs
+    return (
+        f"| {label} | {span([r['seconds'] for r in runs])} | {span([r['peak_mib'] for r in runs], '{:.0f}')} "
+        f"| {span([r['peak_mib'] - r['loaded_mib'] for r in runs], '{:.0f}')} | {runs[0]['score']:.4f} "
+        f"| {'yes' if all(r['exact'] for r in runs) else 'no'} |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="fresh-process runs per reference form (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout to time in the same run")
     parser.add_argument("--write-docs", action="store_true", help="rewrite the section in docs/benchmarks.md")
     parser.add_argument("--child", nargs=2, metavar=("FOLDER", "FORM"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,31 +161,45 @@ def main() -> None:
     if args.child:
         child(Path(args.child[0]), args.child[1])
         return
-    rows = []
+    rows, ratios = [], []
+    trees: dict[str, Path | None] = {"this tree": None}
+    if args.baseline is not None:
+        trees["baseline"] = args.baseline.resolve()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         facts = prepare(folder)
         print(f"prepared: {facts}", flush=True)
         forms = {"safetensors": "bare safetensors (readers from the data)", "onnx": "ONNX (the reference's graph)"}
-        results: dict[str, list[dict[str, object]]] = {form: [] for form in forms}
-        for i in range(args.runs):  # interleaved, so that drift on a shared machine hits both forms alike
+        results = {(tree, form): list[dict[str, Any]]() for tree in trees for form in forms}
+        for i in range(args.runs):  # interleaved, so that drift on a shared machine hits every series alike
             for form in forms:
-                cmd = [sys.executable, __file__, "--threads", str(args.threads), "--child", str(folder), form]
-                done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                results[form].append(json.loads(done.stdout.strip().splitlines()[-1]))
-                print(f"{form} run {i + 1}/{args.runs}: {results[form][-1]}", flush=True)
+                for tree, path in trees.items():
+                    results[tree, form].append(run_child(folder, form, args.threads, path))
+                    print(f"{tree} {form} run {i + 1}/{args.runs}: {results[tree, form][-1]}", flush=True)
         for form, label in forms.items():
-            runs: list[dict[str, Any]] = results[form]
-            assert all(r["exact"] and r["status"] == ["ok"] * 3 for r in runs), runs
-            rows.append(
-                f"| {label} | {span([r['seconds'] for r in runs])} | {span([r['peak_mib'] for r in runs], '{:.0f}')} "
-                f"| {span([r['peak_mib'] - r['loaded_mib'] for r in runs], '{:.0f}')} | {runs[0]['score']:.4f} "
-                f"| {'yes' if all(r['exact'] for r in runs) else 'no'} |"
-            )
+            for tree in trees:
+                rows.append(row(label if tree == "this tree" else f"{label}, before (baseline)", results[tree, form]))
+            if args.baseline is not None:
+                pairs = zip(results["this tree", form], results["baseline", form], strict=True)
+                ratio = statistics.median(a["seconds"] / b["seconds"] for a, b in pairs)
+                ratios.append(f"{form}: {ratio:.2f}")
+    restorers = ", ".join(results["this tree", "onnx"][0]["restorers"])
     cpus = len(os.sched_getaffinity(0))
     cmd = "python benchmarks/bench_restore.py"
     for flag, value, default in (("--runs", args.runs, 5), ("--threads", args.threads, 2)):
         cmd += f" {flag} {value}" if value != default else ""
+    cmd += " --baseline ../before" if args.baseline is not None else ""
+    compared = (
+        [
+            "",
+            f"Baseline: the same script with the commit before restore v2 (`git worktree add ../before 55e17d5^`, "
+            f"restorers {', '.join(results['baseline', 'onnx'][0]['restorers'])}) first on `PYTHONPATH`, run for "
+            f"run after this tree's on the same files. Median of the per-run ratios this tree / baseline: "
+            f"{'; '.join(ratios)}.",
+        ]
+        if args.baseline is not None
+        else []
+    )
     section = "\n".join([
         f"Command: `{cmd} --write-docs`. Machine: {cpus} CPU cores (shared with other jobs), Linux "
         f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, {args.threads} torch "
@@ -166,20 +207,21 @@ def main() -> None:
         "",
         f"Suspect: ResNet-18 (CIFAR stem), {facts['parameters'] / 1e6:.2f} M parameters, every free channel space "
         f"permuted ({int(facts['spaces'])} spaces, {int(facts['moved'])} channels moved; outputs changed by at most "
-        f"{facts['logit_diff']:.1e}), saved as safetensors. Restorers: restore-channels, restore-fold, restore-scale "
-        "(each plans against the reference and asks the guard).",
+        f"{facts['logit_diff']:.1e}), saved as safetensors. Restorers: every registered one, as an audit runs "
+        f"them ({restorers}); each plans against the reference and asks the guard.",
+        *compared,
         "",
         "| reference given as | restore wall (s) | peak RSS (MiB) | growth over loaded (MiB) | guard score "
         "| weights restored exactly |",
         "|---|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        "Each restorer builds its own plan (similarity matrices of every layer's output channels against the "
-        "reference's, Hungarian assignment, repeated until no assignment changes), so the plan is computed three "
-        "times; the bare form also tries every space of a fitting width as each layer's input. Peak memory is "
-        "the interpreter with torch, both models' weights in memory and the restored copies of the layers that "
-        "changed. The machine is shared with other jobs: under heavy load the same runs took up to ten times "
-        "as long, so compare only figures from one run of this script.",
+        "The channel plan (similarity matrices of every layer's output channels against the reference's, "
+        "Hungarian assignment, repeated until no assignment changes) is made once per suspect graph and shared "
+        "by the restorers that follow; the bare form also tries every space of a fitting width as each layer's "
+        "input. Peak memory is the interpreter with torch, both models' weights in memory and the restored "
+        "copies of the layers that changed. The machine is shared with other jobs: under heavy load the same "
+        "runs took up to ten times as long, so compare only figures from one run of this script.",
     ])  # fmt: skip
     print(section)
     if args.write_docs:
