@@ -421,8 +421,11 @@ def evidence_summary(rows: list[dict[str, Any]]) -> str:
         good = [r for r in ok if recovered(r)]
         missed = [f"{r['arch']} {r['form']} {r['mode']}" for r in ok if not recovered(r)]
         what = "every scheme detected after restore" + ("" if edit in LOSSY else ", function kept within 1e-4")
+        unmade = [f"{r['arch']} {r['form']} {r['mode']} ({r['status']})" for r in mine
+                  if r["status"] not in ("ok", "n/a")]  # fmt: skip
         lines.append(f"- `{edit}`: recovered ({what}) in {len(good)} of {len(ok)} settings"
-                     + (f"; not in: {', '.join(missed)}" if missed else ""))  # fmt: skip
+                     + (f"; not in: {', '.join(missed)}" if missed else "")
+                     + (f"; no copy made: {', '.join(unmade)}" if unmade else ""))  # fmt: skip
     return "\n".join(lines)
 
 
