@@ -175,7 +175,7 @@ class BasisRestorer(GuardedRestorer):
         """The aligned suspect (or the suspect itself, untouched) and the log."""
         from auditor.plugins.restore.basis import align_bases
 
-        aligned, fits, why = align_bases(suspect, reference)
+        aligned, fits, why = align_bases(suspect, reference, shared_plan)
         log: dict[str, Any] = {"acted": False, "guard": "on" if self.guarded else "off", "notes": [], "reason": why,
                                "maps": [f.to_log() for f in fits]}  # fmt: skip
         log["layers"] = [{"name": f.first, "reference": f.reference_first, "note": f"{f.first} -> {f.second}: {f.note}"}
