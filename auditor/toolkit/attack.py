@@ -29,8 +29,10 @@ from auditor.bases import Attack, Param, parse_options
 from auditor.errors import InputError, UsageError
 
 if TYPE_CHECKING:
+    from torch import nn
     from torch.utils.data import TensorDataset
 
+    from auditor.toolkit.recognise import Runnable
     from auditor.toolkit.training import TrainConfig
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "Param",
     "adversary_secret",
     "check_out",
+    "require_same_function",
     "parse_options",
     "thief_data",
     "train_config",
@@ -133,6 +136,22 @@ class BuiltinAttack(Attack):
     @abc.abstractmethod
     def run(self, model: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
         """Write the attacked ``model`` to ``out``; return what was done (JSON-ready)."""
+
+
+def require_same_function(model: Path, found: Runnable, edited: nn.Module, *, seed: int, tolerance: float) -> float:
+    """The largest output change of ``edited`` against the model ``found`` was built as, on 64 seeded inputs of
+    the model's own shape and dtype (:func:`auditor.toolkit.models.random_input`: token ids for a model that
+    takes them); raises :class:`UsageError` ("not written") when it exceeds ``tolerance``."""
+    import torch
+
+    from auditor.toolkit.models import random_input
+
+    x = random_input(found.module, found.input_shape, found.input_dtype, seed=seed)
+    with torch.no_grad():
+        change = float((found.module.eval()(x) - edited.eval()(x)).abs().max())
+    if not change <= tolerance:  # a NaN is a change too
+        raise UsageError(f"{model}: the edit changed the outputs by {change:.3g} (over {tolerance:g}): not written")
+    return change
 
 
 def thief_data(options: Mapping[str, Any]) -> TensorDataset:

@@ -34,6 +34,7 @@ __all__ = [
     "model_graph",
     "owner_model",
     "probe_input",
+    "random_input",
 ]
 
 
@@ -240,6 +241,19 @@ def probe_input(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Ite
         yield
     finally:
         _PROBE.reset(token)
+
+
+def random_input(
+    model: nn.Module, shape: Sequence[int], dtype: torch.dtype = torch.float32, *, count: int = 64, seed: int = 0
+) -> torch.Tensor:
+    """``count`` seeded random inputs of ``shape`` (no batch axis) and ``dtype`` for ``model``: standard normals
+    for a float input, token ids below the smallest vocabulary of the model's embeddings for an integer one
+    (what the attacks compare outputs on before they write a copy)."""
+    generator = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return torch.randn(count, *shape, generator=generator).to(dtype)
+    vocab = min((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), default=2)
+    return torch.randint(0, max(1, vocab), (count, *shape), generator=generator, dtype=dtype)
 
 
 class TinyViT(nn.Module):

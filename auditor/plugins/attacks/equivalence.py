@@ -19,8 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from auditor.errors import UsageError
-from auditor.toolkit.attack import BuiltinAttack, Param
+from auditor.toolkit.attack import BuiltinAttack, Param, require_same_function
 
 if TYPE_CHECKING:  # torch loads when an attack runs, not when it registers
     from torch import nn
@@ -46,20 +45,15 @@ class _Equivalent(BuiltinAttack):
 
     def run(self, model: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
         """Build, edit, check, write."""
-        import torch
 
         from auditor.toolkit.modelio import export_onnx, read_model, require_runnable, write_model
         from auditor.toolkit.recognise import Runnable
 
         found = require_runnable(read_model(model).state_dict(), model_factory=options["model_factory"], why=self.id)
         edited, info = self.edit(found.module.eval(), options, found.input_shape)
-        x = torch.randn(64, *found.input_shape, generator=torch.Generator().manual_seed(options["seed"]))
-        with torch.no_grad():
-            change = float((found.module(x) - edited.eval()(x)).abs().max())
-        if change > TOLERANCE:
-            raise UsageError(f"{model}: the edit changed the outputs by {change:.3g} (over {TOLERANCE:g}): not written")
+        change = require_same_function(model, found, edited, seed=options["seed"], tolerance=TOLERANCE)
         if out.suffix.lower() == ".onnx":
-            export_onnx(Runnable(edited, found.name, found.input_shape), out)
+            export_onnx(Runnable(edited, found.name, found.input_shape, input_dtype=found.input_dtype), out)
         else:
             write_model(edited.state_dict(), out)
         return {"model": found.name, **info, "max_output_change": change}

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from auditor.errors import UsageError
-from auditor.toolkit.attack import BuiltinAttack, Param
+from auditor.toolkit.attack import BuiltinAttack, Param, require_same_function
 
 if TYPE_CHECKING:  # torch loads when an attack runs, not when it registers
     from torch import nn
@@ -45,17 +45,6 @@ def _names(options: dict[str, Any], key: str = "layers") -> list[str] | None:
     return [n.strip() for n in value.split(",") if n.strip()] if value else None
 
 
-def _check(model: Path, before: nn.Module, after: nn.Module, shape: tuple[int, ...], seed: int) -> float:
-    import torch
-
-    x = torch.randn(64, *shape, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        change = float((before.eval()(x) - after.eval()(x)).abs().max())
-    if change > TOLERANCE:
-        raise UsageError(f"{model}: the edit changed the outputs by {change:.3g} (over {TOLERANCE:g}): not written")
-    return change
-
-
 class _ModuleEdit(BuiltinAttack):
     """Build the model, replace its layers by an equivalent structure, check the outputs, write."""
 
@@ -68,9 +57,9 @@ class _ModuleEdit(BuiltinAttack):
 
         found = require_runnable(read_model(model).state_dict(), model_factory=options["model_factory"], why=self.id)
         edited, names = self.edit(found.module, options)
-        change = _check(model, found.module, edited, found.input_shape, options["seed"])
+        change = require_same_function(model, found, edited, seed=options["seed"], tolerance=TOLERANCE)
         if out.suffix.lower() == ".onnx":
-            export_onnx(Runnable(edited.eval(), found.name, found.input_shape), out)
+            export_onnx(Runnable(edited.eval(), found.name, found.input_shape, input_dtype=found.input_dtype), out)
         else:
             write_model(edited.state_dict(), out)
         return {"model": found.name, "edited": names, "max_output_change": change}
@@ -167,7 +156,7 @@ class InvertibleMap(BuiltinAttack):
                                        condition=options["condition"])  # fmt: skip
         edited = copy.deepcopy(found.module)
         load_into(edited, source.state_dict(tensors))
-        change = _check(model, found.module, edited, found.input_shape, options["seed"])
+        change = require_same_function(model, found, edited, seed=options["seed"], tolerance=TOLERANCE)
         save(source, tensors, out, model_factory=options["model_factory"])
         return {"model": found.name, "edges_from": edges_from, "pairs": [list(p) for p in pairs],
                 "condition": options["condition"], "max_output_change": change}  # fmt: skip

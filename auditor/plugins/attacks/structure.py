@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from auditor.errors import UsageError
 from auditor.graph import LayerGraph
-from auditor.toolkit.attack import BuiltinAttack, Param
+from auditor.toolkit.attack import BuiltinAttack, Param, require_same_function
 
 if TYPE_CHECKING:  # torch, the edits and the model I/O load when an attack runs, not when it registers
     from auditor.toolkit.channels import Tensors
@@ -230,7 +230,6 @@ class FactorLinear(BuiltinAttack):
 
     def run(self, model: Path, out: Path, options: dict[str, Any]) -> dict[str, Any]:
         """Build the model, factor it, check its outputs on random inputs, write."""
-        import torch
 
         from auditor.toolkit import edits
         from auditor.toolkit.modelio import export_onnx, read_model, require_runnable, write_model
@@ -241,14 +240,9 @@ class FactorLinear(BuiltinAttack):
         layers = [n.strip() for n in options["layers"].split(",") if n.strip()] if options["layers"] else None
         factored, names = edits.factor_linear(found.module, seed=options["seed"], layers=layers)
         factored.eval()
-        x = torch.randn(64, *found.input_shape, generator=torch.Generator().manual_seed(options["seed"]))
-        with torch.no_grad():
-            change = float((found.module.eval()(x) - factored(x)).abs().max())
-        if change > FACTOR_TOLERANCE:
-            raise UsageError(f"{model}: factoring changed the outputs by {change:.3g} (more than "
-                             f"{FACTOR_TOLERANCE:g}): not written")  # fmt: skip
+        change = require_same_function(model, found, factored, seed=options["seed"], tolerance=FACTOR_TOLERANCE)
         if out.suffix.lower() == ".onnx":
-            export_onnx(Runnable(factored, found.name, found.input_shape), out)
+            export_onnx(Runnable(factored, found.name, found.input_shape, input_dtype=found.input_dtype), out)
         else:
             write_model(factored.state_dict(), out)
         return {"model": found.name, "factored": names, "max_output_change": change}
