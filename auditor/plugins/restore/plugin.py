@@ -279,7 +279,9 @@ def register_restorers(register: Callable[[Restorer], None]) -> None:
     """Register the canonical-form, basis, branch, dummy-unit, channel, fold and scale restorers."""
     from auditor.plugins.restore.branches import BranchRestorer  # here: they import this module
     from auditor.plugins.restore.dummies import DummyRestorer
+    from auditor.plugins.restore.heads import TransformerRestorer
 
+    register(TransformerRestorer())
     register(CanonicalRestorer())
     register(BasisRestorer())
     register(BranchRestorer())

@@ -71,8 +71,8 @@ def rates(graph: LayerGraph, owner: SimpleNamespace) -> list[float]:
 def test_the_restorers_are_registered_in_order() -> None:
     found = {cid: r for cid, r in registered("restorers").items() if r.plugin == "auditor.plugins.restore.plugin"}
     assert sorted(found, key=lambda cid: found[cid].component.order) == [
-        "restore-canonical", "restore-branches", "restore-dummies", "restore-basis", "restore-channels", "restore-fold",
-        "restore-scale",
+        "restore-transformer", "restore-canonical", "restore-branches", "restore-dummies", "restore-basis",
+        "restore-channels", "restore-fold", "restore-scale",
     ]  # fmt: skip
 
 
@@ -82,7 +82,8 @@ def test_innocent_models_are_never_claimed(
     scores = []
     for suspect in innocents:
         restored, log = run_restorers(suspect, reference)  # the registered restorers, as an audit runs them
-        structural = ("restore-canonical", "restore-branches", "restore-dummies", "restore-basis")  # nothing to fuse,
+        structural = ("restore-transformer", "restore-canonical", "restore-branches", "restore-dummies",
+                      "restore-basis")  # not a transformer; nothing to fuse,
         # merge, remove or align: they say so, not the guard
         assert [e["log"]["acted"] for e in log if e["restorer"] in structural] == [False] * len(structural)
         ours = [e for e in log if e["restorer"].startswith("restore-") and e["restorer"] not in structural]

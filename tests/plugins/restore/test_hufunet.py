@@ -105,8 +105,8 @@ def test_restore_leaves_a_pruned_copy_alone(tmp_path: Path, hufunet_owner: Simpl
     before = audit_bundle(suspect, hufunet_owner.bundle, {})
     restored, log = run_restorers(suspect, load_model(hufunet_owner.model_file))
     assert {e["restorer"]: e["log"]["acted"] for e in log} == dict.fromkeys(
-        ("restore-canonical", "restore-branches", "restore-dummies", "restore-basis", "restore-channels", "restore-fold",
-         "restore-scale"), False
+        ("restore-transformer", "restore-canonical", "restore-branches", "restore-dummies", "restore-basis",
+         "restore-channels", "restore-fold", "restore-scale"), False
     )
     after = audit_bundle(restored, hufunet_owner.bundle, {})
     assert before.verdict is after.verdict is Verdict.DETECTED

@@ -86,6 +86,7 @@ def test_the_plan_is_made_once_per_suspect_graph(
     assert inputs.reference is not None
     record = audit_suspect(files[suspect], inputs)
     assert [e["restorer"] for e in record.restore] == [
+        "restore-transformer",
         "restore-canonical",
         "restore-branches",
         "restore-dummies",
@@ -97,7 +98,7 @@ def test_the_plan_is_made_once_per_suspect_graph(
     assert len(plans) == expected, [e["log"].get("reason") for e in record.restore]
     assert plans[0] is not inputs.reference.graph
     acted = [e["log"]["acted"] for e in record.restore]
-    assert acted == ([False, False, False, False, True, False, False] if suspect == "permuted" else [False] * 7)
+    assert acted == ([False, False, False, False, False, True, False, False] if suspect == "permuted" else [False] * 8)
     # The log is what it was when each restorer made its own plan.
     plans.clear()
     assert record.restore == _planned_alone(record.graph, inputs.reference.graph)
