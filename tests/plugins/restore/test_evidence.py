@@ -20,8 +20,8 @@ FORMS: tuple[str, ...] = SCRIPT["FORMS"]
 ARCHS = ("cnn", "resnet")
 
 #: (architecture, edit, form) the restore stage does not undo yet, as measured (docs/restore.md, "Still out of
-#: reach"); strict, so a fix shows up as a failure to update this list and the docs.
-KNOWN_MISSES: set[tuple[str, str, str]] = set()  # ("cnn", "split-inputs", "onnx") undone since b24d82b
+#: reach"); strict, so a fix shows up as a failure to update this list and the docs. None among the composed chains.
+KNOWN_MISSES: set[tuple[str, str, str]] = set()
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -50,6 +50,8 @@ def test_composed_edit_is_detected_after_restore(
     row = rows[arch, edit, form]
     if row["status"] in ("not registered", "n/a"):
         pytest.skip(f"{edit}: {row['status']} ({row.get('why')})")
+    if row["status"] == "attack failed" and "changed the outputs" in row["why"]:
+        pytest.skip(f"the attack refused to write this copy (its own function check, 3 seeds): {row['why']}")
     if (arch, edit, form) in KNOWN_MISSES:
         request.applymarker(pytest.mark.xfail(strict=True, reason="out of reach, see docs/restore.md"))
     assert row["status"] == "ok", row.get("why")
