@@ -70,6 +70,7 @@ def prepare(folder: Path) -> dict[str, float]:
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
+                assert m.running_mean is not None and m.running_var is not None  # tracked by default
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
     model.eval()

@@ -162,7 +162,7 @@ def make_copy(
     original = _logits(model, x)
     assert original is not None, model
     current, runnable_change, own = model, 0.0, 0.0
-    done = []
+    done: list[dict[str, Any]] = []
     for i, (attack_id, suffix, factory) in enumerate(steps):
         out = work / f"{edit}-{form}-{mode}-{i}-{attack_id}{suffix}"
         refused: list[str] = []
@@ -202,7 +202,8 @@ def finding_row(finding: Any) -> dict[str, Any]:
     m = finding.metrics
     row: dict[str, Any] = {"scheme": finding.scheme, "verdict": finding.verdict.value}
     if finding.scheme == "greedy-residuals":
-        best = next((r for r in finding.details.get("layers") or [] if r.get("name") == m.get("best_layer")), {})
+        layers: list[dict[str, Any]] = finding.details.get("layers") or []
+        best = next((r for r in layers if r.get("name") == m.get("best_layer")), {})
         release = best.get("release_rate")  # the rate the owner's model showed, as the bundle records it
         row.update(rate=m.get("best_detection_rate"), log10_p=m.get("log10_combined_p"), layer=m.get("best_layer"),
                    release_rate=None if release is None else max(release, 1 - release))  # fmt: skip
@@ -369,7 +370,8 @@ def _canon(row: dict[str, Any]) -> str:
     for r in row.get("restore", []):
         for key, value in r["steps"].items():
             if isinstance(value, list) and value and r["acted"]:
-                residuals = [v.get("residual") for v in value if isinstance(v, dict) and v.get("residual") is not None]
+                rows = [v for v in value if isinstance(v, dict) and v.get("residual") is not None]
+                residuals = [float(v["residual"]) for v in rows]
                 worst = f", residual <= {max(residuals):.0e}" if residuals else ""
                 parts.append(f"{len(value)} {key}{worst}")
     return "; ".join(parts) or "-"

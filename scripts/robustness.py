@@ -75,7 +75,7 @@ def make_owner(folder: Path, seed: int = 0, *, arch: str = "cnn", epochs: int | 
     bundles = {"gr": folder / "gr_bundle.json"}
     if hufunet is not None:
         write_bundle(folder / "hufunet_bundle.json", model, hufunet, net, secret, files=released, architecture=arch,
-                     **({"width": width} if width != 1 else {}))  # fmt: skip
+                     width=width if width != 1 else None)  # fmt: skip
         bundles["hufunet"] = folder / "hufunet_bundle.json"
     return {"model": released["safetensors"], **bundles}
 
