@@ -86,10 +86,32 @@ def audit_document(
     return row, document
 
 
+def _write_rendered(
+    document: dict[str, Any], page: str, html: Path, js: Path, key: PrivateKey | None
+) -> dict[str, Any]:
+    """Seal (and sign) ``document`` with its HTML ``page`` rendered by a worker; write both; the sealed document."""
+    from auditor.errors import UsageError
+    from auditor.jsondata import dump_json
+    from auditor.report import seal as report_seal
+    from auditor.safeio import write_atomically
+
+    data = page.encode("utf-8")
+    sealed = {**document, report_seal.INTEGRITY: report_seal.seal(document, html=data, key=key)}
+    for path, content in ((html, data), (js, dump_json(sealed))):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, content)
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot write the report: {exc.strerror or exc}") from None
+    return sealed
+
+
 def _written_row(
-    row: dict[str, Any], document: dict[str, Any] | None, name: str, *, out_dir: Path | None, key: PrivateKey | None
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Seal (and sign) ``document``, write its HTML page and JSON twin to ``out_dir``, and complete ``row``."""
+    row: dict[str, Any], document: dict[str, Any] | None, name: str, *, out_dir: Path | None, key: PrivateKey | None,
+    page: str | None = None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:  # fmt: skip
+    """Seal (and sign) ``document``, write its HTML page (``page`` where a worker rendered it) and JSON twin to
+    ``out_dir``, and complete ``row``."""
     from auditor.report.document import write_report
 
     row = dict(row)
@@ -97,7 +119,10 @@ def _written_row(
         return row, None
     try:
         html, js = (out_dir / f"{name}.html", out_dir / f"{name}.json") if out_dir is not None else (None, None)
-        sealed = write_report(document, html_path=html, json_path=js, key=key)
+        if page is not None and html is not None and js is not None:
+            sealed = _write_rendered(document, page, html, js, key)
+        else:
+            sealed = write_report(document, html_path=html, json_path=js, key=key)
     except AuditorError as exc:
         return row | {"verdict": "error", "exit_code": exc.exit_code, "error": str(exc)}, None
     if out_dir is not None:
@@ -178,9 +203,11 @@ def suspect_task(job: Mapping[str, Any]) -> str:
     """One suspect of a batch, as a worker runs it: load (hashed), restore, detect, build the report data.
 
     ``job`` is plain data: ``spec`` (:func:`inputs_spec`), ``path`` (the suspect as named), ``run`` (the run
-    block). Returns JSON text: ``row``, ``document`` (the unsealed report data, or ``null``), ``digest``
-    (the suspect's content digest where known) and ``stats`` (what ``stat`` said of its files before they
-    were read, for the cache). Only this text goes back to the driver."""
+    block), ``html`` (whether to render the HTML page) and ``signer`` (the public part of the signer the
+    page names; the key stays with the driver, which seals and signs). Returns JSON text: ``row``,
+    ``document`` (the unsealed report data, or ``null``), ``page`` (the HTML page, or ``null``),
+    ``digest`` (the suspect's content digest where known) and ``stats`` (what ``stat`` said of its files
+    before they were read, for the cache). Only this text goes back to the driver."""
     import time
 
     from auditor.audit.cache import file_stats, suspect_digest
@@ -203,7 +230,23 @@ def suspect_task(job: Mapping[str, Any]) -> str:
             stats = after if all(s[5] < started for s in after[1:]) else None
     elif row["exit_code"] in _CACHEABLE_ERRORS and before is not None and path.is_file():
         digest, stats = _error_digest(path, before)
-    return json.dumps({"row": row, "document": document, "digest": digest, "stats": stats}, allow_nan=False)
+    page = None
+    if document is not None and job.get("html"):
+        document = json.loads(json.dumps(document, allow_nan=False))  # exactly what the driver will seal
+        page = _render(document, job.get("signer"))
+    result = {"row": row, "document": document, "page": page, "digest": digest, "stats": stats}
+    return json.dumps(result, allow_nan=False)
+
+
+def _render(document: dict[str, Any], signer: Any) -> str:
+    """The report's HTML page, showing the hashes the driver's seal will have (the most costly part of
+    writing a report, so it runs in the worker)."""
+    from auditor.report import seal as report_seal
+    from auditor.report.html import render_html
+
+    preview = {"content_sha256": report_seal.content_sha256(document),
+               "evidence_sha256": report_seal.evidence_sha256(document), "signer": signer}  # fmt: skip
+    return render_html(document, template="report.html.j2", seal=preview)
 
 
 def _error_digest(path: Path, before: list[list[Any]]) -> tuple[str | None, list[list[Any]] | None]:
@@ -241,9 +284,10 @@ def _cache_material(inputs: AuditInputs) -> dict[str, Any]:
 
 def _complete(
     paths: Sequence[Path], inputs: AuditInputs, *, run: Mapping[str, str], engine: Engine | None,
-    cache: ResultCache | None, on_start: Callable[[Path], None] | None,
-) -> Iterator[tuple[int, dict[str, Any], dict[str, Any] | None, bool]]:  # fmt: skip
-    """Each suspect's ``(index, row, document, from_cache)``: cached ones first, then as tasks complete."""
+    cache: ResultCache | None, on_start: Callable[[Path], None] | None, render: dict[str, Any],
+) -> Iterator[tuple[int, dict[str, Any], dict[str, Any] | None, str | None, bool]]:  # fmt: skip
+    """Each suspect's ``(index, row, document, page, from_cache)``: cached ones first (their pages rendered
+    here, since the run block is this run's), then as tasks complete."""
     from auditor.audit.cache import result_key
     from auditor.audit.engine import TaskFailed, run_tasks
 
@@ -258,13 +302,13 @@ def _complete(
             document = hit.get("document")
             if isinstance(document, dict):
                 document = {**document, "run": dict(run)}
-            yield i, hit["row"], document if isinstance(document, dict) else None, True
+            yield i, hit["row"], document if isinstance(document, dict) else None, None, True
         else:
             todo.append(i)
     spec = inputs_spec(inputs)
     _WORKER_INPUTS.clear()
     _WORKER_INPUTS[_spec_key(spec)] = inputs  # tasks run in this process use what is loaded already
-    jobs = [{"spec": spec, "path": str(paths[i]), "run": dict(run)} for i in todo]
+    jobs = [{"spec": spec, "path": str(paths[i]), "run": dict(run), **render} for i in todo]
     if on_start is not None and todo:
         on_start(paths[todo[0]])
     for j, text in run_tasks(suspect_task, jobs, engine=engine):
@@ -272,7 +316,7 @@ def _complete(
         if isinstance(text, TaskFailed):
             row = {"name": paths[i].name, "path": str(paths[i]), "report": None, "verdict": "error",
                    "exit_code": EXIT_INTERNAL, "error": text.message}  # fmt: skip
-            yield i, row, None, False
+            yield i, row, None, None, False
             continue
         result = json.loads(text)
         row, document, digest = result["row"], result["document"], result["digest"]
@@ -280,7 +324,7 @@ def _complete(
             key = result_key(suspect_sha256=digest, command=inputs.command(paths[i]), inputs=material)
             stored = {"row": row, "document": {k: v for k, v in document.items() if k != "run"} if document else None}
             cache.put(key, path=paths[i], sha256=digest, result=stored, stats=result["stats"])
-        yield i, row, document, False
+        yield i, row, document, result.get("page"), False
 
 
 def audit_batch(
@@ -307,13 +351,16 @@ def audit_batch(
 
     if inputs.control_paths and not inputs.controls:
         audit_controls(inputs)
+    from auditor.report.seal import signer
+
     rows: list[dict[str, Any] | None] = [None] * len(suspects)
     cached = 0
-    for i, row, document, from_cache in _complete(suspects, inputs, run=run, engine=engine, cache=cache,
-                                                  on_start=on_start):  # fmt: skip
+    render = {"html": out_dir is not None, "signer": signer(key)}
+    for i, row, document, page, from_cache in _complete(suspects, inputs, run=run, engine=engine, cache=cache,
+                                                        on_start=on_start, render=render):  # fmt: skip
         if rows[i] is not None:  # never twice, whatever an engine or the cache does
             continue
-        written, _ = _written_row(row, document, names[i], out_dir=out_dir, key=key)
+        written, _ = _written_row(row, document, names[i], out_dir=out_dir, key=key, page=page)
         rows[i] = written
         cached += from_cache
         if on_row is not None:

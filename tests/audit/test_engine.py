@@ -3,10 +3,12 @@ worker killed in the middle of a batch costs nothing but time."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -39,11 +41,24 @@ def test_the_reference_batch_finds_what_the_folder_holds(
 
 
 def test_two_processes_give_the_same_findings(
-    audit_folder: Callable[..., dict[str, Any]], reference_summary: dict[str, Any]
+    audit_folder: Callable[..., dict[str, Any]], reference_summary: dict[str, Any], tmp_path: Path
 ) -> None:
-    summary = audit_folder(engine=Engine("local", jobs=2))
+    from auditor.report.html import render_html
+    from auditor.report.seal import verify_report
+
+    summary = audit_folder(engine=Engine("local", jobs=2), out_dir=tmp_path)
     assert outcome(summary) == outcome(reference_summary)
     assert summary["run"]["engine"] == "local (2 processes)"
+    for row in summary["suspects"]:
+        if row["report"] is None:
+            continue
+        js, page = tmp_path / row["report"]["json"], tmp_path / row["report"]["html"]
+        assert verify_report(js, html=page).intact
+        sealed = json.loads(js.read_text())
+        seal = sealed.pop("integrity")
+        preview = {"content_sha256": seal["content_sha256"], "evidence_sha256": seal["evidence_sha256"], "signer": None}
+        # The page a worker rendered is the one the driver would have rendered from the sealed data.
+        assert render_html(sealed, template="report.html.j2", seal=preview) == page.read_text()
 
 
 def test_a_killed_worker_costs_nothing_but_time(
