@@ -310,3 +310,100 @@ def batch_run(
     out = tmp_path_factory.mktemp("batch") / "reports"
     code, stdout, stderr = run_cli("audit", folder, "--bundle", gr_owner.out / "owner_bundle.json", "--out", out)
     return {"code": code, "stdout": stdout, "stderr": stderr, "out": out, "folder": folder, "broken": broken}
+
+
+def _tiny_transformer(out: Path, kind: str, seed: int) -> SimpleNamespace:
+    """A randomly initialised ``transformers`` model (Llama-style decoder with GQA, BERT or ViT encoder), its
+    norm weights drawn away from 1 (so that folding them shows), saved with ``save_pretrained``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config: Any = transformers.LlamaConfig(
+            vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        )  # fmt: skip
+        model: Any = transformers.LlamaForCausalLM(config)
+    elif kind == "bert":
+        config = transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=96, max_position_embeddings=64)  # fmt: skip
+        model = transformers.BertModel(config, add_pooling_layer=False)
+    else:
+        config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)  # fmt: skip
+        model = transformers.ViTModel(config, add_pooling_layer=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() and name.endswith("weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    model.save_pretrained(out)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return SimpleNamespace(folder=out, state=state, config=model.config.to_dict())
+
+
+@pytest.fixture(scope="session")
+def tiny_transformer(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., SimpleNamespace]:
+    """``tiny_transformer(kind, seed=0)``: a random ``llama`` (4 query heads in 2 key/value groups), ``bert`` or
+    ``vit`` model of width 64 saved with ``save_pretrained``: ``folder``, ``state``, ``config`` (a dict)."""
+    made: dict[tuple[str, int], SimpleNamespace] = {}
+
+    def make(kind: str, seed: int = 0) -> SimpleNamespace:
+        if (kind, seed) not in made:
+            made[kind, seed] = _tiny_transformer(tmp_path_factory.mktemp(f"{kind}-{seed}"), kind, seed)
+        return made[kind, seed]
+
+    return make
+
+
+def _train_gr_llama(out: Path, *, seed: int, marked: bool) -> SimpleNamespace:
+    """A two-block Llama-style decoder (width 256, 4 query heads in 2 key/value groups) trained 60 steps on a
+    counting task, with Greedy Residuals when ``marked`` (the default layers), saved with ``save_pretrained``."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from auditor.plugins.greedy_residuals.owner import GreedyResidualsWatermark
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    key = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32, 64)))  # fixed: the same bits every run
+    wm = GreedyResidualsWatermark.create(model, private_key=key, message="(c) L") if marked else None
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(60):
+            seq = (torch.randint(0, 64, (32, 1), generator=generator) + torch.arange(17)) % 64
+            logits = model(seq[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 64), seq[:, 1:].reshape(-1))
+            if wm is not None:
+                loss = loss + wm.penalty(model)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(out)
+    bundle = None
+    if wm is not None:
+        bundle = out / "owner_bundle.json"
+        wm.save_bundle(bundle, model, model_file=out / "model.safetensors")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return SimpleNamespace(folder=out, state=state, config=model.config.to_dict(), bundle=bundle)
+
+
+@pytest.fixture(scope="session")
+def gr_llama(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A Greedy Residuals-marked Llama-style decoder (width 256) saved with ``save_pretrained``: ``folder``,
+    ``state``, ``config``, ``bundle``; trains for about 10 s."""
+    return _train_gr_llama(tmp_path_factory.mktemp("gr-llama"), seed=0, marked=True)
+
+
+@pytest.fixture(scope="session")
+def gr_llama_innocent(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The same architecture and task trained independently without a watermark (seed 5)."""
+    return _train_gr_llama(tmp_path_factory.mktemp("llama-innocent"), seed=5, marked=False)

@@ -42,6 +42,7 @@ __all__ = [
     "fold_norms",
     "layout_of",
     "max_logit_change",
+    "max_rotary_score_change",
     "permute_heads",
     "permute_mlp",
     "random_orthogonal",
@@ -59,6 +60,7 @@ CONFIG_LIMIT = 1 << 20
 
 _LLAMA = re.compile(r"^(.*layers\.(\d+))\.self_attn\.q_proj\.weight$")
 _BERT = re.compile(r"^(.*layer\.(\d+))\.attention\.(self|attention)\.query\.weight$")
+_VIT = re.compile(r"^(.*layers\.(\d+))\.attention\.q_proj\.weight$")  # ViT in transformers 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +132,16 @@ def layout_of(state: Mapping[str, torch.Tensor], config: Mapping[str, Any] | Non
     """
     llama = sorted((int(m.group(2)), m.group(1)) for k in state if (m := _LLAMA.match(k)))
     bert = sorted((int(m.group(2)), m.group(1), m.group(3)) for k in state if (m := _BERT.match(k)))
+    vit5 = sorted((int(m.group(2)), m.group(1)) for k in state if (m := _VIT.match(k)))
     blocks: list[Block] = []
-    if llama:
+    if vit5 and not llama:
+        kind = "encoder"
+        for _, p in vit5:
+            blocks.append(Block(f"{p}.attention.q_proj", f"{p}.attention.k_proj", f"{p}.attention.v_proj",
+                                f"{p}.attention.o_proj", f"{p}.mlp.fc1", f"{p}.mlp.fc2", None,
+                                f"{p}.layernorm_before", f"{p}.layernorm_after"))  # fmt: skip
+        embed, final, lm_head, rms = None, None, None, False
+    elif llama:
         kind = "llama"
         for _, p in llama:
             gate = f"{p}.mlp.gate_proj" if f"{p}.mlp.gate_proj.weight" in state else None
@@ -383,22 +393,28 @@ def rope_unreorder(state: Mapping[str, torch.Tensor], layout: Layout, *, layers:
 
 
 def _model(config: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """The model ``config`` names with ``state`` loaded through ``from_pretrained`` (which maps a file's legacy
+    key names, such as ViT's ``encoder.layer.N.attention.attention.query``, to the class's own)."""
+    import tempfile
+
     import transformers
+    from safetensors.torch import save_file
 
     cfg = transformers.AutoConfig.for_model(**{k: v for k, v in config.items() if k != "transformers_version"})
     architectures = cfg.architectures or []
-    if not architectures:
-        model = transformers.AutoModel.from_config(cfg)
-    else:
-        cls = getattr(transformers, architectures[0], None)
-        if cls is None:
-            raise UsageError(f"transformers has no class {architectures[0]!r}")
-        model = cls(cfg)
-    missing, unexpected = model.load_state_dict(dict(state), strict=False)
-    if [k for k in missing if "rotary" not in k and "position_ids" not in k] or unexpected:
+    cls = getattr(transformers, architectures[0], None) if architectures else transformers.AutoModel
+    if cls is None:
+        raise UsageError(f"transformers has no class {architectures[0]!r}")
+    with tempfile.TemporaryDirectory() as folder:
+        cfg.save_pretrained(folder)
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, f"{folder}/model.safetensors",
+                  metadata={"format": "pt"})  # fmt: skip
+        model, info = cls.from_pretrained(folder, output_loading_info=True)
+    missing = [k for k in info["missing_keys"] if not any(x in k for x in ("rotary", "position_ids", "pooler"))]
+    if missing or info["unexpected_keys"]:
         raise UsageError(f"the state dict does not fit {type(model).__name__}: missing {missing[:3]},"
-                         f" unexpected {unexpected[:3]}")  # fmt: skip
-    return model.eval()
+                         f" unexpected {list(info['unexpected_keys'])[:3]}")  # fmt: skip
+    return model.float().eval()
 
 
 def max_logit_change(config: Mapping[str, Any], before: Mapping[str, torch.Tensor],
@@ -420,3 +436,37 @@ def max_logit_change(config: Mapping[str, Any], before: Mapping[str, torch.Tenso
             result = model(**inputs)
         outputs.append(result.logits if getattr(result, "logits", None) is not None else result.last_hidden_state)
     return float((outputs[0].double() - outputs[1].double()).abs().max())
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor, base: float, interleaved: bool) -> torch.Tensor:
+    """Rotary embedding of ``x`` (positions x heads x d): HF's half-split pairs, or interleaved pairs."""
+    d = x.shape[-1]
+    angles = positions[:, None].double() * base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    cos, sin = torch.cos(angles)[:, None, :], torch.sin(angles)[:, None, :]
+    if interleaved:
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).reshape(x.shape)
+    a, b = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+def max_rotary_score_change(config: Mapping[str, Any], before: Mapping[str, torch.Tensor],
+                            after: Mapping[str, torch.Tensor], layout: Layout, *, seed: int = 0) -> float:  # fmt: skip
+    """The largest change of the attention scores ``q . k`` of every block on seeded residual vectors at
+    positions 0..31: ``before`` under Hugging Face's rotary kernel, ``after`` under llama.cpp's interleaved one
+    (the runtime a reordered file is made for). Needs no ``transformers``."""
+    gen = torch.Generator().manual_seed(seed)
+    base = float(config.get("rope_theta", 10000.0))
+    positions = torch.arange(32)
+    worst = 0.0
+    for block in layout.blocks:
+        x = torch.randn(32, before[f"{block.q}.weight"].shape[1], generator=gen, dtype=torch.float64)
+        scores = []
+        for state, interleaved in ((before, False), (after, True)):
+            q = (x @ state[f"{block.q}.weight"].double().T).reshape(32, layout.heads, layout.head_dim)
+            k = (x @ state[f"{block.k}.weight"].double().T).reshape(32, layout.kv_heads, layout.head_dim)
+            q, k = _rope(q, positions, base, interleaved), _rope(k, positions, base, interleaved)
+            k = k.repeat_interleave(layout.group, dim=1)
+            scores.append(torch.einsum("phd,shd->hps", q, k))
+        worst = max(worst, float((scores[0] - scores[1]).abs().max()))
+    return worst

@@ -15,7 +15,7 @@ __all__ = ["builtin_attacks", "register_attacks"]
 
 def builtin_attacks() -> list[Attack]:
     """One instance of every scheme-free built-in attack, in id order."""
-    from auditor.plugins.attacks import equivalence, export, linear, structure, training, weights
+    from auditor.plugins.attacks import equivalence, export, linear, structure, training, transformer, weights
 
     classes: list[type[Attack]] = [
         weights.MagnitudePruning, weights.RandomPruning, weights.ChannelPruning, weights.Fp16Cast,
@@ -25,6 +25,8 @@ def builtin_attacks() -> list[Attack]:
         export.OnnxExport, export.QuantizeDynamic, training.FineTune, training.FineTuneAnneal,
         linear.InsertIdentity, linear.BatchNormBetween, linear.FactorChain, linear.InvertibleMap,
         equivalence.SplitOutputs, equivalence.SplitInputs, equivalence.NeuronClique, equivalence.NeuronSplit,
+        transformer.HeadPermute, transformer.MlpPermute, transformer.HeadScale, transformer.NormFold,
+        transformer.ResidualRotate, transformer.RopeReorder,
     ]  # fmt: skip
     return sorted((cls() for cls in classes), key=lambda a: a.id)
 

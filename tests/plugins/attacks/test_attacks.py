@@ -69,7 +69,9 @@ def test_function_preserving_claims_are_the_tested_ones() -> None:
     """A new attack that claims to keep the function must join the test below (forgeries are tested
     unchanged in test_attacks_training.py)."""
     claimed = {aid for aid, a in attacks().items() if a.function_preserving and not aid.startswith("forge-")}
-    assert claimed == {*FUNCTION_PRESERVING, "invertible-map"}  # on a model with a linear pair: test_linear_attacks
+    transformer = {"head-permute", "mlp-permute", "head-scale", "norm-fold", "residual-rotate", "rope-reorder"}
+    # invertible-map: on a model with a linear pair (test_linear_attacks); transformer: test_transformer_attacks
+    assert claimed == {*FUNCTION_PRESERVING, "invertible-map", *transformer}
 
 
 @pytest.mark.parametrize("arch", ["cnn", "resnet"])
