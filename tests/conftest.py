@@ -337,14 +337,17 @@ def _tiny_transformer(out: Path, kind: str, seed: int) -> SimpleNamespace:
             if "norm" in name.lower() and name.endswith("weight"):
                 p.copy_(1 + 0.3 * torch.randn_like(p))
     model.save_pretrained(out)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    from safetensors.torch import load_file
+
+    state = load_file(out / "model.safetensors")  # the file's names (transformers 5 writes ViT's legacy ones)
     return SimpleNamespace(folder=out, state=state, config=model.config.to_dict())
 
 
 @pytest.fixture(scope="session")
 def tiny_transformer(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., SimpleNamespace]:
     """``tiny_transformer(kind, seed=0)``: a random ``llama`` (4 query heads in 2 key/value groups), ``bert`` or
-    ``vit`` model of width 64 saved with ``save_pretrained``: ``folder``, ``state``, ``config`` (a dict)."""
+    ``vit`` model of width 64 saved with ``save_pretrained``: ``folder``, ``state`` (as the file stores it),
+    ``config`` (a dict)."""
     made: dict[tuple[str, int], SimpleNamespace] = {}
 
     def make(kind: str, seed: int = 0) -> SimpleNamespace:

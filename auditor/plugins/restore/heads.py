@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from auditor.toolkit.transformers import Block, Layout, State
 
-__all__ = ["MAX_ROTATION_RESIDUAL", "TransformerRestorer", "align_transformer"]
+__all__ = ["HEAD_SIZES", "MAX_ROTATION_RESIDUAL", "TransformerRestorer", "align_transformer", "guess_layout"]
 
 #: A rotation is undone only when it maps the reference onto the suspect this well (an independent model's fit
 #: stays near 1; a rotated copy's is float rounding).
@@ -314,6 +314,37 @@ def align_transformer(s: State, r: State, layout: Layout) -> tuple[State, list[d
     return state, rows, changed
 
 
+#: Head sizes tried when no config.json says (largest first).
+HEAD_SIZES = (256, 128, 96, 80, 64, 48, 32, 16, 8)
+
+
+def guess_layout(s: State, r: State) -> Layout | None:
+    """Without a config.json: the largest head size whose head matching (rotary order as stored or undone)
+    scores within 0.005 of the best size's. Larger blocks than the real heads match only where no head moved,
+    smaller ones split rotary pairs and groups."""
+    from auditor.toolkit.transformers import layout_of, rope_unreorder
+
+    first = layout_of(r, None, head_dim=1)  # only where the blocks are
+    if first is None:
+        return None
+    q_rows = r[f"{first.blocks[0].q}.weight"].shape[0]
+    k_rows = r[f"{first.blocks[0].k}.weight"].shape[0]
+    scored = []
+    for d in HEAD_SIZES:
+        if q_rows % d or k_rows % d or (q_rows // d) % (k_rows // d):
+            continue
+        layout = layout_of(r, None, head_dim=d)
+        assert layout is not None
+        score = _heads_score(s, r, layout)
+        if layout.rotary and d % 2 == 0:
+            score = max(score, _heads_score(rope_unreorder(s, layout), r, layout))
+        scored.append((score, d, layout))
+    if not scored:
+        return first
+    best = max(x[0] for x in scored)
+    return next(layout for score, _, layout in scored if score >= best - 0.005)
+
+
 def _flat(graph: LayerGraph) -> dict[str, torch.Tensor]:
     from auditor.toolkit.channels import tensors_of
 
@@ -343,14 +374,14 @@ class TransformerRestorer(StructuralRestorer):
         s, r = _flat(suspect), _flat(reference)
         config = read_config(reference.path) or read_config(suspect.path)
         try:
-            layout = layout_of(r, config)
+            layout = layout_of(r, config) if config else guess_layout(s, r)
         except UsageError as exc:
             return None, [], [], f"the reference's heads cannot be read: {exc}"
         if layout is None:
             return None, [], [], "not a transformer this restorer reads (Llama-style decoder, BERT or ViT encoder)"
-        if layout_of(s, config) != layout or any(k not in s or s[k].shape != v.shape for k, v in r.items()):
+        if any(k not in s or s[k].shape != v.shape for k, v in r.items()) or len(s) != len(r):
             return None, [], [], "the suspect's transformer layout or shapes differ from the reference's"
-        guess = "" if config else f" (no config.json: heads of {layout.head_dim} dimensions assumed)"
+        guess = "" if config else f" (no config.json: heads of {layout.head_dim} dimensions, the best-matching size)"
         state, rows, changed = align_transformer(s, r, layout)
         if not changed:
             return None, rows, [], "the transformer is already in the reference's form" + guess
