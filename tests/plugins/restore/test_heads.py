@@ -182,3 +182,42 @@ def test_greedy_residuals_survives_every_edit_after_restore(
     assert restored is innocent and not _entry(log)["acted"]
     (finding,) = detector.detect(restored, bundle=bundle, context={})
     assert finding.verdict is Verdict.NOT_DETECTED
+
+
+#: Runs ``auditor audit ARGS`` and writes its exit code and whether ``transformers`` was imported.
+AUDIT_IN_A_FRESH_PROCESS = """
+import json, sys
+result, args = sys.argv[1], sys.argv[2:]
+sys.argv = ["auditor", "audit", *args]
+from auditor.cli import main
+try:
+    main()
+    code = 0
+except SystemExit as exc:
+    code = exc.code
+with open(result, "w") as fh:
+    json.dump({"code": code, "transformers": "transformers" in sys.modules}, fh)
+"""
+
+
+def test_restoring_a_transformer_never_imports_transformers(tmp_path: Path, tiny_transformer: Any) -> None:
+    """``transformers`` is the optional extra ``hf``: auditing, restore included, must not need it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    m = tiny_transformer("llama")
+    layout = tt.layout_of(m.state, m.config)
+    assert layout is not None
+    suspect = _write(_composed(layout)(m.state), tmp_path / "suspect.safetensors")
+    report, result = tmp_path / "report.json", tmp_path / "result.json"
+    env = {**os.environ, "AUDITOR_LOAD_PLUGINS": ""}
+    subprocess.run([sys.executable, "-c", AUDIT_IN_A_FRESH_PROCESS, str(result), str(suspect), "--reference",
+                    str(m.folder), "--json-out", str(report)], env=env, cwd=tmp_path, capture_output=True,
+                   timeout=300, check=False)  # fmt: skip
+    outcome = json.loads(result.read_text())
+    entry = next(e for e in json.loads(report.read_text())["restore"]["entries"]
+                 if e["restorer"] == "restore-transformer")  # fmt: skip
+    assert entry["log"]["acted"], entry  # the restorer did its work in that process
+    assert outcome["transformers"] is False
