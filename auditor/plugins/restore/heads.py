@@ -26,6 +26,7 @@ The rewrite stands only if the guard finds the result derived from the reference
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from auditor.graph import LayerGraph
@@ -188,29 +189,38 @@ def _unscale(state: State, s: _Frame, r: _Frame, block: Block, layout: Layout) -
     return scaled
 
 
-def _rotation_rows(frame: _Frame, layout: Layout) -> torch.Tensor:
-    import torch
-
+def _rotation_rows(frame: _Frame, layout: Layout) -> Iterator[torch.Tensor]:
+    """The rows Procrustes pairs, one matrix at a time: embedding, readers (norms folded), writers' columns."""
     from auditor.toolkit.transformers import readers, writers
 
     assert layout.embed is not None
-    rows = [_w(frame.state, layout.embed)]
-    rows += [frame.reader(name, norm) for norm, names in readers(layout) for name in names]
-    rows += [_w(frame.state, name).T for name in writers(layout)]
-    return torch.cat(rows)
+    yield _w(frame.state, layout.embed)
+    for norm, names in readers(layout):
+        for name in names:
+            yield frame.reader(name, norm)
+    for name in writers(layout):
+        yield _w(frame.state, name).T
 
 
 def _unrotate(state: State, s: State, r: State, layout: Layout) -> dict[str, Any]:
-    """Procrustes over the embedding, the readers (norms folded) and the writers; undo it when it fits."""
+    """Procrustes over the embedding, the readers (norms folded) and the writers; undo it when it fits.
+
+    Only ``M = X_r^T X_s`` (hidden x hidden) and the squared norms are accumulated, one matrix at a time,
+    so the stacked rows of a large model are never held at once."""
     import torch
 
     from auditor.toolkit.transformers import readers, writers
 
-    xs, xr = _rotation_rows(_Frame(s, layout), layout), _rotation_rows(_Frame(r, layout), layout)
-    u, _, vt = torch.linalg.svd(xr.T @ xs)
+    m, ss, rr = None, 0.0, 0.0
+    for xs, xr in zip(_rotation_rows(_Frame(s, layout), layout), _rotation_rows(_Frame(r, layout), layout),
+                      strict=True):  # fmt: skip
+        m = xr.T @ xs if m is None else m + xr.T @ xs
+        ss, rr = ss + float((xs * xs).sum()), rr + float((xr * xr).sum())
+    assert m is not None
+    u, _, vt = torch.linalg.svd(m)
     rot = u @ vt
-    before = float(torch.linalg.norm(xs - xr) / torch.linalg.norm(xr))
-    after = float(torch.linalg.norm(xs @ rot.T - xr) / torch.linalg.norm(xr))
+    before = max(ss + rr - 2 * float(torch.trace(m)), 0.0) ** 0.5 / rr**0.5
+    after = max(ss + rr - 2 * float(torch.trace(rot @ m.T)), 0.0) ** 0.5 / rr**0.5
     distance = float(torch.linalg.norm(rot - torch.eye(len(rot), dtype=rot.dtype)) / len(rot) ** 0.5)
     row: dict[str, Any] = {"step": "rotation", "residual_before": round(before, 6), "residual_after": round(after, 6),
                            "distance_from_identity": round(distance, 6), "acted": False}  # fmt: skip
