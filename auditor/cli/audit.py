@@ -239,7 +239,7 @@ def _run_single(
         if verbosity() >= 0:
             for f in sealed["findings"]:
                 headline = view_of("detectors", f["detector"]).headline(f)
-                console.print(shown(f"{f['detector']}: {f['verdict']}: {headline}"))
+                console.print(shown(f"{f['detector']}: {_said(f)}: {headline}"))
         if verbosity() > 0:
             for line in sealed["suspect"].get("loader_notes", []):
                 note(f"loader: {line}", level=1)
@@ -250,6 +250,14 @@ def _run_single(
             if path is not None:
                 console.print(shown(f"{what}: {path}"))
     return int(sealed["exit_code"])
+
+
+def _said(finding: dict[str, Any]) -> str:
+    """A finding's verdict, or for a separate line of evidence its question and answer (never a watermark's)."""
+    from auditor.report.view import view_of
+
+    ev = view_of("detectors", str(finding.get("detector"))).evidence(finding)
+    return f"{ev['question']}: {ev['answer']}" if ev else str(finding.get("verdict"))
 
 
 def _audit_controls(inputs: Any, *, as_json: bool, console: Console) -> None:
@@ -313,7 +321,7 @@ def _run_batch(
             elif verbosity() < 0:
                 console.print(shown(f"{row['path']}: {row['verdict']}"))
             else:
-                schemes = "; ".join(f"{f['detector']}: {f['verdict']}" for f in row["findings"]) or "no findings"
+                schemes = "; ".join(f"{f['detector']}: {_said(f)}" for f in row["findings"]) or "no findings"
                 console.print(shown(f"{row['path']}: {row['verdict']} ({schemes})"))
 
         try:

@@ -130,8 +130,20 @@ def test_a_batch_summary_gives_the_answer_not_a_watermark_verdict(tmp_path: Path
     suspects = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
     for s in suspects:
         s.write_bytes(reference.read_bytes())
-    code, _, stderr = run_cli("audit", *suspects, "--reference", reference, "--out", tmp_path / "out")
+    code, stdout, stderr = run_cli("audit", *suspects, "--reference", reference, "--out", tmp_path / "out")
     assert code == EXIT_INCONCLUSIVE, stderr  # no owner bundle: nothing decides a watermark verdict
+    assert stdout.count("inconclusive (lineage: derived from the reference: yes)") == 2, stdout
     page = (tmp_path / "out" / "summary.html").read_text()
     assert page.count("derived from the reference: yes") == 2
     assert "watermark found" not in page.split("<tbody>", 1)[1]
+
+
+def test_the_terminal_line_gives_the_answer(run_cli: Callable[..., Any]) -> None:
+    model = ASSETS / "st_cnn.safetensors"
+    code, stdout, _ = run_cli("audit", model, "--reference", model)
+    assert code == EXIT_INCONCLUSIVE
+    lines = stdout.splitlines()
+    assert any(
+        re.fullmatch(r"lineage: derived from the reference: yes: p = .+; 2 of 2 layers derived", x) for x in lines
+    )
+    assert "lineage: detected" not in stdout and lines[-1] == "verdict: inconclusive"

@@ -191,7 +191,7 @@ class LineageDetector(Detector):
         )  # fmt: skip
 
     def headline(self, entry: Mapping[str, Any]) -> str:
-        """``derived from the reference: yes (p ...; 3 of 3 layers)`` for a terminal or a summary row."""
+        """``p = 10^-4; 3 of 3 layers derived``, beside the answer on a terminal or a summary row."""
         return report.headline(entry)
 
     def first_screen(self, entry: Mapping[str, Any], bundle_entry: Mapping[str, Any] | None) -> dict[str, Any]:

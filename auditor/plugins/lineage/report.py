@@ -110,16 +110,13 @@ def summary(
 
 
 def headline(entry: Mapping[str, Any]) -> str:
-    """One line: the answer, the p-value and the layer count."""
+    """One line beside the answer (which the report and the terminal give from the verdict): the p-value and
+    the layer count, or why it is untested."""
     metrics = entry.get("metrics") if isinstance(entry.get("metrics"), Mapping) else {}
     assert isinstance(metrics, Mapping)
-    answer = {"detected": "yes", "not-detected": "no"}.get(str(entry.get("verdict")), "untested")
-    if answer == "untested":
-        return "derived from the reference: untested"
-    return (
-        f"derived from the reference: {answer} (p = {_p(metrics)}; {metrics.get('layers_derived')} of"
-        f" {metrics.get('layers_tested')} layers derived)"
-    )
+    if not metrics.get("layers_tested"):
+        return "no layer of the suspect has the shape of a reference layer"
+    return f"p = {_p(metrics)}; {metrics.get('layers_derived')} of {metrics.get('layers_tested')} layers derived"
 
 
 def first_screen(entry: Mapping[str, Any]) -> dict[str, Any]:
