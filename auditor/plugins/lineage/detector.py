@@ -29,6 +29,8 @@ __all__ = ["DEFAULT_ALPHA", "DEFAULT_PERMUTATIONS", "LineageDetector", "register
 DEFAULT_ALPHA = 0.001
 #: Permutations per layer: the smallest p-value a layer can reach is 1 / (n + 1).
 DEFAULT_PERMUTATIONS = 19999
+#: Units of a layer at most: its similarity matrix (units x units floats, 256 MiB here) bounds the test's memory.
+MAX_UNITS = 8192
 #: Weighted layers whose output units are tested (their rows are hidden units).
 UNIT_KINDS = (LayerKind.CONV1D, LayerKind.CONV2D, LayerKind.LINEAR)
 
@@ -73,6 +75,8 @@ def layers_to_test(reference: LayerGraph) -> tuple[list[Layer], list[dict[str, s
             left_out.append({"name": layer.name, "why": "an output layer: its units are the task's outputs"})
         elif layer.weight.shape[0] < 2:
             left_out.append({"name": layer.name, "why": "fewer than two units"})
+        elif layer.weight.shape[0] > MAX_UNITS:
+            left_out.append({"name": layer.name, "why": f"more than {MAX_UNITS:,} units (the test's memory bound)"})
         else:
             tested.append(layer)
     return tested, left_out
@@ -117,19 +121,16 @@ class LineageDetector(Detector):
         reference = context.get("reference")
         if not isinstance(reference, LayerGraph):
             return []
-        import numpy as np
-
-        from auditor.plugins.lineage.stats import draw_permutations, permutation_test, unit_similarity
+        from auditor.plugins.lineage.stats import permutation_test, unit_similarity
 
         settings = self.settings(context)
         count = int(settings["permutations"])
-        generator = np.random.default_rng(int(settings["seed"]))
+        seed = int(settings["seed"])
         layers, untested = layers_to_test(reference)
         names = {layer.name for layer in layers}
         index = LayerIndex.of(suspect)
         rows: list[dict[str, Any]] = []
         kind_order: dict[str, int] = {}
-        orders: dict[int, torch.Tensor] = {}
         for ref_layer in reference.layers:
             kind_order.setdefault(ref_layer.kind.value, 0)
             position = kind_order[ref_layer.kind.value]
@@ -144,10 +145,7 @@ class LineageDetector(Detector):
                 untested.append({"name": ref_layer.name, "why": "no suspect layer of its kind and shape"
                                  " (pruned, widened or replaced, and not restored)"})  # fmt: skip
                 continue
-            units = int(ref_w.shape[0])
-            if units not in orders:  # one draw per width, in the reference's layer order: same inputs, same draw
-                orders[units] = draw_permutations(units, count, generator)
-            test = permutation_test(unit_similarity(_weight(match.layer), ref_w), orders[units])
+            test = permutation_test(unit_similarity(_weight(match.layer), ref_w), count, seed)
             rows.append({
                 "name": ref_layer.name, "suspect_layer": match.layer.name, "units": int(ref_w.shape[0]),
                 "statistic": round(test.statistic, 6), "null_mean": round(test.null_mean, 6),

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["LayerTest", "draw_permutations", "holm", "permutation_test", "unit_similarity"]
+__all__ = ["CHUNK", "LayerTest", "draw_permutations", "holm", "permutation_test", "unit_similarity"]
 
 
 @dataclass(frozen=True)
@@ -50,30 +50,50 @@ def unit_similarity(suspect: torch.Tensor, reference: torch.Tensor) -> torch.Ten
     return (a @ b.T).abs()
 
 
+#: Permuted statistics computed at once: bounds the memory of a layer's test to about this many indices (32 MiB).
+CHUNK = 1 << 22
+
+
 def draw_permutations(units: int, permutations: int, generator: np.random.Generator) -> torch.Tensor:
     """``permutations + 1`` orders of ``units`` units, one per row: the identity first, then uniformly random
-    permutations drawn from ``generator`` (each row shuffled on its own, Fisher-Yates). Layers of the same width
-    may share them: each layer's p-value stays exact, and the corrections over layers hold under any
-    dependence between layers."""
+    permutations drawn from ``generator`` (each row shuffled on its own, Fisher-Yates)."""
     identity = np.arange(units, dtype=np.int64)
     drawn = generator.permuted(np.broadcast_to(identity, (permutations, units)), axis=1)
     return torch.from_numpy(np.concatenate([identity[None, :], drawn]))
 
 
-def permutation_test(similarity: torch.Tensor, orders: torch.Tensor) -> LayerTest:
-    """The exact permutation test of one layer on its similarity matrix ``C`` (square): the mean diagonal (the
-    first row of ``orders``, the identity) against its value under the other rows' permutations of the
-    reference's units (:func:`draw_permutations`). The true statistic and the permuted ones go through the same
-    arithmetic, so a permutation that happens to be the identity ties exactly (and counts as reaching it)."""
-    units, permutations = similarity.shape[0], orders.shape[0] - 1
-    values = similarity[torch.arange(units).unsqueeze(0), orders].mean(dim=1)
-    true, null = values[0], values[1:]
+def permutation_test(similarity: torch.Tensor, permutations: int, seed: int) -> LayerTest:
+    """The exact permutation test of one layer on its similarity matrix ``C`` (square): the mean diagonal
+    against its value under ``permutations`` uniformly random permutations of the reference's units.
+
+    The permutations come from a generator seeded with ``(seed, units)``, independently of the weights: layers
+    of the same width share them (each layer's p-value stays exact, and the corrections over layers hold under
+    any dependence), and the same inputs give the same draw. They are drawn and scored in chunks of about
+    :data:`CHUNK` indices, so memory does not grow with ``permutations``. Each chunk scores the identity too,
+    through the same arithmetic, so a permutation that happens to be the identity ties exactly (and counts as
+    reaching the true statistic)."""
+    units = similarity.shape[0]
+    generator = np.random.default_rng([seed, units])
+    rows = torch.arange(units).unsqueeze(0)
+    per_chunk = max(1, CHUNK // max(units, 1) - 1)
+    true, reached, total, top, done = math.nan, 0, 0.0, -math.inf, 0
+    while done < permutations:
+        count = min(per_chunk, permutations - done)
+        values = similarity[rows, draw_permutations(units, count, generator)].mean(dim=1)
+        true = float(values[0])
+        null = values[1:]
+        reached += int((null >= values[0]).sum())
+        total += float(null.double().sum())
+        top = max(top, float(null.max()))
+        done += count
+    if not permutations:
+        true = float(similarity.diagonal().mean())
     return LayerTest(
-        statistic=float(true),
-        reached=int((null >= true).sum()),
+        statistic=true,
+        reached=reached,
         permutations=permutations,
-        null_mean=float(null.mean()) if permutations else math.nan,
-        null_max=float(null.max()) if permutations else math.nan,
+        null_mean=total / permutations if permutations else math.nan,
+        null_max=top if permutations else math.nan,
     )
 
 

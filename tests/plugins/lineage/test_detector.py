@@ -177,3 +177,12 @@ def test_the_transformer_is_tested_layer_by_layer() -> None:
     other = model_graph(zoo.TinyViT())
     finding = LineageDetector().detect(other, bundle=None, context={"reference": model_graph(vit), "options": {}})[0]
     assert finding.verdict is Verdict.NOT_DETECTED
+
+
+def test_a_layer_past_the_memory_bound_is_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    from auditor.plugins.lineage import detector as module
+
+    monkeypatch.setattr(module, "MAX_UNITS", 20)  # conv1 has 16 units, conv2 32, conv3 64
+    tested, left_out = layers_to_test(model_graph(zoo.build("cnn", seed=0)))
+    assert [layer.name for layer in tested] == ["conv1"]
+    assert {u["name"]: u["why"] for u in left_out}["conv3"] == "more than 20 units (the test's memory bound)"

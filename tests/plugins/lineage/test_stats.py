@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from scipy import stats as scipy_stats
 
+from auditor.plugins.lineage import stats
 from auditor.plugins.lineage.stats import draw_permutations, holm, permutation_test, unit_similarity
 
 
@@ -32,7 +34,7 @@ def test_a_zero_unit_is_similar_to_nothing() -> None:
 
 def test_the_same_units_reach_the_smallest_p_value() -> None:
     w = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
-    test = permutation_test(unit_similarity(w, w), draw_permutations(32, 999, np.random.default_rng(0)))
+    test = permutation_test(unit_similarity(w, w), 999, seed=0)
     assert test.statistic > 0.999
     assert test.reached == 0
     assert test.p == 1 / 1000
@@ -42,7 +44,7 @@ def test_the_same_units_reach_the_smallest_p_value() -> None:
 def test_a_tie_counts_as_reaching() -> None:
     # every unit alike: every re-ordering gives the same statistic, so nothing is evidence
     w = torch.ones(8, 4)
-    test = permutation_test(unit_similarity(w, w), draw_permutations(8, 99, np.random.default_rng(0)))
+    test = permutation_test(unit_similarity(w, w), 99, seed=0)
     assert test.reached == 99
     assert test.p == 1.0
 
@@ -54,7 +56,7 @@ def test_p_values_are_valid_under_the_null() -> None:
     ps = []
     for _ in range(400):
         a, b = torch.randn(16, 24, generator=g), torch.randn(16, 24, generator=g)
-        ps.append(permutation_test(unit_similarity(a, b), draw_permutations(16, 99, rng)).p)
+        ps.append(permutation_test(unit_similarity(a, b), 99, seed=int(rng.integers(1 << 30))).p)
     for alpha in (0.05, 0.1, 0.2):
         hits = sum(p <= alpha for p in ps)
         assert scipy_stats.binom.sf(hits - 1, 400, alpha) > 1e-3, (alpha, hits)
@@ -65,7 +67,7 @@ def test_a_noisy_copy_is_found() -> None:
     g = torch.Generator().manual_seed(4)
     reference = torch.randn(32, 72, generator=g)
     suspect = reference + 1.5 * torch.randn(32, 72, generator=g)  # cosine about 0.55 per unit
-    test = permutation_test(unit_similarity(suspect, reference), draw_permutations(32, 999, np.random.default_rng(4)))
+    test = permutation_test(unit_similarity(suspect, reference), 999, seed=4)
     assert test.reached == 0
     assert test.statistic > test.null_max + 0.2
 
@@ -89,3 +91,16 @@ def test_holm_adjusted_values_by_hand() -> None:
     assert holm([0.5, 0.9]) == [1.0, 1.0]
     assert holm([]) == []
     assert all(math.isclose(a, b) for a, b in zip(holm([0.2]), [0.2], strict=True))
+
+
+def test_chunks_change_nothing_but_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(6)
+    c = unit_similarity(torch.randn(24, 40, generator=g), torch.randn(24, 40, generator=g))  # independent
+    whole = permutation_test(c, 500, seed=7)
+    monkeypatch.setattr(stats, "CHUNK", 24 * 8)  # seven permutations (and the identity) at a time
+    chunked = permutation_test(c, 500, seed=7)
+    assert chunked.reached == whole.reached  # the same permutations, compared with the same true statistic
+    for a, b in ((chunked.statistic, whole.statistic), (chunked.null_max, whole.null_max),
+                 (chunked.null_mean, whole.null_mean)):  # fmt: skip
+        assert math.isclose(a, b, rel_tol=1e-6)
+    assert 0 < whole.reached < 500  # an informative case: some re-orderings reach it, some do not
