@@ -200,12 +200,29 @@ def _connect(address: str | None) -> bool:
     ray = _ray()
     if ray.is_initialized():
         return False
+    _probe(address)
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                  configure_logging=True)  # fmt: skip
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         raise UsageError(f"--ray-address {address or '(local)'}: cannot reach a Ray cluster: {exc}") from None
     return True
+
+
+def _probe(address: str | None, timeout: float = 5.0) -> None:
+    """Refuse, in one line and seconds, a ``HOST:PORT`` (or ``ray://HOST:PORT``) nothing listens at: Ray itself
+    would retry for minutes, writing warnings. ``auto`` and no address are left to Ray."""
+    import socket
+
+    if not address or address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise UsageError(f"--ray-address {address}: write it as auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UsageError(f"--ray-address {address}: cannot reach a Ray cluster: {exc.strerror or exc}") from None
 
 
 def cluster_has_gpu() -> bool:

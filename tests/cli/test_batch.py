@@ -51,6 +51,10 @@ def test_a_glob_pattern_names_the_files_it_matches(models: Path, run_cli: Callab
         (["@MISSING"], 4, "error: {models}/missing.txt: no such file"),
         (["FOLDER", "--engine", "spark"], 2, "error: --engine 'spark': choose one of local, ray"),
         (["FOLDER", "-j", "1", "--ray-address", "auto"], 2, "error: --ray-address goes with --engine ray"),
+        (["FOLDER", "--engine", "ray", "--ray-address", "127.0.0.1:1"], 2,
+         "error: --ray-address 127.0.0.1:1: cannot reach a Ray cluster: Connection refused"),
+        (["FOLDER", "--engine", "ray", "--ray-address", "nowhere"], 2,
+         "error: --ray-address nowhere: write it as auto, HOST:PORT or ray://HOST:PORT"),
     ],
 )
 def test_batch_naming_errors_are_one_line(
