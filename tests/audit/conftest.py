@@ -105,14 +105,36 @@ def _proc_cmdline(pid: str) -> str:
         return ""
 
 
+def _parent(pid: str) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the field after the command name's parenthesis
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            children.setdefault(_parent(p), []).append(int(p))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
 @pytest.fixture(scope="session")
 def processes_named() -> Callable[[str], list[int]]:
-    """``processes_named(prefix)``: the ids of this machine's processes whose command line starts with
-    ``prefix`` (Ray names a worker running a task ``ray::FUNCTION``)."""
+    """``processes_named(prefix)``: the ids of this test process's descendants (never another run's) whose
+    command line starts with ``prefix`` (Ray names a worker running a task ``ray::FUNCTION``)."""
 
     def find(prefix: str) -> list[int]:
         if not Path("/proc").is_dir():
             pytest.skip("needs /proc")
-        return sorted(int(p) for p in os.listdir("/proc") if p.isdigit() and _proc_cmdline(p).startswith(prefix))
+        return sorted(p for p in _descendants(os.getpid()) if _proc_cmdline(str(p)).startswith(prefix))
 
     return find
