@@ -122,9 +122,10 @@ def _count(config: Mapping[str, Any], *keys: str) -> int | None:
     return None
 
 
-def layout_of(state: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None, *,
+def layout_of(state: Mapping[str, Any], config: Mapping[str, Any] | None = None, *,
               head_dim: int | None = None) -> Layout | None:  # fmt: skip
-    """The layout of ``state`` (None when it is no transformer this module knows).
+    """The layout of ``state`` (None when it is no transformer this module knows); its values need only a
+    ``shape`` (tensors, or a graph's unread tensor references).
 
     Heads come from ``config`` (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``), else from
     ``head_dim`` (a guess the caller makes), else 64 when it divides the query rows (logged by callers as a

@@ -381,6 +381,9 @@ class TransformerRestorer(StructuralRestorer):
         from auditor.toolkit.channels import graph_with_tensors
         from auditor.toolkit.transformers import layout_of, read_config
 
+        refs = {f"{layer.name}.{role}": ref for layer in reference.layers for role, ref in layer.params.items()}
+        if layout_of(refs, None, head_dim=1) is None:  # names and shapes only: nothing is read for other models
+            return None, [], [], "not a transformer this restorer reads (Llama-style decoder, BERT or ViT encoder)"
         s, r = _flat(suspect), _flat(reference)
         config = read_config(reference.path) or read_config(suspect.path)
         try:
