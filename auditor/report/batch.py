@@ -341,14 +341,17 @@ def audit_batch(
     engine: Engine | None = None,
     cache: ResultCache | None = None,
 ) -> dict[str, Any]:
-    """Audit every suspect on ``engine`` (default: the local engine), taking what ``cache`` holds and storing
-    what it does not; ``on_row`` sees each row as it completes (``on_start`` the first path sent to work).
+    """Audit every suspect on ``engine`` (default: one after the other in this process), taking what ``cache``
+    holds and storing what it does not; ``on_row`` sees each row as it completes (``on_start`` the first path
+    sent to work).
     Returns the sealed summary (rows in the order of ``suspects``), written to ``out_dir``/summary.html and
     summary.json when ``out_dir`` is given. Ctrl-C (KeyboardInterrupt) passes through: every result that
     arrived before it is in the cache."""
+    from auditor.audit.engine import Engine
     from auditor.audit.pipeline import audit_controls, batch_exit_code
     from auditor.report.document import REPORT_VERSION, bundle_entry, reference_check, tool_info, write_report
 
+    engine = engine or Engine("local", jobs=1)
     if inputs.control_paths and not inputs.controls:
         audit_controls(inputs)
     from auditor.report.seal import signer
@@ -369,7 +372,7 @@ def audit_batch(
     if len(done) != len(suspects):  # an engine that lost a result must not give a summary that looks whole
         raise RuntimeError(f"{len(suspects) - len(done)} suspects have no result")
     code = batch_exit_code([r["exit_code"] for r in done])
-    summary_run = {**dict(run), "engine": engine.describe() if engine is not None else "local (this process)",
+    summary_run = {**dict(run), "engine": engine.describe(),
                    "from_cache": str(cached)}  # fmt: skip
     summary = {
         "report_format": SUMMARY_FORMAT, "report_version": REPORT_VERSION, "run": summary_run, "tool": tool_info(),
