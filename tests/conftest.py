@@ -313,7 +313,7 @@ def batch_run(
 
 
 def _tiny_transformer(out: Path, kind: str, seed: int) -> SimpleNamespace:
-    """A randomly initialised ``transformers`` model (Llama-style decoder with GQA, BERT or ViT encoder), its
+    """A randomly initialised ``transformers`` model (Llama-style decoder with GQA, GPT-2, BERT or ViT), its
     norm weights drawn away from 1 (so that folding them shows), saved with ``save_pretrained``."""
     import transformers
 
@@ -324,6 +324,10 @@ def _tiny_transformer(out: Path, kind: str, seed: int) -> SimpleNamespace:
             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
         )  # fmt: skip
         model: Any = transformers.LlamaForCausalLM(config)
+    elif kind == "gpt2":  # fused Q/K/V in Conv1D layers (in x out), LM head tied to the embedding
+        config = transformers.GPT2Config(vocab_size=64, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                         bos_token_id=0, eos_token_id=0)  # fmt: skip
+        model = transformers.GPT2LMHeadModel(config)
     elif kind == "bert":
         config = transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                          intermediate_size=96, max_position_embeddings=64)  # fmt: skip
@@ -334,7 +338,7 @@ def _tiny_transformer(out: Path, kind: str, seed: int) -> SimpleNamespace:
         model = transformers.ViTModel(config, add_pooling_layer=False)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name.lower() and name.endswith("weight"):
+            if ("norm" in name.lower() or ".ln_" in name) and name.endswith("weight"):
                 p.copy_(1 + 0.3 * torch.randn_like(p))
     model.save_pretrained(out)
     from safetensors.torch import load_file
@@ -345,9 +349,9 @@ def _tiny_transformer(out: Path, kind: str, seed: int) -> SimpleNamespace:
 
 @pytest.fixture(scope="session")
 def tiny_transformer(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., SimpleNamespace]:
-    """``tiny_transformer(kind, seed=0)``: a random ``llama`` (4 query heads in 2 key/value groups), ``bert`` or
-    ``vit`` model of width 64 saved with ``save_pretrained``: ``folder``, ``state`` (as the file stores it),
-    ``config`` (a dict)."""
+    """``tiny_transformer(kind, seed=0)``: a random ``llama`` (4 query heads in 2 key/value groups), ``gpt2``,
+    ``bert`` or ``vit`` model of width 64 saved with ``save_pretrained``: ``folder``, ``state`` (as the file
+    stores it), ``config`` (a dict)."""
     made: dict[tuple[str, int], SimpleNamespace] = {}
 
     def make(kind: str, seed: int = 0) -> SimpleNamespace:

@@ -40,6 +40,7 @@ __all__ = [
     "Layout",
     "State",
     "fold_norms",
+    "merge_conv1d",
     "layout_of",
     "max_logit_change",
     "max_rotary_score_change",
@@ -51,6 +52,7 @@ __all__ = [
     "rope_unreorder",
     "rotate_residual",
     "scale_heads",
+    "split_conv1d",
 ]
 
 #: A flat state dict.
@@ -60,6 +62,7 @@ CONFIG_LIMIT = 1 << 20
 
 _LLAMA = re.compile(r"^(.*layers\.(\d+))\.self_attn\.q_proj\.weight$")
 _BERT = re.compile(r"^(.*layer\.(\d+))\.attention\.(self|attention)\.query\.weight$")
+_GPT2 = re.compile(r"^(.*h\.(\d+))\.attn\.c_attn\.weight$")  # GPT-2: fused Q/K/V, Conv1D (in x out)
 _VIT = re.compile(r"^(.*layers\.(\d+))\.attention\.q_proj\.weight$")  # ViT in transformers 5
 
 
@@ -134,8 +137,18 @@ def layout_of(state: Mapping[str, Any], config: Mapping[str, Any] | None = None,
     llama = sorted((int(m.group(2)), m.group(1)) for k in state if (m := _LLAMA.match(k)))
     bert = sorted((int(m.group(2)), m.group(1), m.group(3)) for k in state if (m := _BERT.match(k)))
     vit5 = sorted((int(m.group(2)), m.group(1)) for k in state if (m := _VIT.match(k)))
+    gpt2 = sorted((int(m.group(2)), m.group(1)) for k in state if (m := _GPT2.match(k)))
     blocks: list[Block] = []
-    if vit5 and not llama:
+    if gpt2 and not llama:
+        state = split_conv1d(state, gpt2=True)
+        kind = "gpt2"
+        for _, p in gpt2:
+            blocks.append(Block(f"{p}.attn.q", f"{p}.attn.k", f"{p}.attn.v", f"{p}.attn.c_proj", f"{p}.mlp.c_fc",
+                                f"{p}.mlp.c_proj", None, f"{p}.ln_1", f"{p}.ln_2"))  # fmt: skip
+        base = gpt2[0][1].rsplit("h.", 1)[0]
+        embed, final, rms = f"{base}wte", f"{base}ln_f", False
+        lm_head = "lm_head" if "lm_head.weight" in state and not _tied(state, f"{base}wte") else None
+    elif vit5 and not llama:
         kind = "encoder"
         for _, p in vit5:
             blocks.append(Block(f"{p}.attention.q_proj", f"{p}.attention.k_proj", f"{p}.attention.v_proj",
@@ -188,11 +201,68 @@ def layout_of(state: Mapping[str, Any], config: Mapping[str, Any] | None = None,
     if final is not None and f"{final}.weight" not in state:
         final = None
     return Layout(kind, tuple(blocks), heads, kv, d, embed, final, lm_head, rms, rotary=kind == "llama",
-                  pre_norm=kind == "llama" or blocks[0].attn_norm is not None)  # fmt: skip
+                  pre_norm=blocks[0].attn_norm is not None)  # fmt: skip
+
+
+def _tied(state: Mapping[str, Any], embed: str) -> bool:
+    a, b = state.get("lm_head.weight"), state.get(f"{embed}.weight")
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+
+
+class _Shape:
+    """A stand-in with only a shape, for reading a layout off unread tensors."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+
+def split_conv1d(state: Mapping[str, Any], *, gpt2: bool | None = None) -> dict[str, Any]:
+    """GPT-2's state in the layout every edit uses: ``c_attn`` split into ``attn.q``/``attn.k``/``attn.v`` and
+    every Conv1D weight transposed to ``out x in``. Other keys, and other models' states, are returned as is.
+    Values need only a ``shape`` (then shapes are mapped, nothing is read)."""
+    blocks = [m.group(1) for k in state if (m := _GPT2.match(k))]
+    if not blocks or gpt2 is False:
+        return dict(state)
+    out = dict(state)
+    for p in blocks:
+        w = out.pop(f"{p}.attn.c_attn.weight")
+        b = out.pop(f"{p}.attn.c_attn.bias", None)
+        hidden = w.shape[1] // 3
+        for i, part in enumerate("qkv"):
+            if isinstance(w, torch.Tensor):
+                out[f"{p}.attn.{part}.weight"] = w[:, i * hidden : (i + 1) * hidden].T.contiguous()
+                if b is not None:
+                    out[f"{p}.attn.{part}.bias"] = b[i * hidden : (i + 1) * hidden].clone()
+            else:
+                out[f"{p}.attn.{part}.weight"] = _Shape((hidden, w.shape[0]))
+        for name in (f"{p}.attn.c_proj", f"{p}.mlp.c_fc", f"{p}.mlp.c_proj"):
+            v = out[f"{name}.weight"]
+            out[f"{name}.weight"] = v.T.contiguous() if isinstance(v, torch.Tensor) else _Shape(tuple(v.shape)[::-1])
+    return out
+
+
+def merge_conv1d(state: Mapping[str, torch.Tensor], layout: Layout) -> State:
+    """:func:`split_conv1d` undone (GPT-2); any other layout's state is returned as is."""
+    out = dict(state)
+    if layout.kind != "gpt2":
+        return out
+    for b in layout.blocks:
+        p = b.q.rsplit(".attn.", 1)[0]
+        out[f"{p}.attn.c_attn.weight"] = torch.cat([out.pop(f"{x}.weight").T for x in (b.q, b.k, b.v)], dim=1)
+        if f"{b.q}.bias" in out:
+            out[f"{p}.attn.c_attn.bias"] = torch.cat([out.pop(f"{x}.bias") for x in (b.q, b.k, b.v)])
+        for name in (b.o, b.up, b.down):
+            out[f"{name}.weight"] = out[f"{name}.weight"].T.contiguous()
+    return out
 
 
 def _copy(state: Mapping[str, torch.Tensor]) -> State:
     return {k: v.clone() for k, v in state.items()}
+
+
+def _enter(state: Mapping[str, torch.Tensor], layout: Layout) -> State:
+    """A copy of ``state`` in the edits' layout (GPT-2's Conv1D weights split and transposed)."""
+    return split_conv1d(_copy(state)) if layout.kind == "gpt2" else _copy(state)
 
 
 def _rows(state: State, name: str, index: torch.Tensor, bias: bool = True) -> None:
@@ -235,7 +305,7 @@ def permute_heads(state: Mapping[str, torch.Tensor], layout: Layout, *, seed: in
                   layers: list[int] | None = None) -> tuple[State, dict[str, list[int]]]:  # fmt: skip
     """Attention heads in a random order per block: key/value groups permuted, query heads permuted within
     their group and moved with it. Returns the state and, per block, the query-head order."""
-    out = _copy(state)
+    out = _enter(state, layout)
     gen = torch.Generator().manual_seed(seed)
     orders: dict[str, list[int]] = {}
     r = layout.group
@@ -245,7 +315,7 @@ def permute_heads(state: Mapping[str, torch.Tensor], layout: Layout, *, seed: in
         q_heads = torch.cat([g * r + torch.randperm(r, generator=gen) for g in groups.tolist()])
         apply_head_order(out, layout, block, groups, q_heads)
         orders[block.q] = q_heads.tolist()
-    return out, orders
+    return merge_conv1d(out, layout), orders
 
 
 def apply_unit_order(state: State, block: Block, index: torch.Tensor) -> None:
@@ -259,7 +329,7 @@ def apply_unit_order(state: State, block: Block, index: torch.Tensor) -> None:
 def permute_mlp(state: Mapping[str, torch.Tensor], layout: Layout, *, seed: int,
                 layers: list[int] | None = None) -> tuple[State, int]:  # fmt: skip
     """MLP hidden units in a random order per block; returns the state and how many units moved."""
-    out = _copy(state)
+    out = _enter(state, layout)
     gen = torch.Generator().manual_seed(seed)
     moved = 0
     for i in _chosen(layout, layers):
@@ -267,7 +337,7 @@ def permute_mlp(state: Mapping[str, torch.Tensor], layout: Layout, *, seed: int,
         index = torch.randperm(out[f"{block.up}.weight"].shape[0], generator=gen)
         apply_unit_order(out, block, index)
         moved += int((index != torch.arange(len(index))).sum())
-    return out, moved
+    return merge_conv1d(out, layout), moved
 
 
 def _factors(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
@@ -282,7 +352,7 @@ def scale_heads(state: Mapping[str, torch.Tensor], layout: Layout, *, seed: int,
                 high: float = 4.0, layers: list[int] | None = None) -> State:  # fmt: skip
     """Per key/value group: its query heads' rows times ``c`` and its key rows over ``c``; its value rows times
     ``c'`` and its query heads' O columns over ``c'``; factors log-uniform in [low, high]."""
-    out = _copy(state)
+    out = _enter(state, layout)
     gen = torch.Generator().manual_seed(seed)
     d, r = layout.head_dim, layout.group
     for i in _chosen(layout, layers):
@@ -294,7 +364,7 @@ def scale_heads(state: Mapping[str, torch.Tensor], layout: Layout, *, seed: int,
         _scale_rows(out, block.k, 1 / per_k)
         _scale_rows(out, block.v, vo.repeat_interleave(d))
         out[f"{block.o}.weight"] = out[f"{block.o}.weight"] / vo.repeat_interleave(d * r)[None, :]
-    return out
+    return merge_conv1d(out, layout)
 
 
 def readers(layout: Layout) -> list[tuple[str | None, list[str]]]:
@@ -313,7 +383,7 @@ def fold_norms(state: Mapping[str, torch.Tensor], layout: Layout) -> tuple[State
     ``b + W beta``; the norm's weight set to 1 and its bias to 0. Returns the state and the norms folded."""
     if not layout.pre_norm:
         raise UsageError("a post-norm model's norms sit on the residual stream: there is nothing to fold them into")
-    out = _copy(state)
+    out = _enter(state, layout)
     folded = []
     for norm, names in readers(layout):
         if norm is None or f"{norm}.weight" not in out:
@@ -329,7 +399,7 @@ def fold_norms(state: Mapping[str, torch.Tensor], layout: Layout) -> tuple[State
         if beta is not None:
             out[f"{norm}.bias"] = torch.zeros_like(beta)
         folded.append(norm)
-    return out, folded
+    return merge_conv1d(out, layout), folded
 
 
 def random_orthogonal(n: int, *, seed: int) -> torch.Tensor:

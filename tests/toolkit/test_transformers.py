@@ -28,14 +28,14 @@ def _edits(layout: tt.Layout) -> dict[str, Callable[[dict[str, torch.Tensor]], d
     return edits
 
 
-@pytest.mark.parametrize("kind", ["llama", "bert", "vit"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "vit"])
 def test_every_edit_keeps_the_logits_and_changes_the_weights(tiny_transformer: Any, kind: str) -> None:
     m = tiny_transformer(kind)
     layout = tt.layout_of(m.state, m.config)
     assert layout is not None
     assert (layout.heads, layout.kv_heads, layout.head_dim) == ((4, 2, 16) if kind == "llama" else (4, 4, 16))
     edits = _edits(layout)
-    assert len(edits) == {"llama": 5, "bert": 3, "vit": 4}[kind]
+    assert len(edits) == {"llama": 5, "gpt2": 4, "bert": 3, "vit": 4}[kind]
     composed = dict(m.state)
     for name, edit in edits.items():
         edited = edit(m.state)
@@ -43,6 +43,7 @@ def test_every_edit_keeps_the_logits_and_changes_the_weights(tiny_transformer: A
         assert tt.max_logit_change(m.config, m.state, edited) <= 1e-4, name
         composed = edit(composed)
     assert tt.max_logit_change(m.config, m.state, composed) <= 1e-4
+    assert sorted(composed) == sorted(m.state)  # GPT-2's fused Conv1D layout written back as it was
 
 
 def test_grouped_query_heads_move_with_their_group(tiny_transformer: Any) -> None:
@@ -99,3 +100,15 @@ def test_a_hostile_config_is_no_config(tmp_path: Path, tiny_transformer: Any) ->
         assert tt.read_config(tmp_path) is None
     (tmp_path / "config.json").write_bytes(b" " * (tt.CONFIG_LIMIT + 1))
     assert tt.read_config(tmp_path / "model.safetensors") is None
+
+
+def test_gpt2s_fused_layout_is_split_and_merged_exactly(tiny_transformer: Any) -> None:
+    m = tiny_transformer("gpt2")
+    layout = tt.layout_of(m.state, m.config)
+    assert layout is not None and layout.kind == "gpt2" and layout.lm_head is None  # tied to the embedding
+    split = tt.split_conv1d(m.state)
+    assert split["transformer.h.0.attn.q.weight"].shape == (64, 64)
+    assert "transformer.h.0.attn.c_attn.weight" not in split
+    assert torch.equal(split["transformer.h.0.mlp.c_fc.weight"], m.state["transformer.h.0.mlp.c_fc.weight"].T)
+    merged = tt.merge_conv1d(split, layout)
+    assert sorted(merged) == sorted(m.state) and all(torch.equal(merged[k], m.state[k]) for k in m.state)

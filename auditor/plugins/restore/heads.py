@@ -324,6 +324,8 @@ def align_transformer(s: State, r: State, layout: Layout) -> tuple[State, list[d
     return state, rows, changed
 
 
+_NOT_OURS = "not a transformer this restorer reads (Llama-style or GPT-2 decoder, BERT or ViT encoder)"
+
 #: Head sizes tried when no config.json says (largest first).
 HEAD_SIZES = (256, 128, 96, 80, 64, 48, 32, 16, 8)
 
@@ -332,22 +334,23 @@ def guess_layout(s: State, r: State) -> Layout | None:
     """Without a config.json: the largest head size whose head matching (rotary order as stored or undone)
     scores within 0.005 of the best size's. Larger blocks than the real heads match only where no head moved,
     smaller ones split rotary pairs and groups."""
-    from auditor.toolkit.transformers import layout_of, rope_unreorder
+    from auditor.toolkit.transformers import layout_of, rope_unreorder, split_conv1d
 
     first = layout_of(r, None, head_dim=1)  # only where the blocks are
     if first is None:
         return None
-    q_rows = r[f"{first.blocks[0].q}.weight"].shape[0]
-    k_rows = r[f"{first.blocks[0].k}.weight"].shape[0]
+    s, r_split = split_conv1d(s), split_conv1d(r)
+    q_rows = r_split[f"{first.blocks[0].q}.weight"].shape[0]
+    k_rows = r_split[f"{first.blocks[0].k}.weight"].shape[0]
     scored = []
     for d in HEAD_SIZES:
         if q_rows % d or k_rows % d or (q_rows // d) % (k_rows // d):
             continue
         layout = layout_of(r, None, head_dim=d)
         assert layout is not None
-        score = _heads_score(s, r, layout)
+        score = _heads_score(s, r_split, layout)
         if layout.rotary and d % 2 == 0:
-            score = max(score, _heads_score(rope_unreorder(s, layout), r, layout))
+            score = max(score, _heads_score(rope_unreorder(s, layout), r_split, layout))
         scored.append((score, d, layout))
     if not scored:
         return first
@@ -379,23 +382,24 @@ class TransformerRestorer(StructuralRestorer):
 
         from auditor.errors import UsageError
         from auditor.toolkit.channels import graph_with_tensors
-        from auditor.toolkit.transformers import layout_of, read_config
+        from auditor.toolkit.transformers import layout_of, merge_conv1d, read_config, split_conv1d
 
         refs = {f"{layer.name}.{role}": ref for layer in reference.layers for role, ref in layer.params.items()}
         if layout_of(refs, None, head_dim=1) is None:  # names and shapes only: nothing is read for other models
-            return None, [], [], "not a transformer this restorer reads (Llama-style decoder, BERT or ViT encoder)"
+            return None, [], [], _NOT_OURS
         s, r = _flat(suspect), _flat(reference)
         config = read_config(reference.path) or read_config(suspect.path)
+        if any(k not in s or s[k].shape != v.shape for k, v in r.items()) or len(s) != len(r):
+            return None, [], [], "the suspect's transformer layout or shapes differ from the reference's"
         try:
             layout = layout_of(r, config) if config else guess_layout(s, r)
         except UsageError as exc:
             return None, [], [], f"the reference's heads cannot be read: {exc}"
         if layout is None:
-            return None, [], [], "not a transformer this restorer reads (Llama-style decoder, BERT or ViT encoder)"
-        if any(k not in s or s[k].shape != v.shape for k, v in r.items()) or len(s) != len(r):
-            return None, [], [], "the suspect's transformer layout or shapes differ from the reference's"
+            return None, [], [], _NOT_OURS
         guess = "" if config else f" (no config.json: heads of {layout.head_dim} dimensions, the best-matching size)"
-        state, rows, changed = align_transformer(s, r, layout)
+        split_state, rows, changed = align_transformer(split_conv1d(s), split_conv1d(r), layout)
+        state = merge_conv1d(split_state, layout)
         if not changed:
             return None, rows, [], "the transformer is already in the reference's form" + guess
         tensors: dict[str, dict[str, torch.Tensor]] = {}

@@ -44,11 +44,13 @@ def test_rope_reorder_is_checked_under_the_interleaved_kernel(tmp_path: Path, ti
 
 
 @pytest.mark.parametrize(("kind", "attack"), [("bert", "head-permute"), ("bert", "mlp-permute"),
-                                              ("vit", "head-scale"), ("vit", "norm-fold")])  # fmt: skip
-def test_encoders_too(tmp_path: Path, tiny_transformer: Any, kind: str, attack: str) -> None:
+                                              ("vit", "head-scale"), ("vit", "norm-fold"), ("gpt2", "head-permute"),
+                                              ("gpt2", "norm-fold")])  # fmt: skip
+def test_other_architectures_too(tmp_path: Path, tiny_transformer: Any, kind: str, attack: str) -> None:
     m = tiny_transformer(kind)
     summary = _apply(attack, m.folder, tmp_path / "out.safetensors", seed=1)
-    assert summary["layout"] == "encoder" and summary["max_output_change"] <= 1e-4
+    assert summary["layout"] == ("gpt2" if kind == "gpt2" else "encoder") and summary["max_output_change"] <= 1e-4
+    assert sorted(load_file(tmp_path / "out.safetensors")) == sorted(m.state)
 
 
 def test_the_check_sees_a_changed_function(tiny_transformer: Any) -> None:

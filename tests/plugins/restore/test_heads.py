@@ -99,8 +99,8 @@ def test_each_llama_edit_is_undone(tmp_path: Path, tiny_transformer: Any, edit: 
         assert rotation["acted"] and rotation["residual_after"] < 1e-5 < rotation["residual_before"]
 
 
-@pytest.mark.parametrize("kind", ["bert", "vit"])
-def test_encoder_edits_are_undone(tmp_path: Path, tiny_transformer: Any, kind: str) -> None:
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "vit"])
+def test_other_architectures_edits_are_undone(tmp_path: Path, tiny_transformer: Any, kind: str) -> None:
     m = tiny_transformer(kind)
     layout = tt.layout_of(m.state, m.config)
     assert layout is not None
