@@ -63,6 +63,7 @@ EXIT_RULE = (
 MERKLE_ALGORITHM = "rfc6962-sha256 over the reports' evidence_sha256, in row order"
 #: Error rows that depend on the file's bytes alone, and so may be kept in the cache.
 _CACHEABLE_ERRORS = (EXIT_INPUT, EXIT_UNSAFE)
+_ERROR_HASH_LIMIT = 1 << 30
 
 
 # --------------------------------------------------------------------------- one suspect
@@ -253,8 +254,8 @@ def _error_digest(path: Path, before: list[list[Any]]) -> tuple[str | None, list
     from auditor.audit.cache import file_stats
     from auditor.safeio import sha256_file
 
-    try:
-        digest = sha256_file(path)
+    try:  # a refused file is hashed for the cache only up to 1 GiB: past that its refusal is cheaper to repeat
+        digest = sha256_file(path, limit=_ERROR_HASH_LIMIT)
     except (AuditorError, OSError):
         return None, None
     return (digest, before) if file_stats(path) == before else (None, None)
