@@ -13,11 +13,13 @@ its interleaved rotary kernel; a thief may apply that to safetensors too.
 
 Everything here works on a flat Hugging Face-style state dict (``name ->
 tensor``) and a :class:`Layout` read off its keys (:func:`layout_of`): a
-Llama-style decoder (``model.layers.N.self_attn.q_proj`` ...), or a BERT/ViT
-encoder (``encoder.layer.N.attention.self.query`` ...). The number of heads is
-not in the weights: it comes from the model's ``config.json``
-(:func:`read_config`) or the caller. GPT-2's fused ``c_attn`` Conv1D layout is
-not read. ``transformers`` is imported only by :func:`max_logit_change`, which
+Llama-style decoder (``model.layers.N.self_attn.q_proj`` ...), a GPT-2 decoder
+(``transformer.h.N.attn.c_attn``: fused Q/K/V in Conv1D layers, which the edits
+split and transpose, :func:`split_conv1d`, and write back as they were,
+:func:`merge_conv1d`), or a BERT/ViT encoder
+(``encoder.layer.N.attention.self.query`` ...). The number of heads is not in
+the weights: it comes from the model's ``config.json`` (:func:`read_config`) or
+the caller. ``transformers`` is imported only by :func:`max_logit_change`, which
 builds the model to check an edit; nothing else here needs it. Every function
 returns new tensors and leaves its inputs alone.
 """

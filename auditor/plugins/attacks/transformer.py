@@ -66,7 +66,8 @@ class _TransformerAttack(BuiltinAttack):
         state = read_model(model).state_dict()
         layout = tt.layout_of(state, config)
         if layout is None:
-            raise UsageError(f"{model}: not a transformer these edits know (a Llama-style decoder, BERT or ViT)")
+            raise UsageError(f"{model}: not a transformer these edits know (a Llama-style or GPT-2 decoder, "
+                             "BERT or ViT)")  # fmt: skip
         edited, info = self.edit(state, layout, options)
         check = self.check(config, state, edited, layout, options["seed"])
         if check is not None and not check <= FUNCTION_TOLERANCE:
