@@ -135,8 +135,10 @@ def main() -> None:
           f"{max(scores) if scores else None}")  # fmt: skip
     for r in rows:
         if r["kind"].startswith("stolen"):
-            print(f"{r['kind']}: acted {r['acted']}, rotation residual {r['rotation_residual']}, "
-                  f"{r['before']} ({r['log10_p_before']:.2f}) -> {r['after']} ({r['log10_p_after']:.2f})")
+            print(
+                f"{r['kind']}: acted {r['acted']}, rotation residual {r['rotation_residual']}, "
+                f"{r['before']} ({r['log10_p_before']:.2f}) -> {r['after']} ({r['log10_p_after']:.2f})"
+            )
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))
 
