@@ -61,6 +61,8 @@ def _digest(path: Path) -> tuple[str, int]:
 FUNCTION_PRESERVING = ["bn-fold", "expand", "factor-linear", "onnx-export", "permute", "scale", "sign-flip",
                        "insert-identity", "bn-between", "chain", "split-outputs", "split-inputs", "neuron-clique",
                        "neuron-split"]  # fmt: skip
+#: Edits of transformers only (tested on transformers in test_transformer_attacks.py).
+TRANSFORMER = {"head-permute", "mlp-permute", "head-scale", "norm-fold", "residual-rotate", "rope-reorder"}
 #: New layers: written as ONNX, so that the file runs (and is read back with more layers than the original).
 STRUCTURAL = ("factor-linear", "insert-identity", "bn-between", "chain", "split-outputs", "split-inputs")
 
@@ -69,9 +71,8 @@ def test_function_preserving_claims_are_the_tested_ones() -> None:
     """A new attack that claims to keep the function must join the test below (forgeries are tested
     unchanged in test_attacks_training.py)."""
     claimed = {aid for aid, a in attacks().items() if a.function_preserving and not aid.startswith("forge-")}
-    transformer = {"head-permute", "mlp-permute", "head-scale", "norm-fold", "residual-rotate", "rope-reorder"}
-    # invertible-map: on a model with a linear pair (test_linear_attacks); transformer: test_transformer_attacks
-    assert claimed == {*FUNCTION_PRESERVING, "invertible-map", *transformer}
+    # invertible-map: on a model with a linear pair (test_linear_attacks); TRANSFORMER: test_transformer_attacks
+    assert claimed == {*FUNCTION_PRESERVING, "invertible-map", *TRANSFORMER}
 
 
 @pytest.mark.parametrize("arch", ["cnn", "resnet"])
@@ -160,8 +161,9 @@ def cnn_secrets(zoo: dict[str, SimpleNamespace], tmp_path_factory: pytest.TempPa
     return SimpleNamespace(gr=out / "gr.json", hufunet=out / "hufunet.json")
 
 
-# invertible-map needs a model with a linear pair, which the built-ins lack: test_linear_attacks checks it.
-@pytest.mark.parametrize("attack", sorted(set(attacks()) - {"invertible-map"}))
+# invertible-map needs a model with a linear pair, which the built-ins lack: test_linear_attacks checks it;
+# the transformer attacks need a transformer: test_transformer_attacks checks them.
+@pytest.mark.parametrize("attack", sorted(set(attacks()) - {"invertible-map"} - TRANSFORMER))
 def test_attack_never_touches_its_input(zoo: dict[str, SimpleNamespace], cnn_secrets: SimpleNamespace,
                                         attack: str) -> None:  # fmt: skip
     m = zoo["cnn"]

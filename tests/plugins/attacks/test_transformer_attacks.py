@@ -28,7 +28,9 @@ def _apply(attack: str, model: Path, out: Path, **options: Any) -> dict[str, Any
 def test_each_attack_keeps_the_llamas_logits(tmp_path: Path, tiny_transformer: Any, attack: str) -> None:
     m = tiny_transformer("llama")
     out = tmp_path / f"{attack}.safetensors"
+    before = {p.name: p.read_bytes() for p in m.folder.iterdir()}
     summary = _apply(attack, m.folder, out, seed=3)
+    assert {p.name: p.read_bytes() for p in m.folder.iterdir()} == before  # the input is never touched
     assert summary["function_preserving"] and summary["checked"] == "logits"
     assert summary["max_output_change"] <= 1e-4
     edited = load_file(out)
@@ -66,7 +68,7 @@ def test_the_check_sees_a_changed_function(tiny_transformer: Any) -> None:
     assert attack.check(m.config, m.state, tt.permute_heads(m.state, right, seed=1)[0], right, 0) <= 1e-4  # type: ignore[attr-defined]
 
 
-def test_what_cannot_be_done_is_a_usage_error(tmp_path: Path, tiny_transformer: Any) -> None:
+def test_what_cannot_be_done_is_a_usage_error(tmp_path: Path, tiny_transformer: Any, clean_model: Any) -> None:
     bert = tiny_transformer("bert")
     with pytest.raises(UsageError, match="post-norm"):
         _apply("norm-fold", bert.folder, tmp_path / "a.safetensors")
@@ -79,6 +81,9 @@ def test_what_cannot_be_done_is_a_usage_error(tmp_path: Path, tiny_transformer: 
         _apply("head-permute", lonely / "model.safetensors", tmp_path / "c.safetensors")
     with pytest.raises(UsageError, match="comma-separated"):
         _apply("mlp-permute", bert.folder, tmp_path / "d.safetensors", layers="first")
+    (lonely / "config.json").write_text("{}")
+    with pytest.raises(UsageError, match="not a transformer these edits know"):
+        _apply("head-permute", clean_model(lonely / "cnn.safetensors"), tmp_path / "f.safetensors")
     with pytest.raises(UsageError, match=r"must end in \.safetensors"):
         _apply("head-permute", bert.folder, tmp_path / "e.onnx")
     assert not list(tmp_path.glob("*.safetensors"))

@@ -159,15 +159,21 @@ def test_greedy_residuals_survives_every_edit_after_restore(
     reference = load_model(gr_llama.folder)
     edits = {**_edits(layout), "composed": _composed(layout)}
     hidden = set()
+
+    def stored(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(dtype).float() for k, v in state.items()}
+
+    # bfloat16: an edit may change the logits as much as storing the original in bfloat16 does, twice at most
+    tolerance = 1e-4 if dtype == torch.float32 else 2 * tt.max_logit_change(gr_llama.config, gr_llama.state,
+                                                                            stored(gr_llama.state))  # fmt: skip
     for name, edit in edits.items():
         edited = edit(gr_llama.state)
-        if dtype == torch.float32:  # the edit keeps the function (rope-reorder: under its interleaved kernel)
-            if name == "rope-reorder":
-                change = tt.max_rotary_score_change(gr_llama.config, gr_llama.state, edited, layout)
-            else:  # composed: as llama.cpp's loader reads the file (rotary order undone), for Hugging Face's kernel
-                runs = tt.rope_unreorder(edited, layout) if name == "composed" else edited
-                change = tt.max_logit_change(gr_llama.config, gr_llama.state, runs)
-            assert change <= 1e-4, name
+        if name == "rope-reorder" and dtype == torch.float32:  # under the interleaved kernel it is made for
+            change = tt.max_rotary_score_change(gr_llama.config, gr_llama.state, edited, layout)
+        else:  # reordered rows as llama.cpp's loader reads the file (order undone), for Hugging Face's kernel
+            runs = tt.rope_unreorder(edited, layout) if name in ("rope-reorder", "composed") else edited
+            change = tt.max_logit_change(gr_llama.config, gr_llama.state, stored(runs))
+        assert change <= tolerance, (name, change, tolerance)
         suspect = load_model(_write(edited, tmp_path / f"{name}.safetensors", dtype))
         (before,) = detector.detect(suspect, bundle=bundle, context={})
         if before.verdict is not Verdict.DETECTED:
