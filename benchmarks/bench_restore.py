@@ -98,10 +98,29 @@ def prepare(folder: Path) -> dict[str, float]:
     return {"parameters": params, "spaces": len(maps), "moved": moved, "logit_diff": diff}
 
 
+class Timed:
+    """A registered restorer, timed: the restore stage calls it as it would the restorer."""
+
+    def __init__(self, restorer: Any, spent: dict[str, float]) -> None:
+        self.restorer, self.spent = restorer, spent
+        self.id, self.order = restorer.id, restorer.order
+
+    def restore(self, suspect: Any, reference: Any) -> Any:
+        started = time.process_time()
+        try:
+            return self.restorer.restore(suspect, reference)
+        finally:
+            self.spent[self.id] = time.process_time() - started
+
+
 def child(folder: Path, reference_form: str) -> None:
     """One timed restore in this process; prints a JSON line."""
     from auditor.audit.load import load_model
     from auditor.audit.restore import run_restorers
+    from auditor.plugin_manager import registered
+
+    spent: dict[str, float] = {}
+    restorers: list[Any] = [Timed(r.component, spent) for r in registered("restorers").values()]
 
     suspect = load_model(folder / "suspect.safetensors")
     reference = load_model(folder / f"reference.{reference_form}")
@@ -109,9 +128,9 @@ def child(folder: Path, reference_form: str) -> None:
         for ref in layer.params.values():
             ref.read()
     loaded = peak_mib()
-    start = time.perf_counter()
-    restored, log = run_restorers(suspect, reference)  # every registered restorer, as an audit runs them
-    seconds = time.perf_counter() - start
+    start, cpu = time.perf_counter(), time.process_time()
+    restored, log = run_restorers(suspect, reference, restorers=restorers)  # every registered one, as an audit
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     plain = load_model(folder / "reference.safetensors")
     channels = next(e for e in log if e["restorer"] == "restore-channels")
     pairs = {row["name"]: row["reference"] for row in channels["log"]["layers"]}
@@ -120,7 +139,7 @@ def child(folder: Path, reference_form: str) -> None:
         for s, r in pairs.items()
     )
     print(json.dumps({
-        "seconds": seconds, "peak_mib": peak_mib(), "loaded_mib": loaded, "exact": exact,
+        "seconds": seconds, "cpu": cpu, "spent": spent, "peak_mib": peak_mib(), "loaded_mib": loaded, "exact": exact,
         "acted": [e["log"].get("acted") for e in log], "status": [e["status"] for e in log],
         "score": channels["log"]["evidence"]["score"], "restorers": [e["restorer"] for e in log],
     }))  # fmt: skip
@@ -144,7 +163,8 @@ def row(label: str, runs: list[dict[str, Any]]) -> str:
     """A table row: the restore stage's wall time, memory, guard score and exactness over ``runs``."""
     assert all(r["exact"] and set(r["status"]) == {"ok"} for r in runs), runs
     return (
-        f"| {label} | {span([r['seconds'] for r in runs])} | {span([r['peak_mib'] for r in runs], '{:.0f}')} "
+        f"| {label} | {span([r['seconds'] for r in runs])} | {span([r['cpu'] for r in runs])} "
+        f"| {span([r['peak_mib'] for r in runs], '{:.0f}')} "
         f"| {span([r['peak_mib'] - r['loaded_mib'] for r in runs], '{:.0f}')} | {runs[0]['score']:.4f} "
         f"| {'yes' if all(r['exact'] for r in runs) else 'no'} |"
     )
@@ -182,9 +202,19 @@ def main() -> None:
                 rows.append(row(label if tree == "this tree" else f"{label}, before (baseline)", results[tree, form]))
             if args.baseline is not None:
                 pairs = zip(results["this tree", form], results["baseline", form], strict=True)
-                ratio = statistics.median(a["seconds"] / b["seconds"] for a, b in pairs)
-                ratios.append(f"{form}: {ratio:.2f}")
+                pairs_cpu = list(zip(results["this tree", form], results["baseline", form], strict=True))
+                wall = statistics.median(a["seconds"] / b["seconds"] for a, b in pairs)
+                cpu = statistics.median(a["cpu"] / b["cpu"] for a, b in pairs_cpu)
+                ratios.append(f"{form}: {wall:.2f} wall, {cpu:.2f} CPU")
     restorers = ", ".join(results["this tree", "onnx"][0]["restorers"])
+    per_step = "; ".join(
+        f"{form}: "
+        + ", ".join(
+            f"{name} {statistics.median(r['spent'][name] for r in results['this tree', form]):.2f}"
+            for name in results["this tree", form][0]["restorers"]
+        )
+        for form in forms
+    )
     cpus = len(os.sched_getaffinity(0))
     cmd = "python benchmarks/bench_restore.py"
     for flag, value, default in (("--runs", args.runs, 5), ("--threads", args.threads, 2)):
@@ -204,7 +234,8 @@ def main() -> None:
     section = "\n".join([
         f"Command: `{cmd} --write-docs`. Machine: {cpus} CPU cores (shared with other jobs), Linux "
         f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, {args.threads} torch "
-        f"thread(s); each run in a fresh process, loading excluded; medians [min-max] of {args.runs} runs.",
+        f"thread(s); each run in a fresh process, loading excluded; medians [min-max] of {args.runs} runs. CPU is the "
+        "process's CPU time over the restore stage (all threads): on a shared machine it moves less than wall time.",
         "",
         f"Suspect: ResNet-18 (CIFAR stem), {facts['parameters'] / 1e6:.2f} M parameters, every free channel space "
         f"permuted ({int(facts['spaces'])} spaces, {int(facts['moved'])} channels moved; outputs changed by at most "
@@ -212,9 +243,11 @@ def main() -> None:
         f"them ({restorers}); each plans against the reference and asks the guard.",
         *compared,
         "",
-        "| reference given as | restore wall (s) | peak RSS (MiB) | growth over loaded (MiB) | guard score "
-        "| weights restored exactly |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"CPU seconds per restorer in this tree (medians): {per_step}.",
+        "",
+        "| reference given as | restore wall (s) | restore CPU (s) | peak RSS (MiB) | growth over loaded (MiB) "
+        "| guard score | weights restored exactly |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
         "The channel plan (similarity matrices of every layer's output channels against the reference's, "
