@@ -548,6 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         body = (f"Command: `{shown}` ({machine()}; {seconds:.0f} s). Restorers: {restorers}."
                 f"\n\n{innocent_table(rows)}")  # fmt: skip
         failed = sum(r.get("verdict") == "detected" for r in rows)
+    body = body.replace(str(out), "OUT")  # the docs name no folder of this machine
     print(body)
     if args.write_docs:
         write_docs(f"restore_{args.command}", body)
