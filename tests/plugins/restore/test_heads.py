@@ -227,3 +227,45 @@ def test_restoring_a_transformer_never_imports_transformers(tmp_path: Path, tiny
                  if e["restorer"] == "restore-transformer")  # fmt: skip
     assert entry["log"]["acted"], entry  # the restorer did its work in that process
     assert outcome["transformers"] is False
+
+
+@pytest.mark.slow  # the marked decoder (shared with the test above) and a HufuNet trained on digits (a few s)
+def test_hufunet_in_a_llamas_mlp_survives_every_edit_after_restore(tmp_path: Path, gr_llama: SimpleNamespace) -> None:
+    """HufuNet's EPH planted in both blocks' MLP matrices (after training: the test is of the audit, not of
+    the owner's training); the MLP permutation and the rotation move its keyed positions, restore puts them
+    back."""
+    import hashlib
+
+    from transformers import LlamaForCausalLM
+
+    from auditor.plugins.hufunet.detector import HufuNetDetector
+    from auditor.plugins.hufunet.owner import generate_hufunet, hmac_key, load_hufunet, plant, write_bundle
+
+    generate_hufunet(out=tmp_path / "secret.json", seed=0, epochs=20, hmac_key=hashlib.sha256(b"llama").digest())
+    hufunet, secret = load_hufunet(tmp_path / "secret.json")
+    model = LlamaForCausalLM.from_pretrained(gr_llama.folder)
+    host = [f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")]
+    embedded = plant(model, hufunet, hmac_key(secret), layers=host)
+    embedded.frozen.detach()
+    model.save_pretrained(tmp_path / "owner")
+    files = {"safetensors": tmp_path / "owner" / "model.safetensors"}
+    write_bundle(tmp_path / "owner" / "hufunet_bundle.json", model, embedded, hufunet, secret, files=files,
+                 architecture="LlamaForCausalLM")  # fmt: skip
+    bundle = load_bundle(tmp_path / "owner" / "hufunet_bundle.json")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    layout = tt.layout_of(state, gr_llama.config)
+    assert layout is not None
+    reference = load_model(tmp_path / "owner")
+    detector = HufuNetDetector()
+    hidden = set()
+    for name, edit in {**_edits(layout), "composed": _composed(layout)}.items():
+        suspect = load_model(_write(edit(state), tmp_path / f"{name}.safetensors"))
+        (before,) = detector.detect(suspect, bundle=bundle, context={})
+        if before.verdict is not Verdict.DETECTED:
+            hidden.add(name)
+        restored, _ = run_restorers(suspect, reference)
+        (after,) = detector.detect(restored, bundle=bundle, context={})
+        assert after.verdict is Verdict.DETECTED, (name, after.metrics)
+        assert after.metrics["acc_combined"] > 0.9
+        print(f"{name}: acc_combined {before.metrics['acc_combined']:.3f} -> {after.metrics['acc_combined']:.3f}")
+    assert hidden == {"mlp-permute", "residual-rotate", "composed"}
