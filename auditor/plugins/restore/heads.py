@@ -103,6 +103,7 @@ def _assign(sim: torch.Tensor) -> tuple[torch.Tensor, float]:
     import torch
     from scipy.optimize import linear_sum_assignment
 
+    sim = torch.nan_to_num(sim, nan=0.0, posinf=0.0, neginf=0.0)  # a hostile file's NaN matches nothing
     rows, cols = linear_sum_assignment(-sim.numpy())
     index = torch.as_tensor(cols[rows.argsort()], dtype=torch.long)
     return index, float(sim[torch.arange(len(index)), index].mean())
@@ -217,6 +218,8 @@ def _unrotate(state: State, s: State, r: State, layout: Layout) -> dict[str, Any
         m = xr.T @ xs if m is None else m + xr.T @ xs
         ss, rr = ss + float((xs * xs).sum()), rr + float((xr * xr).sum())
     assert m is not None
+    if not bool(torch.isfinite(m).all()):
+        return {"step": "rotation", "acted": False, "note": "non-finite weights: no rotation estimated"}
     u, _, vt = torch.linalg.svd(m)
     rot = u @ vt
     before = max(ss + rr - 2 * float(torch.trace(m)), 0.0) ** 0.5 / rr**0.5
@@ -401,7 +404,8 @@ class TransformerRestorer(StructuralRestorer):
         split_state, rows, changed = align_transformer(split_conv1d(s), split_conv1d(r), layout)
         state = merge_conv1d(split_state, layout)
         if not changed:
-            return None, rows, [], "the transformer is already in the reference's form" + guess
+            notes = "; ".join(f"{x['step']}: {x['note']}" for x in rows if x.get("note") and not x.get("acted"))
+            return None, rows, [], "nothing to undo" + guess + (f" ({notes})" if notes else "")
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         layers = []
         for layer in suspect.layers:

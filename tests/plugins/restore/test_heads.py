@@ -269,3 +269,16 @@ def test_hufunet_in_a_llamas_mlp_survives_every_edit_after_restore(tmp_path: Pat
         assert after.metrics["acc_combined"] > 0.9
         print(f"{name}: acc_combined {before.metrics['acc_combined']:.3f} -> {after.metrics['acc_combined']:.3f}")
     assert hidden == {"mlp-permute", "residual-rotate", "composed"}
+
+
+def test_a_hostile_suspect_is_an_entry_not_a_crash(tmp_path: Path, tiny_transformer: Any) -> None:
+    """Non-finite weights in a rotated copy: the restorer says what it could not do; nothing is claimed."""
+    m = tiny_transformer("llama")
+    layout = tt.layout_of(m.state, m.config)
+    assert layout is not None
+    edited = tt.rotate_residual(m.state, layout, seed=4)[0]
+    edited["model.layers.0.self_attn.q_proj.weight"][0, 0] = float("nan")
+    edited["model.layers.1.mlp.down_proj.weight"][3, 1] = float("inf")
+    _, log, _ = _restored(_write(edited, tmp_path / "hostile.safetensors"), m.folder)
+    entry = _entry(log)
+    assert not entry["acted"] and "rotation: non-finite weights: no rotation estimated" in entry["reason"]
