@@ -123,10 +123,11 @@ def test_without_config_the_head_size_is_found(tmp_path: Path, tiny_transformer:
     assert _largest_difference(state, m.state) <= 1e-5
 
 
-def test_innocent_transformers_are_left_alone(tmp_path: Path, tiny_transformer: Any) -> None:
-    reference = tiny_transformer("llama", 0)
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert", "vit"])
+def test_innocent_transformers_are_left_alone(tmp_path: Path, tiny_transformer: Any, kind: str) -> None:
+    reference = tiny_transformer(kind, 0)
     for seed in (1, 2):
-        other = tiny_transformer("llama", seed)
+        other = tiny_transformer(kind, seed)
         layout = tt.layout_of(other.state, other.config)
         assert layout is not None
         for name, state in (("plain", other.state), ("edited", _composed(layout)(other.state))):
