@@ -1,5 +1,5 @@
-"""The built-in restorers, in the order they run: canonical form (10), basis (16), channels (20), fold (30),
-scale (40) (docs/restore.md).
+"""The built-in restorers, in the order they run: transformer (8, :mod:`.heads`), canonical form (10), basis
+(16), channels (20), fold (30), scale (40) (docs/restore.md).
 
 Channel order comes first because every later step compares a suspect channel
 with *its* reference channel; |cosine| finds it whatever the channel's scale,
@@ -276,7 +276,7 @@ class ScaleRestorer(GuardedRestorer):
 
 @hookimpl
 def register_restorers(register: Callable[[Restorer], None]) -> None:
-    """Register the canonical-form, basis, branch, dummy-unit, channel, fold and scale restorers."""
+    """Register the transformer, canonical-form, basis, branch, dummy-unit, channel, fold and scale restorers."""
     from auditor.plugins.restore.branches import BranchRestorer  # here: they import this module
     from auditor.plugins.restore.dummies import DummyRestorer
     from auditor.plugins.restore.heads import TransformerRestorer
