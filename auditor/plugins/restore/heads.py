@@ -267,8 +267,9 @@ def _unfold(state: State, r: State, layout: Layout) -> list[dict[str, Any]]:
         a_r = torch.cat([_w(r, x) for x in names])
         g = _factor(a_s.T, a_r.T)
         residual = float(torch.linalg.norm(a_s / g[None, :] - a_r) / torch.linalg.norm(a_r))
-        if not bool((g > 0).all()) or residual > MAX_ROTATION_RESIDUAL:
-            note = "its readers do not fit the reference's columns times a positive factor: left"
+        # A norm weight may be negative (trained RMSNorm weights sometimes are), never zero: it is divided by.
+        if not bool(torch.isfinite(g).all()) or bool((g.abs() < 1e-12).any()) or residual > MAX_ROTATION_RESIDUAL:
+            note = "its readers do not fit the reference's columns times one factor each: left"
             rows.append({"step": "unfold", "norm": norm, "acted": False, "residual": round(residual, 6), "note": note})
             continue
         for x in names:

@@ -283,3 +283,18 @@ def test_a_hostile_suspect_is_an_entry_not_a_crash(tmp_path: Path, tiny_transfor
     _, log, _ = _restored(_write(edited, tmp_path / "hostile.safetensors"), m.folder)
     entry = _entry(log)
     assert not entry["acted"] and "rotation: non-finite weights: no rotation estimated" in entry["reason"]
+
+
+def test_a_negative_norm_weight_is_unfolded_too(tiny_transformer: Any) -> None:
+    """Trained RMSNorm weights are sometimes negative; folded and rotated, they come back with their sign."""
+    from auditor.plugins.restore.heads import align_transformer
+
+    m = tiny_transformer("llama")
+    layout = tt.layout_of(m.state, m.config)
+    assert layout is not None
+    state = dict(m.state)
+    state["model.layers.0.input_layernorm.weight"] = state["model.layers.0.input_layernorm.weight"].clone()
+    state["model.layers.0.input_layernorm.weight"][:3] = torch.tensor([-0.7, -1.2, -0.05])
+    restored, rows, changed = align_transformer(tt.rotate_residual(state, layout, seed=4)[0], state, layout)
+    assert changed and all(row["acted"] for row in rows if row["step"] == "unfold")
+    assert _largest_difference(restored, state) <= 1e-5
