@@ -23,7 +23,7 @@ import numpy as np
 from auditor.graph import Edge, EdgeSource, Layer, LayerGraph, LayerKind
 from auditor.toolkit.channels import is_pass_through
 
-__all__ = ["Alignment", "align_layers", "effective_edges", "per_channel_edges"]
+__all__ = ["Alignment", "align_layers", "effective_edges", "module_path", "per_channel_edges"]
 
 _WEIGHTED = (
     LayerKind.CONV1D, LayerKind.CONV2D, LayerKind.LINEAR, LayerKind.LSTM, LayerKind.GRU, LayerKind.EMBEDDING,
@@ -31,7 +31,6 @@ _WEIGHTED = (
 _PER_CHANNEL = (LayerKind.BATCH_NORM, LayerKind.LAYER_NORM)
 #: Cost of pairing two layers with different names: a tie-breaker below one step of position in a small model.
 _NAME_COST = 0.3
-_ONNX_SUFFIX = re.compile(r"/(Conv|Gemm|MatMul|BatchNormalization|LayerNormalization|LSTM|GRU|Gather)(_\d+)?$")
 
 
 @dataclass
@@ -50,9 +49,24 @@ class Alignment:
         return next((s for s, r in self.pairs.items() if r == reference_layer), None)
 
 
-def _norm_name(name: str) -> str:
-    """``/layer1/conv1/Conv`` (legacy ONNX node) and ``layer1.conv1`` compare equal."""
-    return _ONNX_SUFFIX.sub("", name).strip("/").replace("/", ".")
+def module_path(name: str) -> str:
+    """An ONNX node's scope as a module path, a tensor's or module's name as it is.
+
+    Exporters name a node by the scopes of the modules it came from and end with the op
+    (``/layer1/conv1/Conv``; ``/layer1/conv1/Conv_quant`` once onnxruntime quantised it); a scope that
+    extends the one before it refines it (``/layer2/shortcut/shortcut.0/Conv`` is ``layer2.shortcut.0``).
+    So ``/layer1/conv1/Conv`` and ``layer1.conv1`` compare equal.
+    """
+    if not name.startswith("/"):
+        return name
+    path: list[str] = []
+    for scope in name.strip("/").split("/")[:-1]:
+        if path and scope.startswith(path[-1] + "."):
+            path[-1] = scope
+        else:
+            path.append(scope)
+    return ".".join(path)
+
 
 
 def _family(layer: Layer) -> str | None:
@@ -92,7 +106,7 @@ def _pair(suspect: list[Layer], reference: list[Layer], fixed: dict[str, str]) -
             if _signature(s) != _signature(r):
                 continue
             channels = _log_ratio(s.out_channels, r.out_channels) + _log_ratio(s.in_channels, r.in_channels)
-            name = 0.0 if _norm_name(s.name) == _norm_name(r.name) else _NAME_COST
+            name = 0.0 if module_path(s.name) == module_path(r.name) else _NAME_COST
             cost[i, j] = abs(s_pos[s.name] - r_pos[r.name]) + 0.25 * channels + name
     rows, cols = linear_sum_assignment(cost)
     return {s_free[i].name: r_free[j].name for i, j in zip(rows, cols, strict=True) if cost[i, j] < big}

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from auditor.graph import Edge, EdgeSource, Layer, LayerGraph, LayerKind, TensorRef
-from auditor.plugins.restore.align import align_layers, per_channel_edges
+from auditor.plugins.restore.align import align_layers, module_path, per_channel_edges
 from auditor.toolkit.channels import DEFAULT_EPS, PRODUCER_KINDS, is_pass_through
 
 __all__ = ["LINEAR_VIA", "Fusion", "fuse_chains", "linear_link", "linear_runs"]
@@ -363,27 +363,13 @@ def _module_name(chain: list[Layer]) -> str | None:
     layer named so only lets the layer pairing's name tie-breaker see the module the reference names
     alike (a reference read from a state dict lists its layers by name, not in the order they run, so
     position alone may pair them crosswise)."""
-    parts = [_dotted(x.name).split(".") for x in chain]
+    parts = [module_path(x.name).split(".") for x in chain]
     common: list[str] = []
     for words in zip(*parts, strict=False):
         if len(set(words)) != 1 or not words[0]:
             break
         common.append(words[0])
     return ".".join(common) or None
-
-
-def _dotted(name: str) -> str:
-    """An ONNX node's scope as a module path (``/layer2/shortcut/shortcut.0/shortcut.0.0/Conv`` as
-    ``layer2.shortcut.0.0``: a scope that extends the one before it refines it); a tensor's name as it is."""
-    if not name.startswith("/"):
-        return name
-    path: list[str] = []
-    for scope in name.strip("/").split("/")[:-1]:
-        if path and scope.startswith(path[-1] + "."):
-            path[-1] = scope
-        else:
-            path.append(scope)
-    return ".".join(path)
 
 
 def _renamed(layer: Layer, name: str) -> Layer:

@@ -245,3 +245,28 @@ def test_zeros_are_no_evidence_of_match_or_scale() -> None:
     d = torch.tensor([0.5, 2.0, 1.0, 4.0, 0.8])
     pruned_reader = reader * d[None, :, None] * (torch.rand(8, 5, 9, generator=gen) > 0.7)
     assert torch.allclose(factors.column_factors(pruned_reader, reader), d.to(torch.float64), rtol=1e-5)
+
+
+def test_quantised_onnx_layers_pair_with_their_modules_by_scope(tmp_path: Path) -> None:
+    """onnxruntime's quantize_dynamic names the ConvInteger nodes ``/layer1/conv1/Conv_quant``; a reference read
+    from safetensors lists its layers by name (``head``, ``layer1.conv1``, ..., ``stem``), so order and widths
+    alone pair a ResNet's equal-width convolutions crosswise: the scope must still count as the name."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from safetensors.torch import save_file
+
+    from auditor.toolkit.modelio import export_onnx
+    from auditor.toolkit.models import build
+    from auditor.toolkit.recognise import Runnable
+
+    model = build("resnet", seed=3).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "reference.safetensors")
+    export_onnx(Runnable(model, "resnet", (1, 8, 8)), tmp_path / "float.onnx")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "int8.onnx"), weight_type=QuantType.QInt8)
+    suspect, reference = load_model(tmp_path / "int8.onnx"), load_model(tmp_path / "reference.safetensors")
+    assert align_layers(suspect, reference).pairs == {
+        "/stem/Conv_quant": "stem", "/layer1/conv1/Conv_quant": "layer1.conv1",
+        "/layer1/conv2/Conv_quant": "layer1.conv2", "/layer2/conv1/Conv_quant": "layer2.conv1",
+        "/layer2/shortcut/shortcut.0/Conv_quant": "layer2.shortcut.0", "/layer2/conv2/Conv_quant": "layer2.conv2",
+        "head": "head",
+    }  # fmt: skip
