@@ -99,3 +99,9 @@ class UsageError(AuditorError):
     """Options that contradict each other or name something that does not exist."""
 
     exit_code = EXIT_USAGE
+
+
+class NotApplicableError(UsageError):
+    """An attack asked of a model that has nothing it edits (no linear pair for an invertible map): a
+    one-line usage error for ``auditor attack``; a cell ``auditor evaluate`` marks "not applicable",
+    with the reason, rather than failed."""

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from auditor.bases import Attack
-from auditor.errors import AuditorError, UsageError
+from auditor.errors import AuditorError, NotApplicableError, UsageError
 from auditor.findings import Finding
 from auditor.plugins.attacks.grid import BASELINE, Cell, full_grid, quick_grid, select
 
@@ -178,6 +178,8 @@ def _run_cell(cell: Cell, ctx: _Context, work: Path, seed: int) -> dict[str, Any
             summary = attack.apply(ctx.model, target, options=options)
             record["summary"] = {k: v for k, v in summary.items() if k not in ("input", "out", "attack", "options")}
         record.update(ctx.audit(target), status="ok")
+    except NotApplicableError as exc:  # the model has nothing the attack edits: no result, and no failure
+        record.update(status="n/a", why=str(exc))
     except AuditorError as exc:
         record.update(status="error", error=str(exc))
     except Exception as exc:  # one broken cell must not lose the evaluation

@@ -124,7 +124,8 @@ def full_grid(*, bundles: Mapping[str, str] | None = None) -> list[Cell]:
         Cell("neuron-clique", "four dummy units per hidden layer (NeuronClique)", "function-preserving"),
         Cell("neuron-split", "four units per hidden layer split in two (NeuronSplit)", "function-preserving"),
         Cell("bn-between", "every layer split through a random batch-norm (Q^T W, BN, undone)", "function-preserving"),
-        Cell("chain", "every layer factored into three linear operations (A W, Q, (QA)^-1)", "function-preserving"),
+        Cell("chain", "every layer factored into three linear operations (A W, Q, (QA)^-1), A of condition 4",
+             "function-preserving", {"condition": 4.0}),
         Cell("invertible-map", "an invertible map (condition 10) between two linear layers", "function-preserving"),
     ]
     cells += [

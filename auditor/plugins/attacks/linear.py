@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from auditor.errors import UsageError
+from auditor.errors import NotApplicableError, UsageError
 from auditor.toolkit.attack import BuiltinAttack, Param, require_same_function
 
 if TYPE_CHECKING:  # torch loads when an attack runs, not when it registers
@@ -143,8 +143,10 @@ class InvertibleMap(BuiltinAttack):
         graph, edges_from = working_graph(source, found)
         pairs = edits.linear_pairs(graph)
         if not pairs:
-            raise UsageError(f"{model}: no two linear layers with nothing nonlinear between them (a linear layer "
-                             "feeding one, a convolution feeding a 1x1 convolution): no map fits")  # fmt: skip
+            raise NotApplicableError(
+                f"{model}: no two linear layers with nothing nonlinear between them (a linear layer feeding one, "
+                "a convolution feeding a 1x1 convolution): no map fits"
+            )
         chosen = _names(options, "pairs")
         if chosen is not None:
             unknown = [n for n in chosen if n not in {a for a, _ in pairs}]

@@ -64,6 +64,8 @@ def attack_note(cell: Mapping[str, Any]) -> str:
     s = cell.get("summary") or {}
     if cell.get("status") == "error":
         return f"error: {cell.get('error', '')}"
+    if cell.get("status") == "n/a":
+        return f"not applicable: {cell.get('why', '')}"
     if "adversary_rates" in s:
         return "adversary's rates " + ", ".join(f"{v:.2f}" for v in s["adversary_rates"].values())
     if "adversary_acc_combined" in s:
@@ -127,6 +129,9 @@ def summary(results: Mapping[str, Any]) -> list[str]:
     errors = [c["label"] for c in results["cells"] if c.get("status") == "error"]
     if errors:
         lines.append(f"Cells that failed to run: {'; '.join(errors)}.")
+    inapplicable = [f"{c['label']} ({c.get('why', '')})" for c in results["cells"] if c.get("status") == "n/a"]
+    if inapplicable:
+        lines.append(f"Cells that do not apply to this model: {'; '.join(inapplicable)}.")
     return lines
 
 

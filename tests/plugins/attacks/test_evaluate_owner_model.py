@@ -155,6 +155,22 @@ def test_a_failed_cell_is_printed_with_its_reason_and_exits_3(
     assert "error:" not in passed.stderr
 
 
+def test_an_attack_that_does_not_apply_is_not_a_failure(
+    sequence_owner: dict[str, Any], tmp_path: Path, run_cli: Callable[..., Any]
+) -> None:
+    """invertible-map needs two linear layers in a row; the owner's Conv1d model has none: its cell says so
+    and the evaluation still exits 0."""
+    out = tmp_path / "eval"
+    done = run_cli("evaluate", "--model", sequence_owner["model"], "--bundle", sequence_owner["bundle"],
+                   "--model-factory", sequence_owner["model_factory"], "--data-factory", sequence_owner["data_factory"],
+                   "--no-progress", "--attacks", "invertible-map", "--out", out, "--grid", "full", "--json")  # fmt: skip
+    assert done.code == 0, done.stderr
+    cells = {c["attack"]: c for c in json.loads((out / "robustness.json").read_text())["cells"]}
+    assert cells["invertible-map"]["status"] == "n/a"
+    assert "no two linear layers" in cells["invertible-map"]["why"]
+    assert json.loads(done.stdout)["failed"] == []
+
+
 TOKENS = """
 import torch
 from torch import nn
