@@ -127,6 +127,13 @@ def full_grid(*, bundles: Mapping[str, str] | None = None) -> list[Cell]:
         Cell("chain", "every layer factored into three linear operations (A W, Q, (QA)^-1), A of condition 4",
              "function-preserving", {"condition": 4.0}),
         Cell("invertible-map", "an invertible map (condition 10) between two linear layers", "function-preserving"),
+        # Transformer edits: not applicable (a cell marked n/a, with the reason) to a model that is no transformer.
+        Cell("head-permute", "attention heads permuted (Q, K, V rows and O columns)", "function-preserving"),
+        Cell("mlp-permute", "MLP units permuted (up/gate rows, down columns)", "function-preserving"),
+        Cell("head-scale", "per-head Q/K and V/O scaling", "function-preserving"),
+        Cell("norm-fold", "norm weights folded into the following linear layers", "function-preserving"),
+        Cell("residual-rotate", "the residual stream rotated (QuaRot/SliceGPT-style)", "function-preserving"),
+        Cell("rope-reorder", "llama.cpp's rotary Q/K row order", "function-preserving"),
     ]
     cells += [
         Cell("cast-fp16", "float16 cast", "precision"),

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from auditor.errors import UsageError
+from auditor.errors import NotApplicableError, UsageError
 from auditor.toolkit.attack import BuiltinAttack, Param
 
 if TYPE_CHECKING:
@@ -62,12 +62,12 @@ class _TransformerAttack(BuiltinAttack):
 
         config = tt.read_config(model)
         if config is None:
-            raise UsageError(f"{model}: no config.json beside the model: the heads are not in the weights")
+            raise NotApplicableError(f"{model}: no config.json beside the model: the heads are not in the weights")
         state = read_model(model).state_dict()
         layout = tt.layout_of(state, config)
         if layout is None:
-            raise UsageError(f"{model}: not a transformer these edits know (a Llama-style or GPT-2 decoder, "
-                             "BERT or ViT)")  # fmt: skip
+            raise NotApplicableError(f"{model}: not a transformer these edits know (a Llama-style or GPT-2 "
+                                     "decoder, BERT or ViT)")  # fmt: skip
         edited, info = self.edit(state, layout, options)
         check = self.check(config, state, edited, layout, options["seed"])
         if check is not None and not check <= FUNCTION_TOLERANCE:
