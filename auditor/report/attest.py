@@ -143,8 +143,6 @@ def _options(command: Any) -> list[str]:
 
 
 def _predicate(report: dict[str, Any]) -> dict[str, Any]:
-    integrity = report.get("integrity") or {}
-    signature = integrity.get("signature") or {}
     findings = [
         {k: f.get(k) for k in ("detector", "scheme", "subject", "bundle", "verdict", "measured_on")}
         for f in report.get("findings") or [] if isinstance(f, dict)
@@ -153,17 +151,8 @@ def _predicate(report: dict[str, Any]) -> dict[str, Any]:
     controls = report.get("controls")
     models = controls.get("models", []) if isinstance(controls, dict) else []
     return {
-        "tool": report.get("tool"),
-        "command": report.get("command"),
-        "options": _options(report.get("command")),
-        "run": report.get("run"),
-        "report": {
-            "format": report.get("report_format"), "version": report.get("report_version"),
-            "content_sha256": integrity.get("content_sha256"), "evidence_sha256": integrity.get("evidence_sha256"),
-            "html_sha256": integrity.get("html_sha256"),
-            "signer": {"algorithm": signature.get("algorithm"), "public_key_sha256": signature.get("public_key_sha256")}
-            if signature else None,
-        },
+        **_run_fields(report),
+        "report": _sealed(report),
         "verdict": report.get("verdict"),
         "exit_code": report.get("exit_code"),
         "findings": findings,
@@ -184,23 +173,35 @@ def statement(report: dict[str, Any], *, json_name: str, json_sha256: str, html_
     }
 
 
-def _batch_predicate(summary: dict[str, Any]) -> dict[str, Any]:
-    integrity = summary.get("integrity") or {}
+def _run_fields(document: dict[str, Any]) -> dict[str, Any]:
+    """What run made a sealed report or batch summary: the tool, its command and options, the run."""
+    return {
+        "tool": document.get("tool"),
+        "command": document.get("command"),
+        "options": _options(document.get("command")),
+        "run": document.get("run"),
+    }
+
+
+def _sealed(document: dict[str, Any]) -> dict[str, Any]:
+    """A sealed report's or summary's format and version, its integrity hashes and its signer."""
+    integrity = document.get("integrity") or {}
     signature = integrity.get("signature") or {}
+    return {
+        "format": document.get("report_format"), "version": document.get("report_version"),
+        "content_sha256": integrity.get("content_sha256"), "evidence_sha256": integrity.get("evidence_sha256"),
+        "html_sha256": integrity.get("html_sha256"),
+        "signer": {"algorithm": signature.get("algorithm"), "public_key_sha256": signature.get("public_key_sha256")}
+        if signature else None,
+    }  # fmt: skip
+
+
+def _batch_predicate(summary: dict[str, Any]) -> dict[str, Any]:
     control = summary.get("error_control") or {}
     rows = [r for r in summary.get("suspects") or [] if isinstance(r, dict)]
     return {
-        "tool": summary.get("tool"),
-        "command": summary.get("command"),
-        "options": _options(summary.get("command")),
-        "run": summary.get("run"),
-        "summary": {
-            "format": summary.get("report_format"), "version": summary.get("report_version"),
-            "content_sha256": integrity.get("content_sha256"), "evidence_sha256": integrity.get("evidence_sha256"),
-            "html_sha256": integrity.get("html_sha256"),
-            "signer": {"algorithm": signature.get("algorithm"), "public_key_sha256": signature.get("public_key_sha256")}
-            if signature else None,
-        },
+        **_run_fields(summary),
+        "summary": _sealed(summary),
         "merkle": summary.get("merkle"),
         "suspects": len(rows),
         "counts": summary.get("counts"),
