@@ -45,3 +45,40 @@ def test_innocent_llama_in_gguf_is_not_claimed(tmp_path: Path, run_cli, gr_llama
     result = run_cli("audit", str(suspect), "--bundle", str(gr_llama.bundle), "--json")
     assert result.code == EXIT_NOT_FOUND, result.stderr
     assert json.loads(result.stdout)["verdict"] == "not-detected"
+
+
+@pytest.fixture(scope="module")
+def hufunet_llama(tmp_path_factory: pytest.TempPathFactory, gr_llama) -> SimpleNamespace:  # type: ignore[no-untyped-def]
+    """HufuNet's EPH planted in both blocks' MLP matrices of the trained Llama (after training: what is under
+    test is the conversion, not the owner's loop); its state dict, config and HufuNet bundle."""
+    import hashlib
+
+    from transformers import LlamaForCausalLM
+
+    from auditor.plugins.hufunet.owner import generate_hufunet, hmac_key, load_hufunet, plant, write_bundle
+
+    out = tmp_path_factory.mktemp("hufunet-llama")
+    generate_hufunet(out=out / "secret.json", seed=0, epochs=20, hmac_key=hashlib.sha256(b"llama").digest())
+    hufunet, secret = load_hufunet(out / "secret.json")
+    model = LlamaForCausalLM.from_pretrained(gr_llama.folder)
+    host = [f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")]
+    embedded = plant(model, hufunet, hmac_key(secret), layers=host)
+    embedded.frozen.detach()
+    model.save_pretrained(out / "owner")
+    bundle = out / "owner" / "hufunet_bundle.json"
+    write_bundle(bundle, model, embedded, hufunet, secret, files={"safetensors": out / "owner" / "model.safetensors"},
+                 architecture="LlamaForCausalLM")  # fmt: skip
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return SimpleNamespace(state=state, config=model.config.to_dict(), bundle=bundle)
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0", "Q4_K"])
+def test_hufunet_in_a_llama_is_found_after_gguf_conversion(tmp_path: Path, run_cli, hufunet_llama, qtype: str) -> None:  # type: ignore[no-untyped-def]
+    """The EPH's accuracy survives block quantisation: measured 0.961 at F16, Q8_0 and Q4_K, 0.955 at Q4_0
+    (Acc_original 0.961, tau 0.15; docs/formats.md)."""
+    suspect = _gguf(hufunet_llama, tmp_path / f"stolen-{qtype}.gguf", qtype)
+    result = run_cli("audit", str(suspect), "--bundle", str(hufunet_llama.bundle), "--json")
+    assert result.code == EXIT_OK, result.stderr
+    finding = next(f for f in json.loads(result.stdout)["findings"] if f["scheme"] == "hufunet")
+    assert finding["verdict"] == "detected"
+    assert finding["metrics"]["diff_acc"] < finding["metrics"]["tau_acc"]
