@@ -6,7 +6,7 @@ sequences), with HufuNet's EPH then planted in both blocks' MLP matrices (gate, 
 tests/plugins/restore/test_heads.py. The thief's removals, each on a copy of the owner's weights:
 
 * full fine-tuning on the same task (the thief's own batches): learning rates 1e-4, 1e-3, 3e-3, 100 and
-  300 steps (and 1e-2, 3e-2 for 300 steps); and, beyond the brief, 300 steps at 3e-3 on another task
+  300 steps (and 1e-2, 3e-2 for 300 steps); and 300 steps at 3e-3 on another task
   (counting down), which the model first fails at;
 * LoRA (rank 8, alpha 16) on every attention and MLP projection, trained on the same task and merged back
   into the weights (W + (alpha/r) B A): learning rates 1e-3 and 1e-2, 100 and 300 steps;
@@ -17,10 +17,10 @@ tests/plugins/restore/test_heads.py. The thief's removals, each on a copy of the
 
 Each result is written as ``save_pretrained`` writes a model and audited with the real pipeline
 (:func:`auditor.audit.pipeline.audit_suspect`, both owner bundles), without and with the owner's model as
-``--reference``. Printed per removal: the task's loss and next-token accuracy on 64 held-out sequences, the
-overall verdict both ways, Greedy Residuals' verdict, rate and log10 p, HufuNet's verdict, Acc_combined and
-DiffAcc (from the audit with the reference). ``--json FILE`` writes the rows. One thread (the machine is
-shared):
+``--reference``. Printed per removal: the attention and MLP matrices' relative change, the task's loss and
+next-token accuracy on 64 held-out sequences, the overall verdict both ways, Greedy Residuals' verdict, rate
+and log10 p, HufuNet's verdict, Acc_combined and DiffAcc (each from both audits). ``--json FILE`` writes
+the rows. One thread (the machine is shared):
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/transformer_removal.py
 """
@@ -191,19 +191,31 @@ def _audit(model: Any, out: Path, inputs: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"loss": round(loss, 4), "accuracy": round(accuracy, 4)}
     for how, given in inputs.items():
         record = audit_suspect(out / "model.safetensors", given)
-        row[f"verdict_{how}"] = record.verdict.value
-        if how != "reference":
-            continue
-        row["restorers_acted"] = [e["restorer"] for e in record.restore if e.get("log", {}).get("acted")]
+        tag = "" if how == "reference" else "_alone"
+        row[f"verdict{tag}"] = record.verdict.value
+        if how == "reference":
+            row["restorers_acted"] = [e["restorer"] for e in record.restore if e.get("log", {}).get("acted")]
         for f in record.findings:
             m = f.metrics
             if f.scheme == "greedy-residuals":
-                row |= {"gr": f.verdict.value, "gr_rate": m.get("rate", m.get("best_rate")),
-                        "gr_log10_p": m.get("log10_combined_p")}  # fmt: skip
+                row |= {f"gr{tag}": f.verdict.value, f"gr_rate{tag}": m.get("best_rate"),
+                        f"gr_log10_p{tag}": m.get("log10_combined_p")}  # fmt: skip
             elif f.scheme == "hufunet":
-                row |= {"hufunet": f.verdict.value, "acc_combined": m.get("acc_combined"),
-                        "diff_acc": m.get("diff_acc")}  # fmt: skip
+                row |= {f"hufunet{tag}": f.verdict.value, f"acc_combined{tag}": m.get("acc_combined"),
+                        f"diff_acc{tag}": m.get("diff_acc")}  # fmt: skip
     return row
+
+
+@torch.no_grad()
+def _change(owner: Any, suspect: Any) -> float:
+    """The attention and MLP matrices' relative change, ||W' - W|| / ||W|| over all of them together."""
+    pairs = zip(_matrices(owner), _matrices(suspect), strict=True)
+    diff = sum(float((b.weight - a.weight).square().sum()) for (_, a), (_, b) in pairs)
+    return round((diff / sum(float(m.weight.square().sum()) for _, m in _matrices(owner))) ** 0.5, 4)
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def main() -> None:
@@ -211,6 +223,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="one setting of each removal")
+    parser.add_argument("--only", default="", help="only the removals whose name contains this")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from auditor.audit.inputs import load_inputs
@@ -225,9 +238,10 @@ def main() -> None:
         for rate in (0.25, 0.5, 0.75, 0.9):
             removals.append((f"prune {scope} {rate:.0%}", lambda m, r=rate, sc=scope: _prune(m, r, sc)))
     removals.append(("int8 per-row round trip", _quantize))
-    removals.append(("int4 per-row round trip (beyond the brief)", lambda m: _quantize(m, 4)))
+    removals.append(("int4 per-row round trip", lambda m: _quantize(m, 4)))
     if args.quick:
         removals = [removals[i] for i in (0, 2, 10, 13, -2)]
+    removals = [r for r in removals if args.only in r[0]]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -236,14 +250,19 @@ def main() -> None:
         inputs = {"alone": load_inputs(bundles=bundles, reference=None),
                   "reference": load_inputs(bundles=bundles, reference=folder / "owner")}  # fmt: skip
         for i, (name, removal) in enumerate(removals):
-            rows.append({"removal": name, **_audit(removal(owner), folder / f"suspect{i}", inputs)})
+            suspect = removal(owner)
+            rows.append({"removal": name, "weight_change": _change(owner, suspect),
+                         **_audit(suspect, folder / f"suspect{i}", inputs)})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
-    print("| removal | loss / accuracy | verdict (alone / --reference) | GR rate, log10 p | HufuNet Acc_c, DiffAcc |")
+    print("| removal | weights moved | loss / accuracy | GR rate, log10 p (alone; --reference) |"
+          " HufuNet Acc_c, DiffAcc (alone; --reference) | verdict (alone / --reference) |")  # fmt: skip
     for r in rows:
-        gr = f"{r.get('gr')} {r.get('gr_rate')}, {r.get('gr_log10_p')}"
-        hufu = f"{r.get('hufunet')} {r.get('acc_combined')}, {r.get('diff_acc')}"
-        print(f"| {r['removal']} | {r['loss']} / {r['accuracy']} | {r['verdict_alone']} / {r['verdict_reference']}"
-              f" | {gr} | {hufu} |")  # fmt: skip
+        gr = "; ".join(f"{r.get('gr' + t)} {_num(r.get('gr_rate' + t))}, {_num(r.get('gr_log10_p' + t), 1)}"
+                       for t in ("_alone", ""))  # fmt: skip
+        hufu = "; ".join(f"{r.get('hufunet' + t)} {_num(r.get('acc_combined' + t))}, {_num(r.get('diff_acc' + t))}"
+                         for t in ("_alone", ""))  # fmt: skip
+        print(f"| {r['removal']} | {r['weight_change']} | {r['loss']} / {r['accuracy']} | {gr} | {hufu} |"
+              f" {r['verdict_alone']} / {r['verdict']} |")  # fmt: skip
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=1))
 
