@@ -163,7 +163,8 @@ def test_an_attack_that_does_not_apply_is_not_a_failure(
     out = tmp_path / "eval"
     done = run_cli("evaluate", "--model", sequence_owner["model"], "--bundle", sequence_owner["bundle"],
                    "--model-factory", sequence_owner["model_factory"], "--data-factory", sequence_owner["data_factory"],
-                   "--no-progress", "--attacks", "invertible-map", "--out", out, "--grid", "full", "--json")  # fmt: skip
+                   "--no-progress", "--attacks", "invertible-map", "--out", out, "--grid", "full",
+                   "--json")  # fmt: skip
     assert done.code == 0, done.stderr
     cells = {c["attack"]: c for c in json.loads((out / "robustness.json").read_text())["cells"]}
     assert cells["invertible-map"]["status"] == "n/a"
