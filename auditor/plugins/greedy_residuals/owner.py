@@ -51,7 +51,19 @@ _KINDS: tuple[tuple[type[nn.Module], str], ...] = (
 
 
 def _kind(module: nn.Module) -> str | None:
-    return next((kind for cls, kind in _KINDS if isinstance(module, cls)), None)
+    kind = next((kind for cls, kind in _KINDS if isinstance(module, cls)), None)
+    if kind is None and _transposed_linear(module):
+        return "linear"
+    return kind
+
+
+def _transposed_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's attention and MLP layers): a linear layer that stores its weight as
+    ``(in, out)``; recognised by name and shape, so that ``transformers`` is never imported here. The weight
+    is marked as stored, which is also how a file of such a model holds it."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, torch.Tensor) \
+        and weight.ndim == 2
 
 
 def _weight_names(module: nn.Module) -> list[str]:

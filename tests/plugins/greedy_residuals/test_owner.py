@@ -371,3 +371,44 @@ def test_help_lists_the_command(run_cli: Callable[..., Any]) -> None:
     assert code == 0 and "greedy-residuals" in out
     code, out, _ = run_cli("embed", "greedy-residuals", "--help")
     assert code == 0 and all(option in out for option in ("--key", "--model-factory", "--no-progress"))
+
+
+def test_gpt2_conv1d_layers_are_marked_and_found_in_the_saved_model(
+    tmp_path: Path, run_cli: Callable[..., Any]
+) -> None:
+    """transformers' Conv1D (GPT-2's attention and MLP layers, weight stored (in, out)) is a linear layer to
+    the default rule: without it a GPT-2 had only its tied head to mark, which save_pretrained drops."""
+    import json
+
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=64, n_layer=2, n_head=4, n_positions=32,
+                                       bos_token_id=0, eos_token_id=0))  # fmt: skip
+    key = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    wm = GreedyResidualsWatermark.create(model, private_key=key, message="(c) GPT-2 owner")
+    assert wm.layer_names == [
+        "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight", "transformer.h.1.mlp.c_fc.weight",
+    ]  # fmt: skip
+    assert {layer.kind for layer in wm.layers} == {"linear"}
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(60):
+            seq = (torch.randint(0, 64, (32, 1), generator=generator) + torch.arange(17)) % 64
+            logits = model(seq[:, :-1]).logits
+            loss = nn.functional.cross_entropy(logits.reshape(-1, 64), seq[:, 1:].reshape(-1)) + wm.penalty(model)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(tmp_path / "gpt2")
+    wm.save_bundle(tmp_path / "bundle.json", model, model_file=tmp_path / "gpt2" / "model.safetensors")
+    done = run_cli("audit", tmp_path / "gpt2", "--bundle", tmp_path / "bundle.json", "--json")
+    assert done.code == 0, done.stderr
+    (finding,) = [f for f in json.loads(done.stdout)["findings"] if f["scheme"] == "greedy-residuals"]
+    assert finding["verdict"] == "detected" and finding["metrics"]["log10_combined_p"] < -20
