@@ -152,7 +152,7 @@ def bits_needed(bits: int, layers: int, p_threshold: float | None = None) -> int
 def default_layers(model: nn.Module, params: GRParams = DEFAULT_PARAMS) -> list[str]:
     """The parameters the watermark goes into when the owner names none.
 
-    Candidates are the weight matrices of conv, linear, LSTM and GRU modules
+    Candidates are the weight matrices of conv, linear (transformers' ``Conv1D`` too), LSTM and GRU modules
     (for a recurrent module its largest weight matrix; never biases, norms or
     embeddings), except the last such module in module order: the classifier
     head, which fine-tuning replaces. Keep the candidates with at least
