@@ -146,8 +146,14 @@ def _run_pool(fn: Callable[[Any], Any], work: list[Any], jobs: int, retries: int
         try:
             while (todo or running) and not broken:
                 while todo and len(running) < 2 * jobs:  # a window: a million items are never all queued
-                    i = todo.pop(0)
-                    running[pool.submit(fn, work[i])] = i
+                    try:
+                        future = pool.submit(fn, work[todo[0]])
+                    except BrokenProcessPool:  # a worker died before this item was queued: it never ran
+                        broken = True
+                        break
+                    running[future] = todo.pop(0)
+                if broken:
+                    break
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in sorted(done, key=running.__getitem__):
                     exc = future.exception()
