@@ -462,7 +462,8 @@ def innocent_table(rows: list[dict[str, Any]]) -> str:
                 cell = f"{len(ok)} audited, {sum(r['verdict'] == 'detected' for r in ok)} claimed"
                 if len(ok) < len(mine):
                     bad = next(r for r in mine if r["status"] != "ok")
-                    cell += f"; {len(mine) - len(ok)} not made ({bad['status']}: {str(bad.get('why'))[:80]})"
+                    why = str(bad.get("why")).replace(f"{ROOT}/", "")  # the docs name files from the repository root
+                    cell += f"; {len(mine) - len(ok)} not made ({bad['status']}: {why[:80]})"
                 cells.append(cell)
             lines.append(f"| `{edit}` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
