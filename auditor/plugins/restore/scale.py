@@ -18,7 +18,10 @@ of 1 is left alone (fine-tuning noise, not an edit); otherwise every channel
 of it is rescaled. This must run after the channel order is restored (the
 authors' README scaled first, which compares each channel with the wrong
 one), so a space whose channels are not in the reference's order is skipped
-and logged.
+and logged. So is a space with a layer whose tensors disagree about its
+output channels (a bias that is not one value per weight row): that layer's
+weight is stored in a layout this module does not read, such as
+transformers' ``Conv1D`` (GPT-2), which stores ``(in, out)``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 
 import torch
 
-from auditor.graph import LayerGraph
+from auditor.graph import Layer, LayerGraph, LayerKind
 from auditor.plugins.restore import factors
 from auditor.plugins.restore.plan import Plan, creates_cycle
 from auditor.toolkit.channels import DEFAULT_EPS, Space, Tensors, input_params, tensors_of
@@ -39,6 +42,8 @@ __all__ = ["DEADBAND", "restore_scales"]
 DEADBAND = 0.01
 #: Passes over all spaces at most (see :func:`restore_scales`).
 SCALE_PASSES = 3
+#: Kinds whose weight rows are their output channels, one bias each.
+_ROW_KINDS = (LayerKind.LINEAR, LayerKind.CONV1D, LayerKind.CONV2D)
 
 
 class _Weights:
@@ -179,6 +184,34 @@ def _output(w: _Weights, plan: Plan, space: Space, deadband: float) -> list[dict
     return [factors.log_entry(layer, "output", c, apply) for layer, _ in parts]
 
 
+def _misread(layer: Layer) -> str | None:
+    """Why ``layer``'s rows are not its output channels, or None: a linear or convolution layer whose bias
+    is not one value per weight row (``(in, out)`` where the bias has one per column)."""
+    weight, bias = layer.params.get("weight"), layer.params.get("bias")
+    if layer.kind not in _ROW_KINDS or weight is None or bias is None or len(weight.shape) < 2 or len(bias.shape) != 1:
+        return None
+    rows, n = int(weight.shape[0]), int(bias.shape[0])
+    if n == rows:
+        return None
+    stored = ", stored (in, out)" if n == int(weight.shape[1]) else ""
+    return f"{layer.name}: weight {tuple(weight.shape)} with {n} biases{stored}"
+
+
+def _unread(w: _Weights, plan: Plan) -> dict[str, str]:
+    """The suspect's and the reference's layers in a layout this module does not read, by suspect name."""
+    out = {}
+    for layer in w.suspect.layers:
+        ref = plan.alignment.reference_of(layer.name)
+        why = _misread(layer) or (_misread(w.reference.layer(ref)) if ref is not None else None)
+        if why is not None:
+            out[layer.name] = why
+    return out
+
+
+def _layers_of(space: Space) -> list[str]:
+    return [*space.producers, *space.passthrough, *(c.layer for c in space.consumers)]
+
+
 def _fits(space: Space, layer: str, w: _Weights) -> int | None:
     """The block size at which ``space`` can be all of ``layer``'s input, or None."""
     roles = input_params(w.suspect.layer(layer))
@@ -190,18 +223,18 @@ def _fits(space: Space, layer: str, w: _Weights) -> int | None:
     return width // space.width
 
 
-def _rechoose_readers(w: _Weights, plan: Plan) -> None:
+def _rechoose_readers(w: _Weights, plan: Plan, unread: dict[str, str]) -> None:
     """Without a real graph, which space a layer reads was chosen by channel order, which cannot
     tell spaces apart once every one is in the reference's order. Their scale can: the right
     space's producer-side factors ``p`` and the reader's column factors ``d`` multiply to one
     constant. Where some space shows that far better than the chosen one, it becomes the input."""
-    free = [sp for sp in plan.spaces if not sp.frozen and sp.producers]
+    free = [sp for sp in plan.spaces if not sp.frozen and sp.producers and not set(_layers_of(sp)) & set(unread)]
     p_of = {sp.id: _output_side(w, plan, sp)[1] for sp in free}
     readers = {c.layer for sp in plan.spaces for c in sp.consumers}
     for layer in sorted(readers):
         ref = plan.alignment.reference_of(layer)
         current = [(sp, c) for sp in plan.spaces for c in sp.consumers if c.layer == layer]
-        if ref is None or len(current) != 1:
+        if ref is None or len(current) != 1 or layer in unread:
             continue
         s, r = w.s(layer)["weight"], w.r(ref).get("weight")
         if r is None or s.shape != r.shape:
@@ -272,14 +305,19 @@ def restore_scales(
     w = _Weights(suspect, reference)
     entries: list[dict[str, Any]] = []
     notes: list[str] = []
+    unread = _unread(w, plan)
+    notes += [f"{why}: its rows are not its output channels, a layout not read here" for why in unread.values()]
     if plan.readers_from_data:  # on a copy of the spaces: the plan is shared (see plugin.shared_plan)
         spaces = [dataclasses.replace(sp, consumers=list(sp.consumers)) for sp in plan.spaces]
         plan = dataclasses.replace(plan, spaces=spaces)
-        _rechoose_readers(w, plan)
+        _rechoose_readers(w, plan, unread)
     order = []
     for space in _input_side_first(plan, reference):
         index = plan.maps.get(space.id)
-        if index is not None and not torch.equal(index, torch.arange(space.width)):
+        misread = sorted({n for n in _layers_of(space) if n in unread})
+        if misread:
+            notes.append(f"{', '.join(space.producers)}: scale left alone (it meets {', '.join(misread)})")
+        elif index is not None and not torch.equal(index, torch.arange(space.width)):
             notes.append(f"{', '.join(space.producers)}: channels not in the reference's order; scale left alone")
         elif all(plan.alignment.reference_of(p) for p in space.producers):
             order.append(space)
