@@ -307,14 +307,22 @@ class GreedyResidualsWatermark:
     ) -> dict[str, Any]:
         """The owner-bundle payload for the released ``model`` saved as ``model_file``.
 
+        Each marked layer is recorded under the name ``model_file`` holds it by, where that differs from
+        its module name (:func:`~auditor.toolkit.saved_names.names_in_file`: a ``transformers`` ViT saved by
+        ``save_pretrained``), so that the detector finds it in the released file by name.
+
         ``architecture`` names the built-in architecture (or the owner's
         factory), ``training`` optionally records how the model was trained
         (data set, test split hash, accuracy); neither is needed to detect.
         """
         from auditor.safeio import sha256_file
+        from auditor.toolkit.saved_names import names_in_file, saved_layer
 
         model_file = Path(model_file)
         rates = self.rates(model)
+        # The names the released file gives the marked tensors (transformers' save_pretrained may rename them).
+        saved = names_in_file({q: model.get_parameter(q) for q in self.layer_names}, model_file)
+        where = {layer.qualified: saved_layer(saved[layer.qualified], layer.name, layer.param) for layer in self.layers}
         payload: dict[str, Any] = {
             "params": self.params.to_dict(),
             "message": self.message,
@@ -323,8 +331,8 @@ class GreedyResidualsWatermark:
             "public_key": self.public_key_pem,
             "layers": [
                 {
-                    "name": layer.name,
-                    "param": layer.param,
+                    "name": where[layer.qualified][0],
+                    "param": where[layer.qualified][1],
                     "kind": layer.kind,
                     "shape": list(layer.shape),
                     "kind_index": layer.kind_index,

@@ -197,6 +197,19 @@ def kernel_total(entries: Sequence[dict[str, Any]]) -> int:
     return sum(int(e["kernels"]) for e in entries)
 
 
+def _as_saved(model: nn.Module, entries: Sequence[dict[str, Any]], model_file: Path) -> list[dict[str, Any]]:
+    """The host entries under the names ``model_file`` gives their tensors (order and all else kept)."""
+    from auditor.toolkit.saved_names import names_in_file, saved_layer
+
+    params = dict(model.named_parameters())
+    saved = names_in_file({_qualified(e): params[_qualified(e)] for e in entries}, model_file)
+    renamed = []
+    for entry in entries:
+        name, param = saved_layer(saved[_qualified(entry)], str(entry["name"]), str(entry["param"]))
+        renamed.append({**entry, "name": name, "param": param})
+    return renamed
+
+
 def write_bundle(
     path: Path,
     model: nn.Module,
@@ -216,7 +229,10 @@ def write_bundle(
     :func:`~auditor.toolkit.training.save_model` returns them); ``secret`` is
     the secret HufuNet file's payload. EPH is read back from the trained
     ``model`` at the keyed positions to record Acc_combined at release, and
-    must come back bit-identical.
+    must come back bit-identical. Each host layer is recorded under the name
+    the released file holds it by, where that differs from its module name
+    (:func:`~auditor.toolkit.saved_names.names_in_file`: a ``transformers``
+    ViT saved by ``save_pretrained``), in the same kernel-numbering order.
     """
     from auditor.bundle import save_bundle
     from auditor.safeio import sha256_file
@@ -228,13 +244,14 @@ def write_bundle(
             "model: the freezing was broken (call frozen.after_step after every optimiser step); no bundle written"
         )
     acc_combined = measured["acc_combined"]
+    entries = _as_saved(model, embedded.entries, Path(files["safetensors"]))
     released = {"file": Path(files["safetensors"]).name, "sha256": sha256_file(Path(files["safetensors"]))}
     if "pt" in files:
         released.update(pt_file=Path(files["pt"]).name, pt_sha256=sha256_file(Path(files["pt"])))
     payload: dict[str, Any] = {
         "hufunet": {name: secret[name] for name in SECRET_FIELDS},
         "host": {
-            "architecture": architecture, "width": width, "layers": embedded.entries, "kernels": embedded.n,
+            "architecture": architecture, "width": width, "layers": entries, "kernels": embedded.n,
             "eph_kernels": len(embedded.positions), "eph_fraction": embedded.eph_fraction,
         },
         "model": released,
