@@ -5,14 +5,17 @@ The edits are :mod:`auditor.toolkit.transformers`' (the ones ``auditor attack`` 
 compares the suspect with the reference in a form those edits cannot change: a vector of the residual
 stream (a reader's row, norm weight folded in; a writer's column) is seen through the embedding and the
 LM head, ``P v`` with ``P = [E; L diag(g_final)]``. A rotation ``R`` of the stream leaves ``P v``
-unchanged (``E R R^T v``), so heads and units can be matched before the rotation is known:
+unchanged (``E R R^T v``), so heads and units can be matched before the rotation is known. A cheap test
+comes first: when the suspect's embedding is the reference's up to float rounding, the stream is not
+rotated, and rows are compared as they stand (no ``P``, no Procrustes):
 
 1. **rotary row order**: the head matching below is scored with Q/K rows as stored and with llama.cpp's
    reordering undone; the better reading is kept when it wins by a clear margin;
 2. **heads** as blocks: key/value groups by Hungarian assignment on the summed |cosine| of their K and V
    blocks plus the best assignment of their query heads (Q rows, O columns), then query heads within the
    matched groups;
-3. **MLP units** by assignment on gate rows, up rows and down columns together;
+3. **MLP units** by assignment on gate rows, up rows and down columns together, clear pairs first
+   (:mod:`.pairs`: the Hungarian method runs only on the ambiguous remainder);
 4. **scales**: one least-squares factor per Q, K, V head, O column block and up/down unit, divided out;
 5. **rotation** (RMSNorm decoders): orthogonal Procrustes of the suspect's embedding, LM head, readers and
    writers onto the reference's (norm weights folded on both sides); undone when it is not the identity
@@ -20,13 +23,16 @@ unchanged (``E R R^T v``), so heads and units can be matched before the rotation
 6. **norms**: a norm whose weights are all 1 where the reference's are not gets its weights back, each
    the least-squares factor between its readers' columns and the reference's; the readers are divided.
 
-The rewrite stands only if the guard finds the result derived from the reference
-(:class:`~.structural.StructuralRestorer`); each step's figures are in the log.
+Both models are read block by block from their files and the edits are recorded, not applied
+(:class:`~.lazy.LazyState`): the rewritten graph reads each tensor and applies its edits when asked, so a
+7-billion-parameter model is never held as float32. The rewrite stands only if the guard finds the result
+derived from the reference (:class:`~.structural.StructuralRestorer`; above :data:`PLAN_LIMIT` parameters
+the rows are compared where they stand, :func:`in_place_matches`); each step's figures are in the log.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from auditor.graph import LayerGraph
@@ -35,9 +41,14 @@ from auditor.plugins.restore.structural import StructuralRestorer
 if TYPE_CHECKING:
     import torch
 
+    from auditor.graph import TensorRef
+    from auditor.plugins.restore.lazy import LazyState
+    from auditor.plugins.restore.pairs import Matching
+    from auditor.plugins.restore.plan import LayerMatch
     from auditor.toolkit.transformers import Block, Layout, State
 
-__all__ = ["HEAD_SIZES", "MAX_ROTATION_RESIDUAL", "TransformerRestorer", "align_transformer", "guess_layout"]
+__all__ = ["EMBEDDING_ROUNDING", "HEAD_SIZES", "MAX_ROTATION_RESIDUAL", "PLAN_LIMIT", "TransformerRestorer",
+           "align_transformer", "guess_layout", "in_place_matches"]  # fmt: skip
 
 #: A rotation is undone only when it maps the reference onto the suspect this well (an independent model's fit
 #: stays near 1; a rotated copy's is float rounding).
@@ -51,41 +62,48 @@ SCALE_TOLERANCE = 1e-4
 MIN_SCALE_COSINE = 0.5
 #: Features use at most this many embedding and LM-head rows each (evenly spaced).
 MAX_FEATURE_ROWS = 2048
-
-
-def _w(state: State, name: str) -> torch.Tensor:
-    return state[f"{name}.weight"].double()
+#: The residual stream counts as not rotated when the suspect's embedding differs from the reference's by at
+#: most this (relative Frobenius norm): bfloat16 storage is 0.2-0.4%, any rotation of the stream about 140%.
+EMBEDDING_ROUNDING = 1e-2
+#: Above this many parameters the guard compares the rewritten rows where they stand (:func:`in_place_matches`)
+#: instead of planning every channel space, whose plan holds both models as float32.
+PLAN_LIMIT = 200_000_000
 
 
 class _Frame:
-    """The residual-stream features of one model: ``P v`` and the norm weights folded into the readers."""
+    """The residual-stream features of one model: ``P v`` (``P`` None: the rows themselves) and the norm
+    weights folded into the readers, in ``dtype``."""
 
-    def __init__(self, state: State, layout: Layout) -> None:
+    def __init__(self, state: Mapping[str, torch.Tensor], layout: Layout, *, basis: bool = True) -> None:
         import torch
 
         self.state, self.layout = state, layout
+        self.dtype = torch.float64 if basis else torch.float32
         parts = []
-        if layout.embed is not None:
-            e = _w(state, layout.embed)
+        if basis and layout.embed is not None:
+            e = self.weight(layout.embed)
             idx = torch.linspace(0, e.shape[0] - 1, min(e.shape[0], MAX_FEATURE_ROWS)).round().long()
             parts.append(e[idx])
             if layout.lm_head is not None:
                 parts.append(self.reader(layout.lm_head, layout.final_norm)[idx])
         self.p = torch.cat(parts) if parts else None
 
+    def weight(self, name: str) -> torch.Tensor:
+        return self.state[f"{name}.weight"].to(self.dtype)
+
     def norm(self, name: str | None) -> torch.Tensor | None:
         if name is None or f"{name}.weight" not in self.state:
             return None
-        return self.state[f"{name}.weight"].double()
+        return self.state[f"{name}.weight"].to(self.dtype)
 
     def reader(self, name: str, norm: str | None) -> torch.Tensor:
         """The reader's weight with its norm's weight folded in."""
         g = self.norm(norm)
-        w = _w(self.state, name)
+        w = self.weight(name)
         return w if g is None else w * g[None, :]
 
     def features(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``P v`` for each row ``v`` of ``vectors`` (rows themselves when there is no embedding)."""
+        """``P v`` for each row ``v`` of ``vectors`` (rows themselves when there is no ``P``)."""
         return vectors if self.p is None else vectors @ self.p.T
 
 
@@ -115,20 +133,24 @@ def _head_features(frame: _Frame, block: Block) -> dict[str, torch.Tensor]:
         "q": _blocks(frame.features(frame.reader(block.q, block.attn_norm)), d),
         "k": _blocks(frame.features(frame.reader(block.k, block.attn_norm)), d),
         "v": _blocks(frame.features(frame.reader(block.v, block.attn_norm)), d),
-        "o": _blocks(frame.features(_w(frame.state, block.o).T), d),
+        "o": _blocks(frame.features(frame.weight(block.o).T), d),
     }
 
 
 def _match_heads(s: _Frame, r: _Frame, block: Block) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Key/value groups, then query heads within them: suspect index per reference slot, and the mean
     matched similarity (of Q with O, K with V, in [0, 1])."""
+    return _match_head_features(_head_features(s, block), _head_features(r, block), s.layout)
+
+
+def _match_head_features(fs: dict[str, torch.Tensor], fr: dict[str, torch.Tensor],
+                         layout: Layout) -> tuple[torch.Tensor, torch.Tensor, float]:  # fmt: skip
     import torch
 
-    fs, fr = _head_features(s, block), _head_features(r, block)
     sim_q = ((fr["q"] @ fs["q"].T).abs() + (fr["o"] @ fs["o"].T).abs()) / 2
     sim_kv = ((fr["k"] @ fs["k"].T).abs() + (fr["v"] @ fs["v"].T).abs()) / 2
-    g = s.layout.group
-    n = s.layout.kv_heads
+    g = layout.group
+    n = layout.kv_heads
     groups = torch.zeros(n, n, dtype=torch.float64)
     for a in range(n):  # reference group a, suspect group b
         for b in range(n):
@@ -142,18 +164,19 @@ def _match_heads(s: _Frame, r: _Frame, block: Block) -> tuple[torch.Tensor, torc
     return group_index, torch.cat(q_index), score
 
 
-def _match_units(s: _Frame, r: _Frame, block: Block) -> tuple[torch.Tensor, float]:
+def _match_units(s: _Frame, r: _Frame, block: Block) -> Matching:
+    """The MLP units' :class:`~.pairs.Matching` (gate, up rows and down columns together)."""
     import torch
+
+    from auditor.plugins.restore.pairs import match
 
     def parts(frame: _Frame) -> list[torch.Tensor]:
         names = [x for x in (block.gate, block.up) if x is not None]
         rows = [frame.features(frame.reader(x, block.mlp_norm)) for x in names]
-        rows.append(frame.features(_w(frame.state, block.down).T))
-        return [_blocks(x, 1) for x in rows]
+        rows.append(frame.features(frame.weight(block.down).T))
+        return [x.to(torch.float32) for x in rows]
 
-    sim = sum((a @ b.T).abs() for a, b in zip(parts(r), parts(s), strict=True))
-    assert isinstance(sim, torch.Tensor)
-    return _assign(sim / (3 if block.gate is not None else 2))
+    return match(parts(r), parts(s))
 
 
 def _factor(fs: torch.Tensor, fr: torch.Tensor) -> torch.Tensor:
@@ -161,7 +184,7 @@ def _factor(fs: torch.Tensor, fr: torch.Tensor) -> torch.Tensor:
     return (fs * fr).sum(dim=1) / (fr * fr).sum(dim=1).clamp_min(1e-30)
 
 
-def _unscale(state: State, s: _Frame, r: _Frame, block: Block, layout: Layout) -> int:
+def _unscale(state: LazyState, s: _Frame, r: _Frame, block: Block, layout: Layout) -> int:
     """Divide out one factor per Q/K/V head, O column block and up/down unit; how many were not 1."""
     import torch
 
@@ -172,21 +195,20 @@ def _unscale(state: State, s: _Frame, r: _Frame, block: Block, layout: Layout) -
     for name, norm, size, columns in jobs:
 
         def feats(frame: _Frame, name: str = name, norm: str | None = norm, columns: bool = columns) -> torch.Tensor:
-            v = _w(frame.state, name).T if columns else frame.reader(name, norm)
+            v = frame.weight(name).T if columns else frame.reader(name, norm)
             return frame.features(v)
 
         fs, fr = feats(s), feats(r)
         bs, br = fs.reshape(fs.shape[0] // size, -1), fr.reshape(fr.shape[0] // size, -1)
-        c = _factor(bs, br)
+        c = _factor(bs, br).double()
         cosine = (_blocks(bs, 1) * _blocks(br, 1)).sum(dim=1).abs()
         c = torch.where(((c - 1).abs() > SCALE_TOLERANCE) & (cosine >= MIN_SCALE_COSINE), c, torch.ones_like(c))
         if not torch.equal(c, torch.ones_like(c)):
             scaled += int(((c - 1).abs() > SCALE_TOLERANCE).sum())
             per = c.repeat_interleave(size)
-            w = state[f"{name}.weight"].double()
-            state[f"{name}.weight"] = (w / per[None, :] if columns else w / per[:, None]).float()
+            state.edit(f"{name}.weight", "div_cols" if columns else "div_rows", per)
             if not columns and f"{name}.bias" in state:
-                state[f"{name}.bias"] = (state[f"{name}.bias"].double() / per).float()
+                state.edit(f"{name}.bias", "div_rows", per)
     return scaled
 
 
@@ -195,15 +217,15 @@ def _rotation_rows(frame: _Frame, layout: Layout) -> Iterator[torch.Tensor]:
     from auditor.toolkit.transformers import readers, writers
 
     assert layout.embed is not None
-    yield _w(frame.state, layout.embed)
+    yield frame.weight(layout.embed)
     for norm, names in readers(layout):
         for name in names:
             yield frame.reader(name, norm)
     for name in writers(layout):
-        yield _w(frame.state, name).T
+        yield frame.weight(name).T
 
 
-def _unrotate(state: State, s: State, r: State, layout: Layout) -> dict[str, Any]:
+def _unrotate(state: LazyState, r: LazyState, layout: Layout) -> dict[str, Any]:
     """Procrustes over the embedding, the readers (norms folded) and the writers; undo it when it fits.
 
     Only ``M = X_r^T X_s`` (hidden x hidden) and the squared norms are accumulated, one matrix at a time,
@@ -213,7 +235,7 @@ def _unrotate(state: State, s: State, r: State, layout: Layout) -> dict[str, Any
     from auditor.toolkit.transformers import readers, writers
 
     m, ss, rr = None, 0.0, 0.0
-    for xs, xr in zip(_rotation_rows(_Frame(s, layout), layout), _rotation_rows(_Frame(r, layout), layout),
+    for xs, xr in zip(_rotation_rows(_Frame(state, layout), layout), _rotation_rows(_Frame(r, layout), layout),
                       strict=True):  # fmt: skip
         m = xr.T @ xs if m is None else m + xr.T @ xs
         ss, rr = ss + float((xs * xs).sum()), rr + float((xr * xr).sum())
@@ -233,23 +255,25 @@ def _unrotate(state: State, s: State, r: State, layout: Layout) -> dict[str, Any
     if after > MAX_ROTATION_RESIDUAL:
         row["note"] = f"no rotation maps the reference onto the suspect (residual {after:.3g}): left alone"
         return row
-    frame = _Frame(s, layout)
     for norm, names in readers(layout):
+        g = state[f"{norm}.weight"].double() if norm is not None and f"{norm}.weight" in state else None
         for name in names:
-            state[f"{name}.weight"] = (frame.reader(name, norm) @ rot.T).float()
+            if g is not None:
+                state.edit(f"{name}.weight", "mul_cols", g)
+            state.edit(f"{name}.weight", "right", rot.T)
         if norm is not None and f"{norm}.weight" in state:
-            state[f"{norm}.weight"] = torch.ones_like(state[f"{norm}.weight"])
+            state.edit(f"{norm}.weight", "set", torch.ones(state.shapes[f"{norm}.weight"]))
     assert layout.embed is not None
-    state[f"{layout.embed}.weight"] = (_w(s, layout.embed) @ rot.T).float()
+    state.edit(f"{layout.embed}.weight", "right", rot.T)
     for name in writers(layout):
-        state[f"{name}.weight"] = (rot @ _w(s, name)).float()
+        state.edit(f"{name}.weight", "left", rot)
         if f"{name}.bias" in state:
-            state[f"{name}.bias"] = (state[f"{name}.bias"].double() @ rot.T).float()
+            state.edit(f"{name}.bias", "right", rot.T)
     row.update(acted=True, note=f"rotation undone (relative residual {before:.3g} -> {after:.3g})")
     return row
 
 
-def _unfold(state: State, r: State, layout: Layout) -> list[dict[str, Any]]:
+def _unfold(state: LazyState, r: LazyState, layout: Layout) -> list[dict[str, Any]]:
     """Give every norm folded into its readers (weights all 1, the reference's not) its weights back."""
     import torch
 
@@ -260,66 +284,125 @@ def _unfold(state: State, r: State, layout: Layout) -> list[dict[str, Any]]:
         key = f"{norm}.weight"
         if norm is None or key not in state or not names:
             continue
-        ones = torch.ones_like(state[key])
-        if not torch.allclose(state[key], ones, atol=1e-6) or torch.allclose(r[key], ones, atol=1e-6):
+        mine, theirs = state[key], r[key]
+        ones = torch.ones_like(mine)
+        if not torch.allclose(mine, ones, atol=1e-6) or torch.allclose(theirs, ones, atol=1e-6):
             continue
-        a_s = torch.cat([_w(state, x) for x in names])
-        a_r = torch.cat([_w(r, x) for x in names])
+        a_s = torch.cat([state[f"{x}.weight"].double() for x in names])
+        a_r = torch.cat([r[f"{x}.weight"].double() for x in names])
         g = _factor(a_s.T, a_r.T)
         residual = float(torch.linalg.norm(a_s / g[None, :] - a_r) / torch.linalg.norm(a_r))
+        del a_s, a_r
         # A norm weight may be negative (trained RMSNorm weights sometimes are), never zero: it is divided by.
         if not bool(torch.isfinite(g).all()) or bool((g.abs() < 1e-12).any()) or residual > MAX_ROTATION_RESIDUAL:
             note = "its readers do not fit the reference's columns times one factor each: left"
             rows.append({"step": "unfold", "norm": norm, "acted": False, "residual": round(residual, 6), "note": note})
             continue
         for x in names:
-            state[f"{x}.weight"] = (_w(state, x) / g[None, :]).float()
-        state[key] = g.float()
+            state.edit(f"{x}.weight", "div_cols", g)
+        state.edit(key, "set", g.float())
         rows.append({"step": "unfold", "norm": norm, "readers": names, "residual": round(residual, 6), "acted": True})
     return rows
 
 
-def _heads_score(s: State, r: State, layout: Layout) -> float:
-    fs, fr = _Frame(s, layout), _Frame(r, layout)
-    scores = [_match_heads(fs, fr, b)[2] for b in layout.blocks]
-    return sum(scores) / len(scores)
-
-
-def align_transformer(s: State, r: State, layout: Layout) -> tuple[State, list[dict[str, Any]], bool]:
-    """The suspect state brought into the reference's form, one log row per step, and whether anything
-    changed (see the module docstring)."""
+def _rope_index(rows: int, heads: int) -> torch.Tensor:
+    """The gather index that undoes llama.cpp's rotary row order in a projection of ``rows`` rows."""
     import torch
 
-    from auditor.toolkit.transformers import apply_head_order, apply_unit_order, rope_unreorder
+    half = rows // heads // 2
+    return torch.arange(rows).reshape(heads, half, 2).transpose(1, 2).reshape(rows)
 
-    state = {k: v.clone() for k, v in s.items()}
+
+def _rope_unreordered(state: LazyState, layout: Layout) -> LazyState:
+    out = state.copy()
+    for b in layout.blocks:
+        for name, n in ((b.q, layout.heads), (b.k, layout.kv_heads)):
+            for role in ("weight", "bias"):
+                key = f"{name}.{role}"
+                if key in out:
+                    out.edit(key, "rows", _rope_index(out.shapes[key][0], n))
+    return out
+
+
+def _heads_scores(s: LazyState, r: LazyState, layout: Layout, *, basis: bool, rope: bool) -> tuple[float, float]:
+    """The mean matched head similarity over the blocks, rows as stored and (``rope``) reordering undone
+    (else the first figure twice); each block read once."""
+    fs, fr = _Frame(s, layout, basis=basis), _Frame(r, layout, basis=basis)
+    as_is, undone = [], []
+    for b in layout.blocks:
+        ref = _head_features(fr, b)
+        mine = _head_features(fs, b)
+        as_is.append(_match_head_features(mine, ref, layout)[2])
+        if rope:
+            d = layout.head_dim
+            for key, n in (("q", layout.heads), ("k", layout.kv_heads)):
+                flat = mine[key].reshape(n * d, -1)  # rows of one head are contiguous in each block's features
+                mine[key] = _blocks(flat[_rope_index(n * d, n)], d)
+            undone.append(_match_head_features(mine, ref, layout)[2])
+    first = sum(as_is) / len(as_is)
+    return first, (sum(undone) / len(undone) if undone else first)
+
+
+def _not_rotated(s: LazyState, r: LazyState, layout: Layout) -> bool:
+    """The cheap test: the suspect's embedding is the reference's up to float rounding."""
+    import torch
+
+    if layout.embed is None:
+        return True  # no embedding: the rows are compared as they stand anyway
+    e_s, e_r = s[f"{layout.embed}.weight"], r[f"{layout.embed}.weight"]
+    diff = float(torch.linalg.vector_norm((e_s - e_r).double()))
+    return diff <= EMBEDDING_ROUNDING * float(torch.linalg.vector_norm(e_r.double()))
+
+
+def _align(state: LazyState, r: LazyState, layout: Layout) -> tuple[LazyState, list[dict[str, Any]], bool]:
+    import torch
+
+    from auditor.toolkit.transformers import head_rows
+
     rows: list[dict[str, Any]] = []
     changed = False
+    basis = not _not_rotated(state, r, layout)
     if layout.rotary and layout.head_dim % 2 == 0:
-        unreordered = rope_unreorder(state, layout)
-        as_is, undone = _heads_score(state, r, layout), _heads_score(unreordered, r, layout)
+        as_is, undone = _heads_scores(state, r, layout, basis=basis, rope=True)
         acted = undone > as_is + ROPE_MARGIN
         rows.append({"step": "rope-order", "score_as_stored": round(as_is, 6), "score_reordering_undone":
                      round(undone, 6), "acted": acted})  # fmt: skip
         if acted:
-            state, changed = unreordered, True
+            state, changed = _rope_unreordered(state, layout), True
+    # Built once: a frame reads its state's tensors (with the edits so far) when asked, and the embedding and
+    # LM head it projects through are not edited here.
+    fs, fr = _Frame(state, layout, basis=basis), _Frame(r, layout, basis=basis)
     for i, block in enumerate(layout.blocks):
-        fs, fr = _Frame(state, layout), _Frame(r, layout)
         groups, q_heads, head_score = _match_heads(fs, fr, block)
-        units, unit_score = _match_units(fs, fr, block)
+        units = _match_units(fs, fr, block)
         moved_heads = int((q_heads != torch.arange(len(q_heads))).sum())
-        moved_units = int((units != torch.arange(len(units))).sum())
+        moved_units = int((units.index != torch.arange(len(units.index))).sum())
         if moved_heads:
-            apply_head_order(state, layout, block, groups, q_heads)
+            k_index, q_index = head_rows(layout, groups), head_rows(layout, q_heads)
+            for name, index in ((block.q, q_index), (block.k, k_index), (block.v, k_index)):
+                state.edit(f"{name}.weight", "rows", index)
+                if f"{name}.bias" in state:
+                    state.edit(f"{name}.bias", "rows", index)
+            state.edit(f"{block.o}.weight", "cols", q_index)
         if moved_units:
-            apply_unit_order(state, block, units)
-        scaled = _unscale(state, _Frame(state, layout), fr, block, layout)
+            for name in (block.gate, block.up):
+                if name is not None:
+                    state.edit(f"{name}.weight", "rows", units.index)
+                    if f"{name}.bias" in state:
+                        state.edit(f"{name}.bias", "rows", units.index)
+            state.edit(f"{block.down}.weight", "cols", units.index)
+        scaled = _unscale(state, fs, fr, block, layout)
         changed = changed or bool(moved_heads or moved_units or scaled)
         rows.append({"step": "block", "block": i, "heads_moved": moved_heads, "query_head_order": q_heads.tolist(),
                      "head_similarity": round(head_score, 6), "units_moved": moved_units,
-                     "unit_similarity": round(unit_score, 6), "factors_divided": scaled})  # fmt: skip
+                     "unit_similarity": round(units.score, 6), "units_clear": units.clear,
+                     "units_ambiguous": units.ambiguous, "factors_divided": scaled})  # fmt: skip
     if layout.rms and layout.embed is not None and layout.lm_head is not None:
-        row = _unrotate(state, dict(state), r, layout)
+        if basis:
+            row = _unrotate(state, r, layout)
+        else:
+            row = {"step": "rotation", "acted": False,
+                   "note": "the residual stream is not rotated (the embedding is the reference's)"}  # fmt: skip
         rows.append(row)
         changed = changed or row["acted"]
     unfolded = _unfold(state, r, layout)
@@ -328,33 +411,43 @@ def align_transformer(s: State, r: State, layout: Layout) -> tuple[State, list[d
     return state, rows, changed
 
 
+def align_transformer(s: Mapping[str, torch.Tensor], r: Mapping[str, torch.Tensor],
+                      layout: Layout) -> tuple[State, list[dict[str, Any]], bool]:  # fmt: skip
+    """The suspect state brought into the reference's form, one log row per step, and whether anything
+    changed (see the module docstring). Takes tensors in memory; :class:`TransformerRestorer` streams."""
+    from auditor.plugins.restore.lazy import LazyState
+
+    state, rows, changed = _align(LazyState.of_tensors(s), LazyState.of_tensors(r), layout)
+    return {k: state[k] for k in state}, rows, changed
+
+
 _NOT_OURS = "not a transformer this restorer reads (Llama-style or GPT-2 decoder, BERT or ViT encoder)"
 
 #: Head sizes tried when no config.json says (largest first).
 HEAD_SIZES = (256, 128, 96, 80, 64, 48, 32, 16, 8)
 
 
-def guess_layout(s: State, r: State) -> Layout | None:
+def guess_layout(s: LazyState, r: LazyState) -> Layout | None:
     """Without a config.json: the largest head size whose head matching (rotary order as stored or undone)
     scores within 0.005 of the best size's. Larger blocks than the real heads match only where no head moved,
-    smaller ones split rotary pairs and groups."""
-    from auditor.toolkit.transformers import layout_of, rope_unreorder, split_conv1d
+    smaller ones split rotary pairs and groups. ``s`` and ``r`` are in the file's layout (GPT-2 fused)."""
+    from auditor.toolkit.transformers import layout_of
 
-    first = layout_of(r, None, head_dim=1)  # only where the blocks are
+    first = layout_of(r.shaped(), None, head_dim=1)  # only where the blocks are
     if first is None:
         return None
-    s, r_split = split_conv1d(s), split_conv1d(r)
-    q_rows = r_split[f"{first.blocks[0].q}.weight"].shape[0]
-    k_rows = r_split[f"{first.blocks[0].k}.weight"].shape[0]
+    s_split, r_split = _split(s, first), _split(r, first)
+    basis = not _not_rotated(s_split, r_split, first)
+    q_rows = r_split.shapes[f"{first.blocks[0].q}.weight"][0]
+    k_rows = r_split.shapes[f"{first.blocks[0].k}.weight"][0]
     scored = []
     for d in HEAD_SIZES:
         if q_rows % d or k_rows % d or (q_rows // d) % (k_rows // d):
             continue
-        layout = layout_of(r, None, head_dim=d)
+        layout = layout_of(r.shaped(), None, head_dim=d)
         assert layout is not None
-        score = _heads_score(s, r_split, layout)
-        if layout.rotary and d % 2 == 0:
-            score = max(score, _heads_score(rope_unreorder(s, layout), r_split, layout))
+        rope = layout.rotary and d % 2 == 0
+        score = max(_heads_scores(s_split, r_split, layout, basis=basis, rope=rope))
         scored.append((score, d, layout))
     if not scored:
         return first
@@ -362,10 +455,95 @@ def guess_layout(s: State, r: State) -> Layout | None:
     return next(layout for score, _, layout in scored if score >= best - 0.005)
 
 
-def _flat(graph: LayerGraph) -> dict[str, torch.Tensor]:
-    from auditor.toolkit.channels import tensors_of
+def _refs(graph: LayerGraph) -> dict[str, TensorRef]:
+    return {f"{layer.name}.{role}": t for layer in graph.layers for role, t in layer.params.items()}
 
-    return {f"{layer}.{role}": t for layer, params in tensors_of(graph).items() for role, t in params.items()}
+
+def _flat(graph: LayerGraph) -> LazyState:
+    """The graph's tensors by ``layer.role``, read when asked for (see :mod:`.lazy`)."""
+    from auditor.plugins.restore.lazy import LazyState
+
+    return LazyState.of_refs(_refs(graph))
+
+
+def _split(state: LazyState, layout: Layout) -> LazyState:
+    """GPT-2's fused Conv1D state in the edits' layout (:func:`~auditor.toolkit.transformers.split_conv1d`),
+    read lazily; other layouts as they are."""
+    from auditor.plugins.restore.lazy import LazyState
+
+    if layout.kind != "gpt2":
+        return state
+    sources, shapes = dict(state.sources), dict(state.shapes)
+    for b in layout.blocks:
+        p = b.q.rsplit(".attn.", 1)[0]
+        w, shape = sources.pop(f"{p}.attn.c_attn.weight"), shapes.pop(f"{p}.attn.c_attn.weight")
+        bias = sources.pop(f"{p}.attn.c_attn.bias", None)
+        shapes.pop(f"{p}.attn.c_attn.bias", None)
+        h = shape[1] // 3
+        for i, part in enumerate((b.q, b.k, b.v)):
+            sources[f"{part}.weight"] = lambda w=w, i=i, h=h: w()[:, i * h : (i + 1) * h].T.contiguous()
+            shapes[f"{part}.weight"] = (h, shape[0])
+            if bias is not None:
+                sources[f"{part}.bias"] = lambda bias=bias, i=i, h=h: bias()[i * h : (i + 1) * h]
+                shapes[f"{part}.bias"] = (h,)
+        for name in (b.o, b.up, b.down):
+            f = sources[f"{name}.weight"]
+            sources[f"{name}.weight"] = lambda f=f: f().T.contiguous()
+            shapes[f"{name}.weight"] = shapes[f"{name}.weight"][::-1]
+    return LazyState(sources, shapes)
+
+
+def _merged(state: LazyState, layout: Layout, refs: Mapping[str, TensorRef]) -> dict[str, TensorRef]:
+    """The changed tensors, under the file's keys and layout (GPT-2's fused again), as readers."""
+    import torch
+
+    out: dict[str, TensorRef] = {}
+    fused: dict[str, str] = {}
+    if layout.kind == "gpt2":
+        for b in layout.blocks:
+            p = b.q.rsplit(".attn.", 1)[0]
+            for role in ("weight", "bias"):
+                key = f"{p}.attn.c_attn.{role}"
+                parts = [f"{x}.{role}" for x in (b.q, b.k, b.v)]
+                if key in refs and any(state.changed(x) for x in parts):
+                    def read(parts: list[str] = parts, role: str = role) -> torch.Tensor:
+                        return torch.cat([state[x].T if role == "weight" else state[x] for x in parts],
+                                         dim=1 if role == "weight" else 0)  # fmt: skip
+                    out[key] = state.ref(key, refs[key].name, read, refs[key].shape)
+            for name in (b.o, b.up, b.down):
+                fused[f"{name}.weight"] = f"{name}.weight"
+    for key in refs:
+        if key in out or key not in state or not state.changed(key):
+            continue
+        if key in fused:
+            out[key] = state.ref(key, refs[key].name, lambda key=key: state[key].T.contiguous(), refs[key].shape)
+        else:
+            out[key] = state.ref(key, refs[key].name)
+    return out
+
+
+def in_place_matches(rewritten: LayerGraph, reference: LayerGraph) -> dict[str, LayerMatch]:
+    """The guard's evidence without a channel plan: each linear layer's rows against the reference's where
+    they stand (input channels at unit norm, as the plan compares them), one tensor pair at a time. A
+    rewritten suspect in the reference's form scores what the plan would (it moves nothing); anything else
+    scores at most what the plan's matching would manufacture."""
+    from auditor.graph import LayerKind
+    from auditor.plugins.restore import similarity
+    from auditor.plugins.restore.plan import LayerMatch
+
+    refs = {layer.name: layer for layer in reference.layers}
+    out = {}
+    for layer in rewritten.layers:
+        ref = refs.get(layer.name)
+        w, rw = layer.weight, ref.weight if ref is not None else None
+        if layer.kind is not LayerKind.LINEAR or w is None or rw is None or len(w.shape) != 2 or w.shape != rw.shape:
+            continue
+        a = similarity.rows(similarity.unit_inputs(w.read(float32=True)))
+        b = similarity.rows(similarity.unit_inputs(rw.read(float32=True)))
+        cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+        score = float(cos.abs().nan_to_num(0.0).mean())
+        out[layer.name] = LayerMatch(layer.name, layer.name, w.numel, w.shape[1], score, score, True)
+    return out
 
 
 class TransformerRestorer(StructuralRestorer):
@@ -376,6 +554,16 @@ class TransformerRestorer(StructuralRestorer):
     rows_key: ClassVar[str] = "steps"
     description = ("Put a transformer's rotary row order, heads, MLP units, head scales, residual rotation "
                    "and norm weights back in the reference's form.")  # fmt: skip
+    #: Above this many parameters the guard compares rows in place (:func:`in_place_matches`).
+    plan_limit: ClassVar[int] = PLAN_LIMIT
+
+    def judge(self, rewritten: LayerGraph, reference: LayerGraph) -> tuple[dict[str, LayerMatch], str, list[str]]:
+        """The channel plan's matches up to :attr:`plan_limit` parameters; above it, the rows in place."""
+        if rewritten.parameter_count <= self.plan_limit:
+            return super().judge(rewritten, reference)
+        note = (f"{rewritten.parameter_count} parameters (more than {self.plan_limit}): each linear layer's rows "
+                "compared with the reference's where they stand, no channel plan")  # fmt: skip
+        return in_place_matches(rewritten, reference), "in place", [note]
 
     def rewrite(
         self, suspect: LayerGraph, reference: LayerGraph
@@ -385,39 +573,53 @@ class TransformerRestorer(StructuralRestorer):
         import torch
 
         from auditor.errors import UsageError
-        from auditor.toolkit.channels import graph_with_tensors
-        from auditor.toolkit.transformers import layout_of, merge_conv1d, read_config, split_conv1d
+        from auditor.toolkit.transformers import layout_of, read_config
 
-        refs = {f"{layer.name}.{role}": ref for layer in reference.layers for role, ref in layer.params.items()}
+        refs = _refs(reference)
         if layout_of(refs, None, head_dim=1) is None:  # names and shapes only: nothing is read for other models
             return None, [], [], _NOT_OURS
         s, r = _flat(suspect), _flat(reference)
         config = read_config(reference.path) or read_config(suspect.path)
-        if any(k not in s or s[k].shape != v.shape for k, v in r.items()) or len(s) != len(r):
+        if any(k not in s.shapes or s.shapes[k] != v for k, v in r.shapes.items()) or len(s) != len(r):
             return None, [], [], "the suspect's transformer layout or shapes differ from the reference's"
         try:
-            layout = layout_of(r, config) if config else guess_layout(s, r)
+            layout = layout_of(refs, config) if config else guess_layout(s, r)
         except UsageError as exc:
             return None, [], [], f"the reference's heads cannot be read: {exc}"
         if layout is None:
             return None, [], [], _NOT_OURS
         guess = "" if config else f" (no config.json: heads of {layout.head_dim} dimensions, the best-matching size)"
-        split_state, rows, changed = align_transformer(split_conv1d(s), split_conv1d(r), layout)
-        state = merge_conv1d(split_state, layout)
+        state, rows, changed = _align(_split(s, layout), _split(r, layout), layout)
         if not changed:
             notes = "; ".join(f"{x['step']}: {x['note']}" for x in rows if x.get("note") and not x.get("acted"))
             return None, rows, [], "nothing to undo" + guess + (f" ({notes})" if notes else "")
-        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        rewritten = _merged(state, layout, _refs(suspect))
+        tensors: dict[str, dict[str, TensorRef]] = {}
         layers = []
         for layer in suspect.layers:
-            params = {role: state[f"{layer.name}.{role}"] for role in layer.params}
-            if any(not torch.equal(params[role], s[f"{layer.name}.{role}"]) for role in params):
-                tensors[layer.name] = params
-                num = sum(float(torch.linalg.norm(params[x] - r[f"{layer.name}.{x}"])) for x in params)
-                den = max(sum(float(torch.linalg.norm(r[f"{layer.name}.{x}"])) for x in params), 1e-30)
-                note = f"restored (relative difference from the reference {num / den:.2g})"
-                layers.append({"name": layer.name, "reference": layer.name, "note": note})
+            roles = [role for role in layer.params if f"{layer.name}.{role}" in rewritten]
+            if not roles:
+                continue
+            tensors[layer.name] = {role: rewritten.get(f"{layer.name}.{role}", t) for role, t in layer.params.items()}
+            num = den = 0.0
+            for role in layer.params:  # one tensor pair at a time
+                mine = tensors[layer.name][role].read(float32=True)
+                theirs = refs[f"{layer.name}.{role}"].read(float32=True)
+                num += float(torch.linalg.norm(mine - theirs))
+                den += float(torch.linalg.norm(theirs))
+            note = f"restored (relative difference from the reference {num / max(den, 1e-30):.2g})"
+            layers.append({"name": layer.name, "reference": layer.name, "note": note})
         steps = [x["step"] for x in rows if x.get("acted") or x.get("heads_moved") or x.get("units_moved")
                  or x.get("factors_divided")]  # fmt: skip
         why = f"transformer aligned with the reference ({', '.join(dict.fromkeys(steps))}){guess}"
-        return graph_with_tensors(suspect, tensors, note=f"restore-transformer: {why}"), rows, layers, why
+        return _with_refs(suspect, tensors, f"restore-transformer: {why}"), rows, layers, why
+
+
+def _with_refs(graph: LayerGraph, tensors: Mapping[str, Mapping[str, TensorRef]], note: str) -> LayerGraph:
+    """A copy of ``graph`` whose named layers hold the given tensor references (read when asked for)."""
+    import dataclasses
+
+    layers = [dataclasses.replace(layer, params=dict(tensors.get(layer.name, layer.params)), attrs=dict(layer.attrs))
+              for layer in graph.layers]  # fmt: skip
+    return dataclasses.replace(graph, layers=layers, edges=list(graph.edges), files=list(graph.files),
+                               metadata=dict(graph.metadata), notes=[*graph.notes, note])  # fmt: skip

@@ -12,12 +12,15 @@ would have been done. Nothing here imports the plugin module, which registers th
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from auditor.bases import Restorer
 from auditor.graph import LayerGraph
 from auditor.plugins.restore import guard as _guard
 from auditor.plugins.restore import report
+
+if TYPE_CHECKING:  # the plan imports torch: it loads when a restorer runs, not when it registers
+    from auditor.plugins.restore.plan import LayerMatch
 
 __all__ = ["StructuralRestorer"]
 
@@ -50,21 +53,26 @@ class StructuralRestorer(Restorer):
         (``name``, ``reference``, ``note``) and why."""
         raise NotImplementedError
 
-    def restore(self, suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph, dict[str, Any]]:
-        """The rewritten suspect (or the suspect itself, untouched) and the log."""
+    def judge(self, rewritten: LayerGraph, reference: LayerGraph) -> tuple[dict[str, LayerMatch], str, list[str]]:
+        """The guard's evidence about ``rewritten``: the matched layers, where the edges came from, and notes.
+        The channel plan's (:func:`~.plan.make_plan`) unless a subclass has a cheaper equivalent."""
         from auditor.plugins.restore.plan import make_plan
 
+        plan = make_plan(rewritten, reference)
+        return plan.matches, plan.edges_from, list(plan.notes)
+
+    def restore(self, suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph, dict[str, Any]]:
+        """The rewritten suspect (or the suspect itself, untouched) and the log."""
         rewritten, rows, layers, why = self.rewrite(suspect, reference)
         log: dict[str, Any] = {"acted": False, "guard": "on" if self.guarded else "off", "notes": [], "reason": why}
         if rewritten is None:
             return suspect, log
-        plan = make_plan(rewritten, reference)
-        evidence = _guard.assess(plan.matches.values(), threshold=self.threshold)
-        log.update(edges_from=plan.edges_from, evidence=evidence.to_log(), notes=list(plan.notes))
+        matches, edges_from, notes = self.judge(rewritten, reference)
+        evidence = _guard.assess(matches.values(), threshold=self.threshold)
+        log.update(edges_from=edges_from, evidence=evidence.to_log(), notes=notes)
         log[self.rows_key] = rows
         log["layers"] = [
-            {**row, "similarity_after": round(plan.matches[row["name"]].after, 6) if row["name"] in plan.matches
-             else None}
+            {**row, "similarity_after": round(matches[row["name"]].after, 6) if row["name"] in matches else None}
             for row in layers
         ]  # fmt: skip
         if self.guarded and not evidence.derived:
