@@ -38,7 +38,7 @@ from auditor.formats._onnx_graph import (
 )
 from auditor.graph import LayerKind, TensorRef
 
-__all__ = ["Found", "layer_name", "recognise"]
+__all__ = ["Found", "layer_name", "recognise", "recognise_norm_scale"]
 
 _MODULE_NAME = re.compile(r"^(?!onnx::)(.+)\.[A-Za-z_][A-Za-z0-9_]*$")
 _LSTM_ORDER = (0, 2, 3, 1)  # ONNX i, o, f, c -> PyTorch i, f, g, o
@@ -87,21 +87,23 @@ def _conv(
 
 
 def _gemm(
-    attrs: dict[str, Any], p: dict[str, Param], notes: list[str], label: str
+    attrs: dict[str, Any], p: dict[str, Param], notes: list[str], label: str, in_out: bool = False
 ) -> tuple[dict[str, TensorRef], dict[str, Any]]:
+    """Gemm's or MatMul's weight ``(out, in)``, or ``(in, out)`` with ``in_out`` (as the module holds it)."""
     alpha, beta = float_attr(attrs, "alpha", 1.0), float_attr(attrs, "beta", 1.0)
     trans_b = int_attr(attrs, "transB", 0)
-    steps: list[tuple[Any, ...]] = [] if trans_b else [("perm", (1, 0))]
+    steps: list[tuple[Any, ...]] = [] if bool(trans_b) != in_out else [("perm", (1, 0))]
     if alpha != 1.0:
         steps.append(("scale", alpha))
     w = make_ref(p["weight"], steps)
     if len(w.shape) != 2:
         raise Unusable(f"weight of shape {list(w.shape)} is not a matrix")
     params = {"weight": w}
+    outputs = w.shape[1 if in_out else 0]
     if "bias" in p:
         bias = p["bias"]
-        if math.prod(bias.base.shape) == w.shape[0]:
-            params["bias"] = make_ref(bias, [("reshape", (w.shape[0],))] + ([("scale", beta)] if beta != 1.0 else []))
+        if math.prod(bias.base.shape) == outputs:
+            params["bias"] = make_ref(bias, [("reshape", (outputs,))] + ([("scale", beta)] if beta != 1.0 else []))
         else:
             notes.append(
                 f"{label}: bias of shape {list(bias.base.shape)} broadcasts over the outputs; not recorded as a bias"
@@ -281,16 +283,21 @@ def _quantized(op: str, ref: TensorRef) -> dict[str, Any]:
     return out
 
 
-def recognise(g: Scope, index: int, node: Any, consumers: dict[str, list[int]], notes: list[str]) -> Found | None:
-    """The layer ``node`` computes, or ``None`` when it has no weights auditor reads."""
-    found = _recognise(g, index, node, consumers, notes)
+def recognise(
+    g: Scope, index: int, node: Any, consumers: dict[str, list[int]], notes: list[str], *, in_out: bool = False
+) -> Found | None:
+    """The layer ``node`` computes, or ``None`` when it has no weights auditor reads. ``in_out``: a Gemm's or
+    MatMul's weight is given as its module holds it, ``(in, out)`` (see :mod:`._onnx_names`)."""
+    found = _recognise(g, index, node, consumers, notes, in_out=in_out)
     weight = found.params.get("weight") if found is not None else None
     if found is not None and weight is not None and weight.quantization is not None:
         found.attrs["quantized"] = _quantized(node.op_type, weight)
     return found
 
 
-def _recognise(g: Scope, index: int, node: Any, consumers: dict[str, list[int]], notes: list[str]) -> Found | None:
+def _recognise(
+    g: Scope, index: int, node: Any, consumers: dict[str, list[int]], notes: list[str], *, in_out: bool
+) -> Found | None:
     op = node.op_type
     if op in _INTEGER_OPS:
         return _integer(g, index, node, consumers, notes)
@@ -329,11 +336,11 @@ def _recognise(g: Scope, index: int, node: Any, consumers: dict[str, list[int]],
                 if b is not None and math.prod(b.base.shape) == plan_steps(w.base.shape, w.steps)[0][-1]:
                     p["bias"], out_node = b, readers[0]
         gemm_attrs = attrs if op == "Gemm" else {}
-        params, out = _gemm(gemm_attrs, p, notes, label)
+        params, out = _gemm(gemm_attrs, p, notes, label, in_out)
         if op == "MatMul":
             out = {}
         kind = LayerKind.LINEAR
-        channels = params["weight"].shape[0]
+        channels = params["weight"].shape[1 if in_out else 0]
     elif op in ("LSTM", "GRU"):
         for role, i in (("W", 1), ("R", 2), ("B", 3)):
             if (found := param(i)) is not None:
@@ -379,6 +386,24 @@ def _recognise(g: Scope, index: int, node: Any, consumers: dict[str, list[int]],
         return None
     names = [n for q in p.values() for n in (q.seen_as, q.base.name)]
     return Found(kind, node, params, out, names, index, out_node, data_input, channels, rank)
+
+
+def recognise_norm_scale(g: Scope, index: int, node: Any) -> Found | None:
+    """A norm module's weight applied as ``Mul(weight, x)`` (RMSNorm decomposed by the dynamo exporter): a
+    layer-norm layer with that weight, or None when neither input is a stored vector. The caller decides from
+    the node's module class that it is a norm: a Mul alone says nothing."""
+    ins = [v for v in node.input if v]
+    if node.op_type != "Mul" or len(ins) != 2:
+        return None
+    stored = [(k, p) for k, v in enumerate(ins) if (p := resolve(g, v)) is not None]
+    if len(stored) != 1:
+        return None
+    k, p = stored[0]
+    ref = make_ref(p)
+    if len(ref.shape) != 1 or ref.shape[0] < 2:
+        return None
+    names = [p.seen_as, p.base.name]
+    return Found(LayerKind.LAYER_NORM, node, {"weight": ref}, {}, names, index, index, ins[1 - k], ref.shape[0])
 
 
 _TORCH_RNN = re.compile(r"^(.*?)\.?(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
@@ -439,9 +464,10 @@ def _torch_named_recurrent(g: Scope, index: int, node: Any, notes: list[str], la
 _ROLE_ORDER = [f"{w}_{x}_l0{r}" for r in ("", "_reverse") for w in ("weight", "bias") for x in ("ih", "hh")]
 
 
-def layer_name(found: Found, index: int, used: set[str]) -> str:
-    """``prefix`` of the first ``prefix.weight``-style name, else the node name; made unique with ``_1``, ``_2``..."""
-    base = next((m.group(1) for n in found.names if (m := _MODULE_NAME.match(n))), None)
+def layer_name(found: Found, index: int, used: set[str], module: str = "") -> str:
+    """``module`` (the exporter's module path, where it recorded one), else ``prefix`` of the first
+    ``prefix.weight``-style name, else the node name; made unique with ``_1``, ``_2``..."""
+    base = module or next((m.group(1) for n in found.names if (m := _MODULE_NAME.match(n))), None)
     base = base or found.node.name or f"{found.node.op_type}_{index}"
     name, k = base, 0
     while name in used:

@@ -16,6 +16,21 @@ exporter's constant folding renames weights (``onnx::Conv_17``, BatchNorm
 folded into the conv); the dynamo exporter keeps ``c.weight`` on folded
 values, so a name never proves the values are the original ones.
 
+The dynamo exporter (``torch.onnx.export(..., dynamo=True)``) names a linear
+layer's weight after the traced program (``val_105``: pre-transposed, fed to a
+MatMul) and merges initializers of equal value, but records each node's module
+path, module class and the parameters its traced call reads
+(:mod:`._onnx_names`). Where a file carries that record, a layer takes its
+module's path, so that a transformer reads back under its state dict's names
+(``model.layers.0.self_attn.q_proj``), and more is mapped back to the state
+dict, each counted in one note: a norm module's weight applied by a Mul
+(RMSNorm, which the exporter decomposes) is a layer-norm layer; a weight read
+by ``aten.addmm`` (transformers' ``Conv1D``: GPT-2) stays ``(in, out)``, as its
+module holds it; a parameter that a second module reads (a tied LM head) is
+one layer, the first reader's, as the state dict keeps it; and a bias the
+traced call reads but the graph left out (a Gemm without C: a zero bias)
+reads as zeros.
+
 Recurrent layers: one ONNX LSTM/GRU node is one auditor layer with
 ``num_layers=1`` and PyTorch parameter names ``*_l0`` (``*_l0_reverse``). A
 PyTorch ``nn.LSTM(num_layers=2)`` exports as two nodes, so it becomes two
@@ -52,9 +67,10 @@ from auditor.formats._onnx_graph import (
     attr_value,
     trace_edges,
 )
-from auditor.formats._onnx_layers import layer_name, recognise
+from auditor.formats._onnx_layers import Found, layer_name, recognise, recognise_norm_scale
+from auditor.formats._onnx_names import Origin, read_origins
 from auditor.formats._onnx_wire import BudgetExceeded, WireError, schema, walk
-from auditor.graph import EdgeSource, Layer, LayerGraph, TensorRef, itemsize
+from auditor.graph import EdgeSource, Layer, LayerGraph, LayerKind, TensorRef, itemsize
 from auditor.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # numpy, torch and onnx load with the first ONNX file, not when the format registers
@@ -460,6 +476,93 @@ def _shapes(graph: Any) -> dict[str, tuple[int | None, ...]]:
     return shapes
 
 
+#: Traced ops that read their weight as stored, ``(in, out)``, where ``aten.linear`` reads ``(out, in)``.
+_AS_STORED = ("aten.addmm.default", "aten.mm.default", "aten.matmul.default")
+#: The traced ops (words of their names) that compute each kind of layer. A node's record names the module
+#: only where its op fits the layer: the optimizer's fused nodes carry the last fused op's record (a
+#: convolution with its batch-norm folded in is recorded as the batch-norm, while its weights are the conv's).
+_OPS = {
+    LayerKind.LINEAR: ("linear", "addmm", "mm", "matmul"), LayerKind.CONV1D: ("conv",), LayerKind.CONV2D: ("conv",),
+    LayerKind.EMBEDDING: ("embedding",), LayerKind.LAYER_NORM: ("layer_norm", "rms_norm", "mul"),
+    LayerKind.BATCH_NORM: ("batch_norm",), LayerKind.LSTM: ("lstm",), LayerKind.GRU: ("gru",),
+}  # fmt: skip
+
+
+class _Modules:
+    """The layers of a dynamo export, named and completed from the exporter's record (see the module docstring)."""
+
+    def __init__(self, model: Any) -> None:
+        self.origins: dict[int, Origin] = read_origins(model) or {}
+        self.readers: dict[str, str] = {}  # parameter -> the layer that reads it
+        self.counts = {"named": 0, "in_out": 0, "norm": 0}
+        self.tied: list[str] = []
+        self.zero_bias: list[str] = []
+
+    def in_out(self, origin: Origin | None) -> bool:
+        return origin is not None and origin.op in _AS_STORED and origin.param("weight") is not None
+
+    def norm_scale(self, g: Scope, index: int, node: Any, origin: Origin | None) -> Found | None:
+        """A norm module's Mul by its own weight (its traced call reads ``<module>.weight``)."""
+        if origin is None or not origin.module_class.rsplit(".", 1)[-1].endswith("Norm"):
+            return None
+        if origin.param("weight") != f"{origin.module}.weight":
+            return None
+        found = recognise_norm_scale(g, index, node)
+        if found is not None:
+            self.counts["norm"] += 1
+        return found
+
+    @staticmethod
+    def fits(origin: Origin | None, found: Found) -> Origin | None:
+        """``origin`` where its traced op computes ``found``'s kind of layer, else None."""
+        op = origin.op.split(".")[1] if origin is not None and origin.op.count(".") >= 1 else ""
+        return origin if any(word in op for word in _OPS.get(found.kind, ())) else None
+
+    def tied_to(self, origin: Origin | None, found: Found) -> str | None:
+        """The layer that already reads this layer's weight parameter, or None (and the parameter is claimed)."""
+        weight = origin.param("weight") if origin is not None else None
+        if origin is None or weight is None:
+            return None
+        first = self.readers.get(weight)
+        if first is not None:
+            self.tied.append(f"{origin.module or found.node.name} reads {weight} as {first} does")
+        return first
+
+    def claim(self, origin: Origin | None, name: str, found: Found) -> None:
+        if origin is None or not origin.module:
+            return
+        weight = origin.param("weight")
+        if weight is not None:
+            self.readers[weight] = name
+        self.counts["named"] += 1
+        if found.kind is LayerKind.LINEAR and self.in_out(origin):
+            self.counts["in_out"] += 1
+        bias = origin.param("bias")
+        w = found.params.get("weight")
+        if bias is not None and "bias" not in found.params and w is not None and found.kind is not LayerKind.EMBEDDING:
+            import torch
+
+            n = w.shape[1] if self.in_out(origin) and found.kind is LayerKind.LINEAR else w.shape[0]
+            found.params["bias"] = TensorRef.from_tensor(bias, torch.zeros(n))
+            self.zero_bias.append(name)
+
+    def notes(self) -> list[str]:
+        if not self.counts["named"]:
+            return []
+        c = self.counts
+        out = [
+            f"torch dynamo export: {c['named']} layer(s) named by their module path (the exporter's name scopes);"
+            f" {c['norm']} norm weight(s) read from a Mul in a norm module; {c['in_out']} weight(s) read by"
+            " aten.addmm kept (in, out), as their modules hold them"
+        ]
+        if self.tied:
+            out.append(f"tied weights, one layer each (the first reader): {'; '.join(self.tied)}")
+        if self.zero_bias:
+            out.append(f"bias read by the traced call but absent from the graph (no bias computed), read as zeros:"
+                       f" {', '.join(self.zero_bias)}")  # fmt: skip
+        return out
+
+
 def _load(path: Path) -> LayerGraph:
     model = _parse(path)
     ctx = _Context(path, files=[path])
@@ -469,6 +572,7 @@ def _load(path: Path) -> LayerGraph:
             f"{repaired} text field(s) are not UTF-8 (invalid ONNX), read with \\x escapes (first: {first})"
         )
     graphs = _graphs(model, ctx)
+    modules = _Modules(model)
     layers: list[Layer] = []
     sites: list[LayerSite] = []
     used_names: set[str] = set()
@@ -481,14 +585,21 @@ def _load(path: Path) -> LayerGraph:
                 consumers.setdefault(name, []).append(i)
         for i, node in enumerate(g.proto.node):
             label = f"{node.op_type} node {node.name!r}"
+            origin = modules.origins.get(i) if g.parent is None else None
             try:
-                found = recognise(g, i, node, consumers, ctx.notes)
+                found = recognise(g, i, node, consumers, ctx.notes, in_out=modules.in_out(origin))
+                if found is None and node.op_type == "Mul":
+                    found = modules.norm_scale(g, i, node, origin)
             except Unusable as exc:
                 ctx.notes.append(f"{label}: {exc}; not a layer")
                 continue
             if found is None:
                 continue
-            name = layer_name(found, i, used_names)
+            origin = modules.fits(origin, found)
+            if modules.tied_to(origin, found) is not None:
+                continue
+            name = layer_name(found, i, used_names, origin.module if origin is not None else "")
+            modules.claim(origin, name, found)
             if g.parent is not None:
                 found.attrs["subgraph"] = g.origin
                 sub_layers += 1
@@ -498,6 +609,7 @@ def _load(path: Path) -> LayerGraph:
                 sites.append(
                     LayerSite(name, found.in_node, found.out_node, found.data_input, found.channels, found.rank)
                 )
+    ctx.notes.extend(modules.notes())
     main = graphs[0]
     nodes = [
         NodeInfo(
