@@ -32,7 +32,7 @@ the rows are compared where they stand, :func:`in_place_matches`); each step's f
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Container, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from auditor.graph import LayerGraph
@@ -459,11 +459,12 @@ def _refs(graph: LayerGraph) -> dict[str, TensorRef]:
     return {f"{layer.name}.{role}": t for layer in graph.layers for role, t in layer.params.items()}
 
 
-def _flat(graph: LayerGraph) -> LazyState:
-    """The graph's tensors by ``layer.role``, read when asked for (see :mod:`.lazy`)."""
+def _flat(graph: LayerGraph, keys: Container[str] | None = None) -> LazyState:
+    """The graph's tensors by ``layer.role`` (those among ``keys``, if given), read when asked for (see
+    :mod:`.lazy`)."""
     from auditor.plugins.restore.lazy import LazyState
 
-    return LazyState.of_refs(_refs(graph))
+    return LazyState.of_refs({k: t for k, t in _refs(graph).items() if keys is None or k in keys})
 
 
 def _split(state: LazyState, layout: Layout) -> LazyState:
@@ -578,7 +579,16 @@ class TransformerRestorer(StructuralRestorer):
         refs = _refs(reference)
         if layout_of(refs, None, head_dim=1) is None:  # names and shapes only: nothing is read for other models
             return None, [], [], _NOT_OURS
-        s, r = _flat(suspect), _flat(reference)
+        s = _flat(suspect)
+        # An export may fold a tensor into a constant (GPT-2's position table in an ONNX file of fixed length):
+        # the reference's tensors the suspect lacks are left out, if the layout does not read them.
+        absent = sorted(k for k in refs if k not in s.shapes)
+        if absent and layout_of({k: t for k, t in refs.items() if k in s.shapes}, None, head_dim=1) != layout_of(
+            refs, None, head_dim=1
+        ):
+            return None, [], [], "the suspect's transformer layout or shapes differ from the reference's"
+        refs = {k: t for k, t in refs.items() if k in s.shapes}
+        r = _flat(reference, refs)
         config = read_config(reference.path) or read_config(suspect.path)
         if any(k not in s.shapes or s.shapes[k] != v for k, v in r.shapes.items()) or len(s) != len(r):
             return None, [], [], "the suspect's transformer layout or shapes differ from the reference's"
@@ -589,6 +599,8 @@ class TransformerRestorer(StructuralRestorer):
         if layout is None:
             return None, [], [], _NOT_OURS
         guess = "" if config else f" (no config.json: heads of {layout.head_dim} dimensions, the best-matching size)"
+        if absent:
+            guess += f" (not in the suspect, not compared: {', '.join(absent)})"
         state, rows, changed = _align(_split(s, layout), _split(r, layout), layout)
         if not changed:
             notes = "; ".join(f"{x['step']}: {x['note']}" for x in rows if x.get("note") and not x.get("acted"))
