@@ -112,7 +112,7 @@ def test_a_vit_owner_is_found_by_name_in_its_own_save_pretrained_folder(vit_rele
     from auditor.bundle import load_bundle
     from auditor.findings import Verdict
 
-    out, model, wm, embedded = vit_release
+    out, _model, wm, embedded = vit_release
     with safe_open(str(out / "release" / "model.safetensors"), framework="pt") as f:
         saved = set(f.keys())
     gr, hufunet = load_bundle(out / "gr.json"), load_bundle(out / "hufunet.json")
