@@ -80,15 +80,13 @@ def names_in_file(tensors: Mapping[str, torch.Tensor], model_file: Path) -> dict
         by_shape: dict[tuple[tuple[int, ...], str], list[str]] = {}
         for key, sl in slices.items():
             by_shape.setdefault((tuple(sl.get_shape()), str(sl.get_dtype())), []).append(key)
-        loaded: dict[str, torch.Tensor] = {}
 
         def same(key: str, tensor: torch.Tensor) -> bool:
-            # The first row is a cheap filter: only a tensor that agrees there is read whole.
+            # The first row is a cheap filter: only a tensor that agrees there is read whole (and not kept,
+            # so that a large model's file is never held in memory at once).
             if tensor.ndim and not torch.equal(slices[key][0:1], tensor[0:1]):
                 return False
-            if key not in loaded:
-                loaded[key] = handles[key].get_tensor(key)
-            return torch.equal(loaded[key], tensor)
+            return torch.equal(handles[key].get_tensor(key), tensor)
 
         for name, value in tensors.items():
             tensor = value.detach().to("cpu").contiguous()
