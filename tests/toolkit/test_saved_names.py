@@ -129,3 +129,29 @@ def test_a_vit_owner_is_found_by_name_in_its_own_save_pretrained_folder(vit_rele
     assert [r["found_by"] for r in rows] == ["by name"] * len(gr_names)
     host_rows = findings["hufunet"].details["host_layers"]
     assert [r["found_by"] for r in host_rows] == ["by name"] * len(host_names)
+
+
+def test_a_sharded_vit_release_is_found_by_name_through_its_index(vit_release: Any, tmp_path: Path) -> None:
+    from auditor.audit.detect import run_detectors
+    from auditor.audit.load import load_model
+    from auditor.bundle import load_bundle
+    from auditor.findings import Verdict
+    from auditor.plugins.hufunet.owner import load_hufunet, write_bundle
+
+    out, model, wm, embedded = vit_release
+    hufunet, secret = load_hufunet(out / "secret.json")
+    model.save_pretrained(tmp_path / "release", max_shard_size="300KB")
+    index = tmp_path / "release" / "model.safetensors.index.json"
+    assert len(checkpoint_files(index)) > 1
+    wm.save_bundle(tmp_path / "gr.json", model, model_file=index)
+    write_bundle(tmp_path / "hufunet.json", model, embedded, hufunet, secret, files={"safetensors": index},
+                 architecture="vit")  # fmt: skip
+    bundles = [load_bundle(tmp_path / "gr.json"), load_bundle(tmp_path / "hufunet.json")]
+    findings = {f.scheme: f for f in run_detectors(load_model(tmp_path / "release"), bundles=bundles)}
+    assert {scheme: f.verdict for scheme, f in findings.items()} == {
+        "greedy-residuals": Verdict.DETECTED,
+        "hufunet": Verdict.DETECTED,
+    }
+    found = [r["found_by"] for r in [*findings["greedy-residuals"].details["layers"],
+                                     *findings["hufunet"].details["host_layers"]]]  # fmt: skip
+    assert found == ["by name"] * len(found)
