@@ -184,8 +184,27 @@ def _factor(fs: torch.Tensor, fr: torch.Tensor) -> torch.Tensor:
     return (fs * fr).sum(dim=1) / (fr * fr).sum(dim=1).clamp_min(1e-30)
 
 
+def _moments(s: _Frame, r: _Frame, name: str, norm: str | None, columns: bool) -> tuple[torch.Tensor, ...]:
+    """Per vector (a reader's row, a writer's column) of ``name``: ``<s, r>``, ``|s|^2``, ``|r|^2`` of the
+    features (in the raw basis straight off the weights, without transposing a writer)."""
+    import torch
+
+    if s.p is None:
+        a = s.weight(name) if columns else s.reader(name, norm)
+        b = r.weight(name) if columns else r.reader(name, norm)
+        if columns:  # a sum down the columns is faster on the product than as a strided norm
+            return (a * b).sum(0), (a * a).sum(0), (b * b).sum(0)
+        return torch.einsum("ij,ij->i", a, b), torch.einsum("ij,ij->i", a, a), torch.einsum("ij,ij->i", b, b)
+    fs = s.features(s.weight(name).T if columns else s.reader(name, norm))
+    fr = r.features(r.weight(name).T if columns else r.reader(name, norm))
+    return (fs * fr).sum(1), (fs * fs).sum(1), (fr * fr).sum(1)
+
+
 def _unscale(state: LazyState, s: _Frame, r: _Frame, block: Block, layout: Layout) -> int:
-    """Divide out one factor per Q/K/V head, O column block and up/down unit; how many were not 1."""
+    """Divide out one factor per Q/K/V head, O column block and up/down unit; how many were not 1.
+
+    Each factor is the least-squares ``c`` of the block's features, ``s ~ c r``, used where the block's
+    |cosine| with the reference's is at least :data:`MIN_SCALE_COSINE`."""
     import torch
 
     d, scaled = layout.head_dim, 0
@@ -193,15 +212,9 @@ def _unscale(state: LazyState, s: _Frame, r: _Frame, block: Block, layout: Layou
             (block.v, block.attn_norm, d, False), (block.o, None, d, True), (block.up, block.mlp_norm, 1, False),
             (block.down, None, 1, True)]  # fmt: skip
     for name, norm, size, columns in jobs:
-
-        def feats(frame: _Frame, name: str = name, norm: str | None = norm, columns: bool = columns) -> torch.Tensor:
-            v = frame.weight(name).T if columns else frame.reader(name, norm)
-            return frame.features(v)
-
-        fs, fr = feats(s), feats(r)
-        bs, br = fs.reshape(fs.shape[0] // size, -1), fr.reshape(fr.shape[0] // size, -1)
-        c = _factor(bs, br).double()
-        cosine = (_blocks(bs, 1) * _blocks(br, 1)).sum(dim=1).abs()
+        ab, ss, rr = (x.double().reshape(-1, size).sum(1) for x in _moments(s, r, name, norm, columns))
+        c = ab / rr.clamp_min(1e-30)
+        cosine = ab.abs() / (ss.sqrt().clamp_min(1e-30) * rr.sqrt().clamp_min(1e-30))
         c = torch.where(((c - 1).abs() > SCALE_TOLERANCE) & (cosine >= MIN_SCALE_COSINE), c, torch.ones_like(c))
         if not torch.equal(c, torch.ones_like(c)):
             scaled += int(((c - 1).abs() > SCALE_TOLERANCE).sum())
@@ -350,8 +363,11 @@ def _not_rotated(s: LazyState, r: LazyState, layout: Layout) -> bool:
     if layout.embed is None:
         return True  # no embedding: the rows are compared as they stand anyway
     e_s, e_r = s[f"{layout.embed}.weight"], r[f"{layout.embed}.weight"]
-    diff = float(torch.linalg.vector_norm((e_s - e_r).double()))
-    return diff <= EMBEDDING_ROUNDING * float(torch.linalg.vector_norm(e_r.double()))
+    diff = ref = 0.0
+    for j in range(0, len(e_r), 4096):  # in slices: no float64 copy of a 32000 x 4096 embedding
+        diff += float(torch.linalg.vector_norm(e_s[j : j + 4096] - e_r[j : j + 4096]).double() ** 2)
+        ref += float(torch.linalg.vector_norm(e_r[j : j + 4096]).double() ** 2)
+    return bool(diff**0.5 <= EMBEDDING_ROUNDING * ref**0.5)
 
 
 def _align(state: LazyState, r: LazyState, layout: Layout) -> tuple[LazyState, list[dict[str, Any]], bool]:
@@ -523,13 +539,24 @@ def _merged(state: LazyState, layout: Layout, refs: Mapping[str, TensorRef]) -> 
     return out
 
 
+def _in_place(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean |cosine| of ``a``'s rows with ``b``'s where they stand, each input column at unit norm first (as
+    :func:`~.similarity.unit_inputs` does for the plan)."""
+    import torch
+
+    x = a / (a * a).sum(0).sqrt().clamp_min(1e-12)
+    y = b / (b * b).sum(0).sqrt().clamp_min(1e-12)
+    dot = torch.einsum("ij,ij->i", x, y)
+    norms = torch.linalg.vector_norm(x, dim=1) * torch.linalg.vector_norm(y, dim=1)
+    return float((dot / norms.clamp_min(1e-12)).abs().nan_to_num(0.0).mean())
+
+
 def in_place_matches(rewritten: LayerGraph, reference: LayerGraph) -> dict[str, LayerMatch]:
     """The guard's evidence without a channel plan: each linear layer's rows against the reference's where
-    they stand (input channels at unit norm, as the plan compares them), one tensor pair at a time. A
+    they stand (input columns at unit norm, as the plan compares them), one tensor pair at a time. A
     rewritten suspect in the reference's form scores what the plan would (it moves nothing); anything else
     scores at most what the plan's matching would manufacture."""
     from auditor.graph import LayerKind
-    from auditor.plugins.restore import similarity
     from auditor.plugins.restore.plan import LayerMatch
 
     refs = {layer.name: layer for layer in reference.layers}
@@ -539,10 +566,7 @@ def in_place_matches(rewritten: LayerGraph, reference: LayerGraph) -> dict[str, 
         w, rw = layer.weight, ref.weight if ref is not None else None
         if layer.kind is not LayerKind.LINEAR or w is None or rw is None or len(w.shape) != 2 or w.shape != rw.shape:
             continue
-        a = similarity.rows(similarity.unit_inputs(w.read(float32=True)))
-        b = similarity.rows(similarity.unit_inputs(rw.read(float32=True)))
-        cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
-        score = float(cos.abs().nan_to_num(0.0).mean())
+        score = _in_place(w.read(float32=True), rw.read(float32=True))
         out[layer.name] = LayerMatch(layer.name, layer.name, w.numel, w.shape[1], score, score, True)
     return out
 

@@ -31,9 +31,9 @@ def _apply(t: torch.Tensor, edits: list[tuple[str, torch.Tensor]]) -> torch.Tens
         if op == "set":
             t = v.to(t.dtype)
         elif op == "rows":
-            t = t[v]
+            t = t.index_select(0, v)
         elif op == "cols":
-            t = t[:, v]
+            t = t.index_select(1, v)
         elif op == "div_rows":
             t = t / (v[:, None] if t.ndim == 2 else v).to(t.dtype)
         elif op == "div_cols":

@@ -34,10 +34,13 @@ __all__ = ["CHUNK", "ERROR_SIGMAS", "SKETCH", "TOP", "Matching", "match", "simil
 
 #: Directions of the sketch (a part of at most this many numbers is compared exactly).
 SKETCH = 512
-#: Best estimates kept and verified per row and per column.
-TOP = 8
+#: Best estimates verified exactly per row and per column (beyond the first, an exact value rarely tightens
+#: the bound: the next estimate plus its error dominates it).
+TOP = 1
 #: What an estimate outside the verified candidates may miss by, in standard errors of the sketch.
 ERROR_SIGMAS = 5.0
+#: What bfloat16 sketches may add to an estimate's error (rounding of k products of numbers below 1).
+BF16_ERROR = 0.02
 #: Rows per block of the chunked products (bounds the memory of the ``n x n`` estimates).
 CHUNK = 1024
 
@@ -62,38 +65,42 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-30))
 
 
-def _sketches(parts: Sequence[torch.Tensor], k: int, seed: int) -> list[torch.Tensor]:
+def _sketches(units: Sequence[torch.Tensor], k: int, seed: int) -> list[torch.Tensor]:
+    """Each part's rows projected onto ``k`` seeded directions and normalised, in bfloat16 (its rounding,
+    about 0.4% of each number, is far inside the sketch's own error); short parts as they are (exact)."""
     out = []
-    for i, p in enumerate(parts):
+    for i, p in enumerate(units):
         if p.shape[1] <= k:
-            out.append(_unit(p))
+            out.append(p)
             continue
         gen = torch.Generator().manual_seed(seed + i)
-        directions = torch.randn(p.shape[1], k, generator=gen)
-        out.append(_unit(torch.cat([_unit(p[j : j + CHUNK]) @ directions for j in range(0, len(p), CHUNK)])))
+        directions = torch.randn(p.shape[1], k, generator=gen).to(torch.bfloat16)
+        sketch = torch.cat([p[j : j + CHUNK].to(torch.bfloat16) @ directions for j in range(0, len(p), CHUNK)])
+        out.append(_unit(sketch).to(torch.bfloat16))
     return out
+
+
+def _mean_abs(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], rows: slice) -> torch.Tensor:
+    total = (a[0][rows] @ b[0].T).abs_().to(torch.float32)
+    for x, y in zip(a[1:], b[1:], strict=True):
+        total += (x[rows] @ y.T).abs_()
+    return torch.nan_to_num(total.div_(len(a)), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def similarity(parts_r: Sequence[torch.Tensor], parts_s: Sequence[torch.Tensor]) -> torch.Tensor:
     """The exact ``len(r) x len(s)`` similarity (mean ``|cos|`` over the parts); NaN counts as 0."""
-    total = torch.zeros(len(parts_r[0]), len(parts_s[0]))
-    for a, b in zip(parts_r, parts_s, strict=True):
-        ua, ub = _unit(a), _unit(b)
-        for j in range(0, len(ua), CHUNK):
-            total[j : j + CHUNK] += (ua[j : j + CHUNK] @ ub.T).abs()
-    return torch.nan_to_num(total / len(parts_r), nan=0.0, posinf=0.0, neginf=0.0)
+    ur, us = [_unit(a) for a in parts_r], [_unit(b) for b in parts_s]
+    return torch.cat([_mean_abs(ur, us, slice(j, j + CHUNK)) for j in range(0, len(ur[0]), CHUNK)])
 
 
-def _pairs(parts_r: Sequence[torch.Tensor], parts_s: Sequence[torch.Tensor], ra: torch.Tensor,
+def _pairs(units_r: Sequence[torch.Tensor], units_s: Sequence[torch.Tensor], ra: torch.Tensor,
            sb: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """Exact similarities of the pairs ``(ra[i], sb[i])``."""
+    """Exact similarities of the pairs ``(ra[i], sb[i])`` (rows already of unit norm)."""
     total = torch.zeros(len(ra))
-    step = max(1, CHUNK * 4)
-    for a, b in zip(parts_r, parts_s, strict=True):
-        for j in range(0, len(ra), step):
-            x, y = _unit(a[ra[j : j + step]]), _unit(b[sb[j : j + step]])
-            total[j : j + step] += (x * y).sum(dim=1).abs()
-    return torch.nan_to_num(total / len(parts_r), nan=0.0, posinf=0.0, neginf=0.0)
+    for a, b in zip(units_r, units_s, strict=True):
+        for j in range(0, len(ra), CHUNK):
+            total[j : j + CHUNK] += (a[ra[j : j + CHUNK]] * b[sb[j : j + CHUNK]]).sum(dim=1).abs()
+    return torch.nan_to_num(total / len(units_r), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _tops(est_r: list[torch.Tensor], est_s: list[torch.Tensor], t: int) -> tuple[torch.Tensor, ...]:
@@ -102,9 +109,7 @@ def _tops(est_r: list[torch.Tensor], est_s: list[torch.Tensor], t: int) -> tuple
     row_v, row_i = torch.empty(n_r, t), torch.empty(n_r, t, dtype=torch.long)
     col_v, col_i = torch.full((t, n_s), -1.0), torch.zeros(t, n_s, dtype=torch.long)
     for j in range(0, n_r, CHUNK):
-        s = sum((a[j : j + CHUNK] @ b.T).abs() for a, b in zip(est_r, est_s, strict=True))
-        assert isinstance(s, torch.Tensor)
-        s = torch.nan_to_num(s / len(est_r), nan=0.0, posinf=0.0, neginf=0.0)
+        s = _mean_abs(est_r, est_s, slice(j, j + CHUNK))
         v, i = s.topk(t, dim=1)
         row_v[j : j + CHUNK], row_i[j : j + CHUNK] = v, i
         cv, ci = s.topk(min(t, len(s)), dim=0)
@@ -131,9 +136,10 @@ def match(parts_r: Sequence[torch.Tensor], parts_s: Sequence[torch.Tensor], *, s
         raise ValueError(f"{n} reference units against {len(parts_s[0])} suspect units")
     if n == 0:
         return Matching(torch.zeros(0, dtype=torch.long), torch.zeros(0), 0, 0)
-    est_r, est_s = _sketches(parts_r, sketch, seed), _sketches(parts_s, sketch, seed)
     exact = all(p.shape[1] <= sketch for p in parts_r)
-    error = 0.0 if exact else ERROR_SIGMAS / sketch**0.5
+    parts_r, parts_s = [_unit(p) for p in parts_r], [_unit(p) for p in parts_s]  # the caller's may be dropped
+    est_r, est_s = _sketches(parts_r, sketch, seed), _sketches(parts_s, sketch, seed)
+    error = 0.0 if exact else ERROR_SIGMAS / sketch**0.5 + BF16_ERROR
     t = min(top + 1, n)  # the last one kept bounds everything not verified
     row_v, row_i, col_v, col_i = _tops(est_r, est_s, t)
     c = t - 1 if t < n else t  # candidates verified per row and column
@@ -160,7 +166,7 @@ def match(parts_r: Sequence[torch.Tensor], parts_s: Sequence[torch.Tensor], *, s
     used[b[clear]] = True
     rest_s = slots[~used]
     if len(rest_r):
-        sub = similarity([p[rest_r] for p in parts_r], [p[rest_s] for p in parts_s])
+        sub = similarity([p[rest_r] for p in parts_r], [p[rest_s] for p in parts_s])  # (re-normalising is a no-op)
         chosen = _hungarian(sub)
         index[rest_r] = rest_s[chosen]
         pair[rest_r] = sub[torch.arange(len(rest_r)), chosen]
