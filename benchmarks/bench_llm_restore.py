@@ -192,17 +192,21 @@ def _lines(args: argparse.Namespace, size: int, result: dict[str, object], write
            f"one run, the restore stage alone (`restore-transformer`, guard included; see the script's "
            f"docstring). Command: `{command}`.")  # fmt: skip
     yield ""
-    yield ("| suspect + reference on disk | load | restore (guard included) | process wall | peak RSS | blocks "
-           "| heads moved | units moved | units matched as clear pairs | acted | guard score "
-           "| restored vs reference, max abs |")
+    yield (
+        "| suspect + reference on disk | load | restore (guard included) | process wall | peak RSS | blocks "
+        "| heads moved | units moved | units matched as clear pairs | acted | guard score "
+        "| restored vs reference, max abs |"
+    )
     yield "|---|---|---|---|---|---|---|---|---|---|---|---|"
     if not child:
         yield f"| {size / 1e9:.1f} GB | failed (exit {result['rc']}): {str(result['stderr'])[-300:]} |"
         return
-    yield (f"| {size / 1e9:.1f} GB | {child['load_s']:.1f} s | {child['restore_s']:.1f} s | "
-           f"{float(result['wall']):.1f} s | {int(result['rss_kib']) / 1024:.0f} MiB | {child.get('blocks')} | "
-           f"{child.get('heads_moved')} | {child.get('units_moved')} | {child.get('clear_units')} | "
-           f"{child.get('acted')} | {child.get('score')} | {child['max_abs_difference']:.3g} |")
+    yield (
+        f"| {size / 1e9:.1f} GB | {child['load_s']:.1f} s | {child['restore_s']:.1f} s | "
+        f"{float(result['wall']):.1f} s | {int(result['rss_kib']) / 1024:.0f} MiB | {child.get('blocks')} | "
+        f"{child.get('heads_moved')} | {child.get('units_moved')} | {child.get('clear_units')} | "
+        f"{child.get('acted')} | {child.get('score')} | {child['max_abs_difference']:.3g} |"
+    )
     if child.get("timings"):
         steps = ", ".join(f"{k} {v} s" for k, v in child["timings"].items())
         yield ""

@@ -523,9 +523,11 @@ def _merged(state: LazyState, layout: Layout, refs: Mapping[str, TensorRef]) -> 
                 key = f"{p}.attn.c_attn.{role}"
                 parts = [f"{x}.{role}" for x in (b.q, b.k, b.v)]
                 if key in refs and any(state.changed(x) for x in parts):
+
                     def read(parts: list[str] = parts, role: str = role) -> torch.Tensor:
                         return torch.cat([state[x].T if role == "weight" else state[x] for x in parts],
                                          dim=1 if role == "weight" else 0)  # fmt: skip
+
                     out[key] = state.ref(key, refs[key].name, read, refs[key].shape)
             for name in (b.o, b.up, b.down):
                 fused[f"{name}.weight"] = f"{name}.weight"
