@@ -3,8 +3,13 @@
 Names prove nothing (an ONNX export renames weights, or keeps a name on
 values it changed), so layers are paired by kind, kernel shape and position,
 with an equal name only breaking ties; channel counts may differ (cut-off,
-expansion). Per-channel layers (batch-norm) are paired through the layers
-that feed them where both graphs say so.
+expansion). One exception: where every suspect layer of a kind has a reference
+layer of its module path and signature, the names agree as a whole and pair
+the layers, since positions then differ only by file order (an ONNX graph
+lists a transformer's layers as they run, safetensors by name, so that
+``q_proj`` of one block would sit where ``down_proj`` of another does; the
+guard judges the pairing like any other). Per-channel layers (batch-norm) are
+paired through the layers that feed them where both graphs say so.
 
 A bare state dict has no computation graph: its edges are guessed from file
 order (or from the names' order, for safetensors) and miss skip connections.
@@ -68,7 +73,6 @@ def module_path(name: str) -> str:
     return ".".join(path)
 
 
-
 def _family(layer: Layer) -> str | None:
     if is_pass_through(layer):
         return "per-channel"
@@ -97,6 +101,11 @@ def _pair(suspect: list[Layer], reference: list[Layer], fixed: dict[str, str]) -
     r_free = [layer for layer in reference if layer.name not in taken]
     if not s_free or not r_free:
         return {}
+    by_path = {module_path(r.name): r for r in r_free}
+    named = {s.name: r.name for s in s_free if (r := by_path.get(module_path(s.name))) is not None
+             and _signature(s) == _signature(r)}  # fmt: skip
+    if len(named) == len(s_free) and len(set(named.values())) == len(named):
+        return named
     s_pos = {layer.name: i / max(len(suspect) - 1, 1) for i, layer in enumerate(suspect)}
     r_pos = {layer.name: i / max(len(reference) - 1, 1) for i, layer in enumerate(reference)}
     big = 1e6
