@@ -23,6 +23,10 @@ machine is shared):
     OMP_NUM_THREADS=1 .venv/bin/python scripts/transformer_restore.py --innocents 20 --finetuned 4
     OMP_NUM_THREADS=1 .venv/bin/python scripts/transformer_restore.py --archs gpt2,bert,vit --finetuned 0
     OMP_NUM_THREADS=1 .venv/bin/python scripts/transformer_restore.py --archs vit --finetuned 0 --gr-readable
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/transformer_restore.py --onnx --innocents 5 --finetuned 0
+
+``--onnx`` audits each model as an ONNX file that torch's dynamo exporter writes from it (the reference stays
+the owner's ``save_pretrained`` folder).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ ARCHITECTURES = ("llama", "gpt2", "bert", "vit")
 
 #: ``--gr-readable``: ViT files under the modules' own names (see main).
 READABLE = {"on": False}
+#: ``--onnx``: every audited model written as torch's dynamo exporter writes it, not as safetensors.
+ONNX = {"on": False}
 
 
 def _build(arch: str) -> Any:
@@ -137,6 +143,8 @@ def _audit(state: dict[str, torch.Tensor], folder: Path, name: str, reference: A
 
     path = folder / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    if ONNX["on"]:
+        path = _onnx(path, reference.path if reference.path.is_dir() else reference.path.parent)
     suspect = load_model(path)
     detector = GreedyResidualsDetector()
     (before,) = detector.detect(suspect, bundle=bundle, context={})
@@ -155,6 +163,36 @@ def _audit(state: dict[str, torch.Tensor], folder: Path, name: str, reference: A
         "log10_p_before": before.metrics.get("log10_combined_p"),
         "log10_p_after": after.metrics.get("log10_combined_p"),
     }  # fmt: skip
+
+
+def _onnx(weights: Path, owner: Path) -> Path:
+    """The model of ``weights`` (a state dict in the owner's architecture, ``owner``'s config.json) exported
+    with torch's dynamo exporter (a fixed-length input: 16 tokens, or one 8x8 image), as a thief would ship it."""
+    import contextlib
+    import io
+    import shutil
+    import warnings
+
+    import transformers as hf
+
+    folder = weights.with_suffix("")
+    folder.mkdir(exist_ok=True)
+    shutil.copy(owner / "config.json", folder / "config.json")
+    weights.rename(folder / "model.safetensors")
+    config = hf.AutoConfig.from_pretrained(folder)
+    model = getattr(hf, config.architectures[0]).from_pretrained(folder).eval()
+    ids = torch.arange(16).reshape(1, 16) % 64
+    kwargs: dict[str, Any] = (
+        {"pixel_values": torch.zeros(1, 1, 8, 8)} if config.model_type == "vit" else {"input_ids": ids}
+    )
+    if config.model_type in ("llama", "gpt2"):
+        kwargs["use_cache"] = False
+    path = folder.with_suffix(".onnx")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (), str(path), dynamo=True, kwargs=kwargs)
+    shutil.rmtree(folder)
+    return path
 
 
 def _saved(model: Any, out: Path) -> dict[str, torch.Tensor]:
@@ -202,8 +240,12 @@ def main() -> None:
             " save_pretrained leaves out; transformers 5 writes ViT under legacy names the bundle does not use)"
         ),
     )
+    parser.add_argument("--onnx", action="store_true", help=(
+        "audit every model as an ONNX file written by torch's dynamo exporter (the reference stays the owner's"
+        " save_pretrained folder)"))  # fmt: skip
     args = parser.parse_args()
     READABLE["on"] = args.gr_readable
+    ONNX["on"] = args.onnx
     torch.set_num_threads(1)
     archs = [a for a in args.archs.split(",") if a]
     rows = []
