@@ -1,19 +1,27 @@
 """The load stage: open a model file or folder with whichever registered format recognises its content,
 and hash every file it was read from.
 
-The suspect's bytes are read once for evidence: their SHA-256 is computed in
-background threads (hashlib releases the interpreter lock; one thread per
-core, each on its own file, so a sharded checkpoint is hashed on every core)
-while the loader reads the header and the detectors read the few tensors they
-need through the memory map, so the audit costs about one pass of hashing
-over the files spread over the cores. The size recorded is the number of
-bytes hashed.
+The suspect's bytes are read once for evidence, in the background: each file
+is hashed (SHA-256) by a small process of its own, every file of a sharded
+checkpoint at once (up to :data:`MAX_HASHING`), while the loader reads the
+headers and the detectors read the few tensors they need through the memory
+map. A separate process hashes at full speed while this one holds the
+interpreter lock (importing torch, dequantising, scoring), so the audit costs
+about one pass of hashing spread over the cores rather than hashing plus the
+rest. The process is given the descriptor this one opened and checked as a
+regular file; where no interpreter can be started, a thread hashes instead.
+The size recorded is the number of bytes hashed, and a file whose size,
+modification time or inode moved while it was hashed is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +36,8 @@ from auditor.graph import LayerGraph
 from auditor.plugin_manager import components
 
 __all__ = [
-    "HEAD_BYTES", "HashedLoad", "LoadedModel", "detect_format", "hashed_load", "is_model", "load_hashed", "load_model",
+    "HEAD_BYTES", "MAX_HASHING", "HashedLoad", "LoadedModel", "detect_format", "hashed_load", "is_model",
+    "load_hashed", "load_model",
 ]  # fmt: skip
 
 #: How many leading bytes a format's ``sniff`` sees.
@@ -126,39 +135,135 @@ class _Stopped(Exception):
     pass
 
 
-def hash_workers() -> int:
-    """Threads that hash a model's files: one per core this process may run on (hashlib releases the
-    interpreter lock, so a sharded checkpoint is hashed on every core; one file is still one thread)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 32))
+#: Most files hashed at once: every file of a sharded checkpoint gets its own hashing process, and the
+#: operating system shares the cores between them, so no core idles while the last shard is hashed alone.
+MAX_HASHING = 32
+#: A hashing process reports its progress every this many bytes (and once at the end).
+PROGRESS_STEP = 64 << 20
+
+# The hashing process: the standard library only, started isolated (-I: no environment variables, no
+# user site, not the current folder on the path; -S: no site) on a descriptor the parent opened and
+# checked. It reads no further than the size the file had when opened (a file that grows for ever is not
+# hashed for ever; one that grew is refused below), reports progress as "+N", the digest as "= SHA256 SIZE",
+# a read error as "! ERRNO TEXT", and stops when its parent is gone.
+_CHILD = r"""
+import hashlib, os, sys
+fd, parent, step, end = (int(a) for a in sys.argv[1:5])
+digest, buf = hashlib.sha256(), bytearray(1 << 20)
+view, size, told = memoryview(buf), 0, 0
+try:
+    while size < end and (n := os.preadv(fd, [view[: end - size]], size)):
+        digest.update(view[:n])
+        size += n
+        if size - told >= step:
+            if os.getppid() != parent:
+                sys.exit(3)
+            print(f"+{size - told}", flush=True)
+            told = size
+except OSError as exc:
+    print(f"! {exc.errno} {exc.strerror}", flush=True)
+    sys.exit(1)
+print(f"+{size - told}\n= {digest.hexdigest()} {size}", flush=True)
+"""
+
+
+def _in_processes() -> bool:
+    # A separate process hashes without the interpreter lock that loading and detection hold; where no
+    # interpreter can be started (an embedded Python, no pass_fds or preadv), a thread hashes instead.
+    return bool(sys.executable) and os.name == "posix" and hasattr(os, "preadv")
 
 
 class _Hasher:
-    """SHA-256 of files in background threads, one file per thread at a time; :meth:`close` stops a hash no
-    one will wait for."""
+    """SHA-256 of files while the caller works: each file read once, in a process of its own (up to
+    :data:`MAX_HASHING` at once); :meth:`close` stops any hash no one will wait for."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=hash_workers(), thread_name_prefix="auditor-hash")
+        self._pool = ThreadPoolExecutor(max_workers=MAX_HASHING, thread_name_prefix="auditor-hash")
         self._stop = threading.Event()
         self._jobs: dict[Path, Future[tuple[str, int]]] = {}
+        self._children: set[subprocess.Popen[str]] = set()
+        self._lock = threading.Lock()
 
     def _hash(self, path: Path, progress: Callable[[int], None] | None) -> tuple[str, int]:
-        from auditor.safeio import sha256_file
+        from auditor.safeio import open_regular
 
-        size = 0
+        with open_regular(path, what="a model file") as fh:
+            before = os.fstat(fh.fileno())
+            hashed = self._hash_in_process(path, fh.fileno(), before.st_size, progress) if _in_processes() else None
+            sha, size = hashed or self._hash_here(fh, before.st_size, progress)
+            after = os.fstat(fh.fileno())
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            raise InputError(path, "no such file (it disappeared while being read)") from None
+        moved = (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or size != after.st_size
+        if moved or (now.st_dev, now.st_ino) != (after.st_dev, after.st_ino):
+            raise InputError(
+                path, "changed while it was being hashed (its size, modification time or inode moved):"
+                " audit a copy that nothing writes to"
+            )  # fmt: skip
+        return sha, size
 
-        def count(n: int) -> None:
-            nonlocal size
+    def _tell(self, n: int, progress: Callable[[int], None] | None) -> None:
+        if self._stop.is_set():
+            raise _Stopped
+        if progress is not None:
+            progress(n)
+
+    def _hash_here(self, fh: io.BufferedReader, end: int, progress: Callable[[int], None] | None) -> tuple[str, int]:
+        digest, size = hashlib.sha256(), 0
+        view = memoryview(bytearray(4 << 20))  # larger reads: fewer waits for the interpreter lock
+        while size < end and (n := fh.readinto(view[: end - size])):
+            digest.update(view[:n])
+            size += n
+            self._tell(n, progress)
+        return digest.hexdigest(), size
+
+    def _hash_in_process(
+        self, path: Path, fd: int, end: int, progress: Callable[[int], None] | None
+    ) -> tuple[str, int] | None:
+        """The digest and size from a hashing process; ``None`` when none can be started (a thread hashes)."""
+        argv = [sys.executable, "-I", "-S", "-c", _CHILD, *map(str, (fd, os.getpid(), PROGRESS_STEP, end))]
+        with self._lock:
             if self._stop.is_set():
                 raise _Stopped
-            size += n
-            if progress is not None:
-                progress(n)
-
-        return sha256_file(path, progress=count), size
+            try:
+                child = subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+            except OSError:  # no interpreter at sys.executable, or no process may be started here
+                return None
+            self._children.add(child)
+        result: tuple[str, int] | None = None
+        failed = ""
+        stdout, stderr = child.stdout, child.stderr
+        assert stdout is not None and stderr is not None
+        try:
+            for line in stdout:
+                if line.startswith("+"):
+                    self._tell(int(line[1:]), progress)
+                elif line.startswith("= "):
+                    sha, size = line[2:].split()
+                    result = (sha, int(size))
+                elif line.startswith("! "):
+                    failed = line[2:].strip().partition(" ")[2]
+            code = child.wait()
+            why = stderr.read().strip().splitlines()
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            stdout.close()
+            stderr.close()
+            with self._lock:
+                self._children.discard(child)
+        if self._stop.is_set():
+            raise _Stopped
+        if failed:
+            raise InputError(path, f"cannot be read: {failed}")
+        if result is None or code != 0:
+            last = f": {why[-1][:200]}" if why else ""
+            raise AuditorError(f"{path}: the process hashing it ended without a result (exit code {code}){last}")
+        return result
 
     def start(self, path: Path, progress: Callable[[int], None] | None = None) -> None:
         key = path.resolve()  # the loader may name the file differently; it is still one read
@@ -176,7 +281,10 @@ class _Hasher:
         return {"path": str(path), "size": size, "sha256": sha}
 
     def close(self) -> None:
-        self._stop.set()
+        with self._lock:
+            self._stop.set()
+            for child in self._children:
+                child.kill()
         self._pool.shutdown(wait=True)
 
 

@@ -66,30 +66,6 @@ def _root(
     console.verbosity = -1 if quiet else (1 if verbose else 0)
 
 
-def hash_files(paths: list[Path]) -> list[dict[str, Any]]:
-    """Path, size and SHA-256 of each file, with a progress bar on a terminal for large ones."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from auditor.safeio import sha256_file
-
-    sizes = [p.stat().st_size for p in paths]
-    show = err.is_terminal and sum(sizes) > 256 << 20
-    with Progress(
-        TextColumn("hashing"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-        disable=not show,
-    ) as progress:
-        task = progress.add_task("hashing", total=sum(sizes))
-        return [
-            {"path": str(p), "size": size, "sha256": sha256_file(p, progress=lambda n: progress.advance(task, n))}
-            for p, size in zip(paths, sizes, strict=True)
-        ]
-
-
 @contextmanager
 def _few_collections() -> Iterator[None]:
     """Rarer garbage collections while a model's graph is built and used (``inspect``, ``audit``).
@@ -107,10 +83,21 @@ def _few_collections() -> Iterator[None]:
 
 
 def _load_and_hash(path: Path) -> tuple[LayerGraph, list[dict[str, Any]]]:
-    from auditor.audit.load import load_model
+    """Load ``path`` while its files are hashed in the background (all at once, see
+    :mod:`auditor.audit.load`), with a progress bar on a terminal for large ones; the files' path, size and
+    SHA-256."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    graph = load_model(path)
-    return graph, hash_files(graph.files)
+    from auditor.audit.load import hashed_load
+
+    columns = (TextColumn("hashing"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task("hashing", total=None, visible=False)  # shown once the files are known
+        with hashed_load(path, progress=lambda n: progress.advance(task, n)) as loading:
+            total = sum(Path(f).stat().st_size for f in loading.graph.files)
+            progress.update(task, total=total, visible=total > 256 << 20)
+            model = loading.finish()
+    return model.graph, [{"path": f["path"], "size": f["size"], "sha256": f["sha256"]} for f in model.files]
 
 
 def _description(path: Path, graph: LayerGraph, files: list[dict[str, Any]], *, lazy: bool) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["BLOCK_TYPES", "FLOAT_TYPES", "GGML_TYPES", "dequantize", "row_bytes"]
+__all__ = ["BLOCK_TYPES", "CHUNK_BLOCKS", "FLOAT_TYPES", "GGML_TYPES", "dequantize", "row_bytes"]
 
 #: GGML type code -> name, for every type this module or the float path reads.
 GGML_TYPES: dict[int, str] = {
@@ -115,14 +115,38 @@ def _k_quads(qs: np.ndarray) -> np.ndarray:
     return np.stack([chunks & 0x0F, chunks >> 4], axis=2).reshape(-1, 256)
 
 
+#: Blocks dequantised at a time (32,768 weights of the 32-weight types, 262,144 of the k-quants): the
+#: temporaries of one chunk stay in the cache and bounded in memory (a 7B model's MLP matrix is 45 million
+#: weights), and stay small enough to come from the heap rather than fresh pages.
+CHUNK_BLOCKS = 1024
+
+
 def dequantize(type_name: str, raw: np.ndarray) -> np.ndarray:
-    """The float32 weights of ``raw`` (uint8 bytes, a whole number of blocks of ``type_name``), flat."""
+    """The float32 weights of ``raw`` (uint8 bytes, a whole number of blocks of ``type_name``), flat.
+
+    The blocks are read :data:`CHUNK_BLOCKS` at a time, each chunk written into the one result array, so
+    the memory used beyond the result (and the raw bytes, often a map of the file) is one chunk's
+    temporaries whatever the tensor's size."""
     import numpy as np
 
-    size = BLOCK_TYPES[type_name][1]
+    block, size = BLOCK_TYPES.get(type_name, (1, 0))
+    if block == 1:
+        raise ValueError(f"no dequantisation for GGML type {type_name}")
     b = np.asarray(raw, dtype=np.uint8).reshape(-1, size)
-    if type_name == "Q8_0":
-        return (_half(b[:, :2]) * b[:, 2:].view(np.int8).astype(np.float32)).reshape(-1)
+    out = np.empty((b.shape[0], block), dtype=np.float32)
+    for start in range(0, b.shape[0], CHUNK_BLOCKS):
+        chunk, into = b[start : start + CHUNK_BLOCKS], out[start : start + CHUNK_BLOCKS]
+        if type_name == "Q8_0":  # the common type: one pass, no temporaries
+            np.multiply(chunk[:, 2:].view(np.int8), _half(chunk[:, :2]), out=into, dtype=np.float32)
+        else:
+            into.reshape(-1)[:] = _blocks(type_name, chunk).reshape(-1)
+    return out.reshape(-1)
+
+
+def _blocks(type_name: str, b: np.ndarray) -> np.ndarray:
+    """The float32 weights of the blocks ``b`` (``(n, size)`` uint8) of a type other than Q8_0."""
+    import numpy as np
+
     if type_name == "Q4_0":
         return (_half(b[:, :2]) * (_nibbles(b[:, 2:]).astype(np.float32) - 8)).reshape(-1)
     if type_name == "Q4_1":
@@ -164,5 +188,5 @@ def dequantize(type_name: str, raw: np.ndarray) -> np.ndarray:
                 # weight l of quarter k uses scale 8*half + 2*k + l // 16
                 s = scales[:, 8 * half + 2 * k : 8 * half + 2 * k + 2].repeat(16, axis=1)
                 out[:, half, k] = d * s * (q.astype(np.float32) - 32)
-        return out.reshape(-1)
+        return out
     raise ValueError(f"no dequantisation for GGML type {type_name}")

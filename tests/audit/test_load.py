@@ -81,3 +81,128 @@ def test_a_file_with_thousands_of_loader_notes_gives_a_bounded_list(tmp_path: Pa
     assert sum("which auditor does not read; skipped" in n for n in graph.notes) == MAX_NOTES - 1
     left_out = int(graph.notes[-1].split()[2].replace(",", ""))
     assert graph.notes[-1].startswith("... and ") and left_out >= 5000 - (MAX_NOTES - 1)
+
+
+# -- hashing alongside the load -------------------------------------------------------------------------------
+
+
+def _sharded(folder: Path, shards: int = 3) -> list[Path]:
+    """A sharded safetensors checkpoint as save_pretrained writes it (each shard a little over 1 MiB, so the
+    hashing reads each in several pieces); the shard paths."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    weight_map, paths = {}, []
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        tensors = {f"layers.{i}.weight": rng.standard_normal((300 + i, 1024)).astype(np.float32)}
+        save_file(tensors, str(folder / name))
+        weight_map |= dict.fromkeys(tensors, name)
+        paths.append(folder / name)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return paths
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_hashes_taken_while_the_tensors_are_read_are_hashlibs_over_every_byte(tmp_path: Path) -> None:
+    from auditor.audit.load import hashed_load
+
+    shards = _sharded(tmp_path / "model")
+    told: list[int] = []
+    with hashed_load(tmp_path / "model", progress=told.append) as loading:
+        for layer in loading.graph.layers:  # the detectors' reads, while the files are hashed
+            for ref in layer.params.values():
+                assert ref.read(float32=True).shape == ref.shape
+        model = loading.finish()
+    files = sorted(model.graph.files)
+    assert sorted(Path(f["path"]) for f in model.files) == files and len(files) == 4  # the index and 3 shards
+    for f in model.files:
+        path = Path(f["path"])
+        assert (f["sha256"], f["size"]) == (_sha256(path), path.stat().st_size)
+    assert sum(told) == sum(p.stat().st_size for p in files)
+    assert {f["name"] for f in model.files} >= {p.name for p in shards}
+
+
+@pytest.mark.parametrize("executable", ["", "no-such-python"])
+def test_a_thread_hashes_where_no_interpreter_can_be_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, executable: str
+) -> None:
+    """An embedded Python has no ``sys.executable`` (or one that cannot be started): a thread reads the same
+    bytes and gives the same digests."""
+    from auditor.audit.load import load_hashed
+
+    _sharded(tmp_path / "model")
+    monkeypatch.setattr("sys.executable", str(tmp_path / executable) if executable else "")
+    model = load_hashed(tmp_path / "model")
+    assert all(f["sha256"] == _sha256(Path(f["path"])) for f in model.files)
+
+
+@pytest.mark.parametrize("executable", ["python", ""])
+def test_a_file_that_changes_while_it_is_hashed_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, executable: str
+) -> None:
+    """The progress report comes from the hash; a byte appended then is after (or in) what was hashed, and
+    the evidence would not be of the file as it stands: refused, with one line naming the file."""
+    from auditor.audit.load import load_hashed
+
+    path = _sharded(tmp_path / "model", shards=1)[0]
+    single = tmp_path / "single.safetensors"
+    path.rename(single)
+    path_size = single.stat().st_size
+    if not executable:
+        monkeypatch.setattr("sys.executable", "")
+
+    def append(n: int) -> None:
+        if single.stat().st_size == path_size:
+            with single.open("ab") as fh:
+                fh.write(b"!")
+
+    with pytest.raises(InputError) as caught:
+        load_hashed(single, progress=append)
+    assert str(caught.value) == (
+        f"{single}: changed while it was being hashed (its size, modification time or inode moved): audit a copy"
+        " that nothing writes to"
+    )
+
+
+def test_an_error_in_the_hashing_thread_reaches_the_caller(tmp_path: Path) -> None:
+    from auditor.audit.load import load_hashed
+
+    path = _sharded(tmp_path / "model", shards=1)[0]
+
+    def fail(n: int) -> None:
+        raise RuntimeError("the progress display broke")
+
+    with pytest.raises(RuntimeError, match="the progress display broke"):
+        load_hashed(path, progress=fail)
+
+
+def test_a_hashing_process_that_gives_no_result_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Callable[..., Any]
+) -> None:
+    """A hashing process that dies (here: an interpreter that is not one, /bin/false) is an internal error
+    naming the file, never a digest taken as given."""
+    from auditor.audit.load import load_hashed
+    from auditor.errors import EXIT_INTERNAL, AuditorError
+
+    false = Path("/bin/false")
+    if not false.exists():
+        pytest.skip("no /bin/false")
+    path = _sharded(tmp_path / "model", shards=1)[0]
+    monkeypatch.setattr("sys.executable", str(false))
+    with pytest.raises(AuditorError) as caught:
+        load_hashed(path)
+    assert caught.value.exit_code == EXIT_INTERNAL
+    assert str(caught.value) == f"{path}: the process hashing it ended without a result (exit code 1)"
+    code, _, stderr = run_cli("inspect", path)
+    assert code == EXIT_INTERNAL
+    assert stderr.splitlines() == [f"error: {path}: the process hashing it ended without a result (exit code 1)"]

@@ -17,7 +17,7 @@ from gguf.constants import GGMLQuantizationType
 from auditor.audit.load import load_model
 from auditor.errors import EXIT_INPUT, InputError
 from auditor.formats import gguf as gguf_format
-from auditor.formats._gguf_quants import BLOCK_TYPES, dequantize
+from auditor.formats._gguf_quants import BLOCK_TYPES, CHUNK_BLOCKS, dequantize
 from auditor.graph import LayerKind
 from auditor.toolkit.gguf import GGUFTensor, hf_to_gguf, quantize, write_gguf
 
@@ -145,6 +145,20 @@ def test_dequantisation_matches_the_gguf_reference_bit_for_bit(qtype: str) -> No
     ours = dequantize(qtype, raw.reshape(-1))
     reference = quants.dequantize(raw.reshape(-1), GGMLQuantizationType[qtype]).reshape(-1)
     assert np.array_equal(ours, reference)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_K", "Q6_K"])
+def test_dequantisation_across_chunks_matches_the_reference(qtype: str) -> None:
+    # Two whole chunks and a partial one: each chunk lands in its own place in the one result.
+    rng = np.random.default_rng(8)
+    blocks = 2 * CHUNK_BLOCKS + 5
+    size = BLOCK_TYPES[qtype][1]
+    raw = rng.integers(0, 256, size=(blocks, size), dtype=np.uint8)
+    for col in [208] if qtype == "Q6_K" else [0, 2] if qtype == "Q4_K" else [0]:
+        raw[:, col : col + 2] = rng.uniform(-2, 2, blocks).astype("<f2").view(np.uint8).reshape(blocks, 2)
+    ours = dequantize(qtype, raw.reshape(-1))
+    assert ours.dtype == np.float32 and ours.shape == (blocks * BLOCK_TYPES[qtype][0],)
+    assert np.array_equal(ours, quants.dequantize(raw.reshape(-1), GGMLQuantizationType[qtype]).reshape(-1))
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
@@ -320,3 +334,27 @@ def test_reads_stay_lazy_and_copy_on_write(tmp_path: Path) -> None:
     assert t.dtype == torch.float16
     t.mul_(0)
     assert path.read_bytes() == before
+
+
+def test_a_tensor_is_dequantised_only_when_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading, describing and inspecting a quantised file dequantise nothing; reading one layer dequantises
+    that layer's tensor once (a detector that reads three layers of a 7B model pays for three)."""
+    state = _llama_state(5)
+    path = write_gguf(
+        tmp_path / "m.gguf", hf_to_gguf(state, heads=HEADS, kv_heads=KV_HEADS, type_name="Q8_0"),
+        {"general.architecture": "llama", "llama.attention.head_count": HEADS,
+         "llama.attention.head_count_kv": KV_HEADS},
+    )  # fmt: skip
+    calls: list[int] = []
+
+    def counted(type_name: str, raw: np.ndarray) -> np.ndarray:
+        calls.append(raw.size)
+        return dequantize(type_name, raw)
+
+    monkeypatch.setattr(gguf_format, "dequantize", counted)
+    graph = load_model(path)
+    graph.describe(lazy=False)
+    assert calls == []
+    up = graph.layer("model.layers.1.mlp.up_proj").params["weight"]
+    assert up.read(float32=True).shape == (128, HIDDEN)
+    assert calls == [128 * HIDDEN // 32 * 34]
