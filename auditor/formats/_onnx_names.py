@@ -44,7 +44,9 @@ MAX_TEXT = 1 << 16
 #: Longest graph signature read (a line per parameter and buffer).
 MAX_SIGNATURE = 1 << 24
 
-_TARGET = re.compile(r"^\s*(\w+): (PARAMETER|BUFFER) target='([^'\n]*)'", re.MULTILINE)
+_TARGET = re.compile(r"^\s*(\w+): (PARAMETER|BUFFER) target='([\w.\-]{1,512})'", re.MULTILINE)
+#: A module path as torch writes one (``model.layers.0.mlp``); anything else is not taken as a name.
+_PATH = re.compile(r"[\w.\-]{1,512}")
 _QUOTED = re.compile(r"'([^'\\]*)'")
 _PLACEHOLDER = re.compile(r"%(\w+)")
 _CALL = re.compile(r"\]\(args = (.*)$", re.DOTALL)
@@ -97,6 +99,8 @@ def read_origins(model: Any) -> dict[int, Origin] | None:
             continue
         call = _CALL.search(props.get(_FX, "")[:MAX_TEXT])
         params = tuple(targets[p] for p in _PLACEHOLDER.findall(call.group(1)) if p in targets) if call else ()
+        if not _PATH.fullmatch(scopes[-2]):
+            continue
         module_class = classes[-2] if len(classes) >= 2 else ""
         found[i] = Origin(scopes[-2], module_class, classes[-1] if classes else "", params)
     return found

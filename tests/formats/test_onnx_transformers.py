@@ -131,3 +131,24 @@ def test_a_legacy_export_has_no_record_and_is_read_as_before(tmp_path: Path) -> 
     graph = onnx_format.load(path)
     assert [layer.name for layer in graph] == ["0", "2"]
     assert not any("torch dynamo export" in n for n in graph.notes)
+
+
+def test_the_exporters_record_is_text_only_read_within_bounds(tmp_path: Path) -> None:
+    """A tampered record: a module path with a line break and a traced call of 1 MiB are not taken as names;
+    the file still loads, its layers named as without the record."""
+    import onnx
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2)).eval()
+    path = _export(model, {"input": torch.randn(1, 4)}, tmp_path / "seq.onnx")
+    proto = onnx.load(str(path))
+    assert [layer.name for layer in onnx_format.load(path)] == ["0", "2"]  # named by the record: the modules
+    for node in proto.graph.node:
+        for prop in node.metadata_props:
+            if prop.key == "pkg.torch.onnx.name_scopes":
+                prop.value = "['', 'evil\\nname', 'linear']"
+            elif prop.key == "pkg.torch.onnx.fx_node":
+                prop.value = "%x = call_function[target=t](args = (" + "%p_0_weight, " * 100_000 + "))"
+    onnx.save(proto, str(tmp_path / "tampered.onnx"))
+    graph = onnx_format.load(tmp_path / "tampered.onnx")
+    assert [layer.kind for layer in graph] == [LayerKind.LINEAR, LayerKind.LINEAR]
+    assert not any("\n" in layer.name for layer in graph)
