@@ -1,7 +1,7 @@
 """Transformer owners on a CPU: small ``transformers`` models from configurations, and built-in tasks to train.
 
 Four architectures, each built from its ``transformers`` configuration (nothing is downloaded) at a small
-width (:class:`Recipe`: width 128, two blocks, four heads, MLP width 256):
+width (:class:`Recipe`: width 128, two blocks, four heads, MLP width 512):
 
 ========  ===============================  =========================================================
 ``arch``  model                            built-in task (:func:`task_for`)
@@ -15,16 +15,10 @@ vit       ``ViTForImageClassification``    scikit-learn's 8x8 digits, cut into 2
 
 An arithmetic sequence is ``a, a+s, a+2s, ...`` modulo the vocabulary (64 tokens) with a start ``a`` and a
 step ``s`` of 1, 2 or 3 drawn per sequence: the next token follows once two are seen, so the model must
-read its context through attention. An owner's loop with both watermarks (``examples/owner_transformers.py``,
-docs/owners.md, "Transformers")::
-
-    model, task = build("llama"), task_for("llama")
-    embedded = plant(model, hufunet, hmac_key(secret), layers=attention_layers(model))   # HufuNet's EPH
-    wm = GreedyResidualsWatermark.create(model, private_key=key, message="(c) Alice")   # the default layers
-    train(model, task, penalty=wm.penalty, after_step=embedded.frozen.after_step)
-
-:func:`attention_layers` names the attention matrices (HufuNet's hosts); Greedy Residuals' default rule
-picks MLP matrices of these models, so the two marks never share a layer. ``transformers`` is the optional
+read its context through attention. An owner's loop with two watermarks in separate layers is
+``examples/owner_transformers.py`` (docs/owners.md, "Transformers"): ``build``, ``task_for``, a scheme that
+hosts in :func:`attention_layers`, a scheme that keeps its default layers (these models' MLP matrices), and
+:func:`train` with the one's loss penalty and the other's after-step hook. ``transformers`` is the optional
 extra ``hf`` (``pip install "auditor[hf]"``): this module imports it on first use, and nothing in auditor
 imports this module, so auditing never loads it.
 """
@@ -199,7 +193,7 @@ def task_for(arch: str) -> Task:
 
 
 def attention_layers(model: nn.Module) -> list[str]:
-    """The attention matrices of ``model`` in module order, as layer names for HufuNet's ``plant``: every
+    """The attention matrices of ``model`` in module order, as layer names for a scheme that hosts there: every
     linear layer (GPT-2's ``Conv1D`` too) under a module whose name says attention (``attn``,
     ``self_attn``, ``attention``): Q, K, V and O, or GPT-2's fused ``c_attn`` and its ``c_proj``."""
     from auditor.graph import LayerKind
@@ -223,8 +217,8 @@ def train(
     after_step: Callable[[nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``task`` for ``steps`` Adam steps of ``batch_size`` (batches drawn from ``seed``),
-    adding ``penalty(model)`` to every loss (Greedy Residuals) and calling ``after_step(model)`` after every
-    optimiser step (HufuNet's frozen kernels written back). Leaves the model in eval mode; returns the
+    adding ``penalty(model)`` to every loss (a penalty-trained watermark) and calling ``after_step(model)``
+    after every optimiser step (a watermark that writes kernels back). Leaves the model in eval mode; returns the
     last loss, the held-out accuracy and the seconds it took."""
     if steps < 1:
         raise UsageError(f"steps must be 1 or more, not {steps}")
