@@ -32,7 +32,8 @@ the rows are compared where they stand, :func:`in_place_matches`); each step's f
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from auditor.graph import LayerGraph
@@ -401,11 +402,11 @@ def _align(state: LazyState, r: LazyState, layout: Layout) -> tuple[LazyState, l
                     state.edit(f"{name}.bias", "rows", index)
             state.edit(f"{block.o}.weight", "cols", q_index)
         if moved_units:
-            for name in (block.gate, block.up):
-                if name is not None:
-                    state.edit(f"{name}.weight", "rows", units.index)
-                    if f"{name}.bias" in state:
-                        state.edit(f"{name}.bias", "rows", units.index)
+            for reader in (block.gate, block.up):
+                if reader is not None:
+                    state.edit(f"{reader}.weight", "rows", units.index)
+                    if f"{reader}.bias" in state:
+                        state.edit(f"{reader}.bias", "rows", units.index)
             state.edit(f"{block.down}.weight", "cols", units.index)
         scaled = _unscale(state, fs, fr, block, layout)
         changed = changed or bool(moved_heads or moved_units or scaled)
@@ -483,6 +484,18 @@ def _flat(graph: LayerGraph, keys: Container[str] | None = None) -> LazyState:
     return LazyState.of_refs({k: t for k, t in _refs(graph).items() if keys is None or k in keys})
 
 
+def _columns_t(read: Callable[[], torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    return read()[:, start:stop].T.contiguous()
+
+
+def _entries(read: Callable[[], torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    return read()[start:stop]
+
+
+def _transposed(read: Callable[[], torch.Tensor]) -> torch.Tensor:
+    return read().T.contiguous()
+
+
 def _split(state: LazyState, layout: Layout) -> LazyState:
     """GPT-2's fused Conv1D state in the edits' layout (:func:`~auditor.toolkit.transformers.split_conv1d`),
     read lazily; other layouts as they are."""
@@ -498,14 +511,13 @@ def _split(state: LazyState, layout: Layout) -> LazyState:
         shapes.pop(f"{p}.attn.c_attn.bias", None)
         h = shape[1] // 3
         for i, part in enumerate((b.q, b.k, b.v)):
-            sources[f"{part}.weight"] = lambda w=w, i=i, h=h: w()[:, i * h : (i + 1) * h].T.contiguous()
+            sources[f"{part}.weight"] = partial(_columns_t, w, i * h, (i + 1) * h)
             shapes[f"{part}.weight"] = (h, shape[0])
             if bias is not None:
-                sources[f"{part}.bias"] = lambda bias=bias, i=i, h=h: bias()[i * h : (i + 1) * h]
+                sources[f"{part}.bias"] = partial(_entries, bias, i * h, (i + 1) * h)
                 shapes[f"{part}.bias"] = (h,)
         for name in (b.o, b.up, b.down):
-            f = sources[f"{name}.weight"]
-            sources[f"{name}.weight"] = lambda f=f: f().T.contiguous()
+            sources[f"{name}.weight"] = partial(_transposed, sources[f"{name}.weight"])
             shapes[f"{name}.weight"] = shapes[f"{name}.weight"][::-1]
     return LazyState(sources, shapes)
 
@@ -535,7 +547,8 @@ def _merged(state: LazyState, layout: Layout, refs: Mapping[str, TensorRef]) -> 
         if key in out or key not in state or not state.changed(key):
             continue
         if key in fused:
-            out[key] = state.ref(key, refs[key].name, lambda key=key: state[key].T.contiguous(), refs[key].shape)
+            out[key] = state.ref(key, refs[key].name, partial(_transposed, partial(state.__getitem__, key)),
+                                 refs[key].shape)  # fmt: skip
         else:
             out[key] = state.ref(key, refs[key].name)
     return out

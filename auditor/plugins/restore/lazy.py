@@ -12,6 +12,7 @@ the same way. Only small things are held: index vectors, factors, the rotation.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -49,6 +50,14 @@ def _apply(t: torch.Tensor, edits: list[tuple[str, torch.Tensor]]) -> torch.Tens
     return t.to(torch.float32)
 
 
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _read(ref: TensorRef) -> torch.Tensor:
+    return ref.read(float32=True)
+
+
 class _Shaped:
     """A stand-in with only a shape (for reading a layout off names and shapes)."""
 
@@ -68,13 +77,12 @@ class LazyState(Mapping[str, torch.Tensor]):
     @classmethod
     def of_tensors(cls, state: Mapping[str, torch.Tensor]) -> LazyState:
         """A state over tensors already in memory (tests, small models)."""
-        return cls({k: (lambda v=v: v) for k, v in state.items()}, {k: tuple(v.shape) for k, v in state.items()})
+        return cls({k: partial(_same, v) for k, v in state.items()}, {k: tuple(v.shape) for k, v in state.items()})
 
     @classmethod
     def of_refs(cls, refs: Mapping[str, TensorRef]) -> LazyState:
         """A state over a loaded graph's tensors, read (as float32) when asked for."""
-        return cls({k: (lambda r=r: r.read(float32=True)) for k, r in refs.items()},
-                   {k: r.shape for k, r in refs.items()})  # fmt: skip
+        return cls({k: partial(_read, r) for k, r in refs.items()}, {k: r.shape for k, r in refs.items()})
 
     def copy(self) -> LazyState:
         """The same sources with a copy of the edits (the tensors themselves are never copied)."""
