@@ -3,10 +3,11 @@ against hashing the same files in parallel on every core (every byte must be has
 
 A plain script, not part of the test run::
 
-    python benchmarks/bench_llm_scale.py [--workdir benchmarks/out] [--runs 3] [--write-docs]
+    python benchmarks/bench_llm_scale.py [--workdir benchmarks/out/llm] [--runs 3] [--write-docs]
 
 It writes, sparse (the data regions are holes: no disk is used, and they read as zeros, which are valid weights
-in every type), in ``--workdir``:
+in every type), in ``--workdir``, one after the other (each checkpoint is measured, then deleted before the next
+is written, so that each has the page cache to itself):
 
 * ``llama7b-bf16/``: Llama-2-7B's 291 tensors in bfloat16 (13.5 GB) as three safetensors shards with
   ``model.safetensors.index.json``, as ``save_pretrained`` writes them;
@@ -14,10 +15,14 @@ in every type), in ``--workdir``:
 * ``owner_bundle.json``: a Greedy Residuals bundle marking three layers of those shapes (the first block's MLP),
   made with the owner API on a stand-in module of the three layers.
 
-Each command runs ``--runs`` times after one untimed warm-up (warm page cache), each in a fresh wrapper that
-reports the child's own peak RSS (see bench_inspect.py); the table shows medians. The yardstick is the same
-files hashed in parallel with Python's hashlib (OpenSSL), one thread per file on every core; for one file it
-is one pass.
+The commands run in rounds, interleaved (hash, hash all at once, inspect, audit; then again), so that a load
+that comes and goes on a shared machine falls on all of them alike; one untimed round first warms the page
+cache. Each run is a fresh wrapper that reports the child's peak RSS (see bench_inspect.py: the largest
+process among the command and its children, here the auditor itself; its hashing processes hold about 10 MB
+each); the table shows medians. The yardstick is the same files hashed in parallel with Python's hashlib
+(OpenSSL), one thread per file and at most one per core, as issue 17 states it; beside it, every file hashed
+at once (one thread each, the cores shared by the operating system: no core idles while the last shard is
+hashed alone), the stricter floor when there are more files than cores. For one file both are one pass.
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import struct
 import sys
 from pathlib import Path
 
 from _docs import ROOT, write_section
-from bench_inspect import bench
+from bench_inspect import measure
 
 sys.path.insert(0, str(ROOT))
 
@@ -135,7 +141,8 @@ def write_bundle(folder: Path) -> Path:
 
 
 #: The yardstick: Python's hashlib (OpenSSL's SHA-256, the fastest on this machine: coreutils' sha256sum took
-#: twice as long) over every file, one thread per file and at most one per core, 1 MiB reads.
+#: twice as long) over every file, one thread per file and at most WORKERS at once (0: every file at once),
+#: 1 MiB reads.
 PARALLEL_HASH = """
 import hashlib, os, sys
 from concurrent.futures import ThreadPoolExecutor
@@ -145,61 +152,97 @@ def one(name):
         while chunk := fh.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-    for name, sha in zip(sys.argv[1:], pool.map(one, sys.argv[1:])):
+workers = int(sys.argv[1]) or len(sys.argv) - 2
+with ThreadPoolExecutor(workers) as pool:
+    for name, sha in zip(sys.argv[2:], pool.map(one, sys.argv[2:])):
         print(sha, name)
 """
 
 
-def hash_cmd(files: list[Path]) -> list[str]:
-    """Every file hashed once, in parallel on every core."""
-    return [sys.executable, "-c", PARALLEL_HASH, *map(str, files)]
+def hash_cmd(files: list[Path], *, at_once: bool = False) -> list[str]:
+    """Every file hashed once, in parallel: one thread per file, at most one per core (or all at once)."""
+    workers = 0 if at_once else len(os.sched_getaffinity(0))
+    return [sys.executable, "-c", PARALLEL_HASH, str(workers), *map(str, files)]
+
+
+def rounds(commands: dict[str, list[str]], runs: int) -> dict[str, dict[str, float]]:
+    """Each command once per round, one untimed round first, ``runs`` timed rounds; median wall (s) and peak
+    RSS (MiB) per command, with the fastest and slowest wall."""
+    timed: dict[str, list[dict[str, object]]] = {name: [] for name in commands}
+    for n in range(runs + 1):
+        for name, cmd in commands.items():
+            result = measure(cmd)
+            if result["rc"] not in (0, 1):  # audit: 1 is "not found", the expected answer for zero weights
+                raise SystemExit(f"{name} failed ({result['rc']}): {result['stderr']}")
+            if n:
+                timed[name].append(result)
+    summary = {}
+    for name, results in timed.items():
+        walls = [float(r["wall"]) for r in results]  # type: ignore[arg-type]
+        rss = statistics.median(int(r["rss_kib"]) for r in results) / 1024  # type: ignore[call-overload]
+        summary[name] = {"wall": statistics.median(walls), "min": min(walls), "max": max(walls), "rss_mib": rss}
+    return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "out" / "llm")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints (both on disk at once)")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    shards = write_sharded(work / "llama7b-bf16")
-    gguf = write_gguf_file(work / "llama7b-q8_0.gguf")
     bundle = write_bundle(work)
     auditor = str(Path(sys.executable).with_name("auditor"))
-    rows = []
-    for label, target, files in (("sharded bf16 safetensors, 3 shards", shards[0].parent, shards),
-                                 ("GGUF Q8_0, one file", gguf, [gguf])):  # fmt: skip
+    checkpoints = (
+        ("sharded bf16 safetensors, 3 shards", lambda: write_sharded(work / "llama7b-bf16")),
+        ("GGUF Q8_0, one file", lambda: [write_gguf_file(work / "llama7b-q8_0.gguf")]),
+    )
+    rows, loads = [], [os.getloadavg()[0]]
+    for label, write in checkpoints:
+        files = write()
+        target = files[0].parent if len(files) > 1 else files[0]
+        commands = {
+            "hash": hash_cmd(files),
+            "hash all at once": hash_cmd(files, at_once=True),
+            "inspect": [auditor, "inspect", str(target), "--json"],
+            "audit": [auditor, "audit", str(target), "--bundle", str(bundle), "--json"],
+        }
+        result = rounds(commands, args.runs)
+        loads.append(os.getloadavg()[0])
         size = sum(f.stat().st_size for f in files)
-        base = bench(hash_cmd(files), args.runs)
-        inspect = bench([auditor, "inspect", str(target), "--json"], args.runs)
-        audit = bench([auditor, "audit", str(target), "--bundle", str(bundle), "--json"], args.runs)
-        for name, r in (("inspect", inspect), ("audit", audit)):
-            if r["rc"] not in (0, 1):  # audit: 1 is "not found", the expected answer for zero weights
-                raise SystemExit(f"{name} of {target} failed ({r['rc']}): {r['stderr']}")
-        rows.append((label, size, base, inspect, audit))
-        print(f"{label}: {size / 1e9:.1f} GB  hash {base['wall']:.1f} s  inspect {inspect['wall']:.1f} s "
-              f"({inspect['rss_mib']:.0f} MiB)  audit {audit['wall']:.1f} s ({audit['rss_mib']:.0f} MiB)")  # fmt: skip
+        rows.append((label, size, result))
+        shown = {k: f"{v['wall']:.1f} s {v['rss_mib']:.0f} MiB" for k, v in result.items()}
+        print(label, f"{size / 1e9:.1f} GB", shown)
+        if not args.keep and target.is_dir():
+            shutil.rmtree(target)
+        elif not args.keep:
+            target.unlink()
     if not args.keep:
         shutil.rmtree(work)
     cores = len(os.sched_getaffinity(0))
     lines = [
         f"Llama-2-7B shapes (291 tensors), files written sparse; {cores} cores, {platform.machine()}, "
-        f"Python {platform.python_version()}; medians of {args.runs} runs after a warm-up. Command: "
-        "`python benchmarks/bench_llm_scale.py --write-docs`.",
+        f"Python {platform.python_version()}; medians of {args.runs} interleaved rounds after a warm-up round; "
+        f"load average (1 min) {', '.join(f'{x:.1f}' for x in loads)} before and after each checkpoint. "
+        "Command: `python benchmarks/bench_llm_scale.py --write-docs`.",
         "",
-        "| checkpoint | size | hash all files in parallel | inspect | inspect / hash | peak RSS | audit (GR, 3 layers)"
-        " | audit / hash | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| checkpoint | size | hash, one thread per core | hash, all files at once | inspect | inspect / hash "
+        "| peak RSS | audit (GR, 3 layers) | audit / hash | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, size, base, inspect, audit in rows:
+    for label, size, r in rows:
+        base, inspect, audit = r["hash"]["wall"], r["inspect"], r["audit"]
         lines.append(
-            f"| {label} | {size / 1e9:.1f} GB | {base['wall']:.1f} s | {inspect['wall']:.1f} s | "
-            f"{inspect['wall'] / base['wall']:.2f}x | {inspect['rss_mib']:.0f} MiB | {audit['wall']:.1f} s | "
-            f"{audit['wall'] / base['wall']:.2f}x | {audit['rss_mib']:.0f} MiB |"
+            f"| {label} | {size / 1e9:.1f} GB | {base:.1f} s | {r['hash all at once']['wall']:.1f} s | "
+            f"{inspect['wall']:.1f} s | {inspect['wall'] / base:.2f}x | {inspect['rss_mib']:.0f} MiB | "
+            f"{audit['wall']:.1f} s | {audit['wall'] / base:.2f}x | {audit['rss_mib']:.0f} MiB |"
         )
+    lines += ["", "Fastest and slowest of the timed runs (s):", ""]
+    for label, _, r in rows:
+        spread = "; ".join(f"{name} {v['min']:.1f}-{v['max']:.1f}" for name, v in r.items())
+        lines.append(f"* {label}: {spread}")
     print("\n".join(lines))
     if args.write_docs:
         write_section("bench_llm_scale", "## A 7-billion-parameter checkpoint: inspect and audit", "\n".join(lines))
