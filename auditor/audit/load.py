@@ -2,8 +2,9 @@
 and hash every file it was read from.
 
 The suspect's bytes are read once for evidence, in the background: each file
-is hashed (SHA-256) by a small process of its own, every file of a sharded
-checkpoint at once (up to :data:`MAX_HASHING`), while the loader reads the
+is hashed (SHA-256) by a small process of its own (from
+:data:`IN_PROCESS_FROM` bytes on; a thread hashes smaller ones), every file of
+a sharded checkpoint at once (up to :data:`MAX_HASHING`), while the loader reads the
 headers and the detectors read the few tensors they need through the memory
 map. A separate process hashes at full speed while this one holds the
 interpreter lock (importing torch, dequantising, scoring), so the audit costs
@@ -36,8 +37,8 @@ from auditor.graph import LayerGraph
 from auditor.plugin_manager import components
 
 __all__ = [
-    "HEAD_BYTES", "MAX_HASHING", "HashedLoad", "LoadedModel", "detect_format", "hashed_load", "is_model",
-    "load_hashed", "load_model",
+    "HEAD_BYTES", "IN_PROCESS_FROM", "MAX_HASHING", "HashedLoad", "LoadedModel", "detect_format", "hashed_load",
+    "is_model", "load_hashed", "load_model",
 ]  # fmt: skip
 
 #: How many leading bytes a format's ``sniff`` sees.
@@ -138,6 +139,9 @@ class _Stopped(Exception):
 #: Most files hashed at once: every file of a sharded checkpoint gets its own hashing process, and the
 #: operating system shares the cores between them, so no core idles while the last shard is hashed alone.
 MAX_HASHING = 32
+#: Files from this size on are hashed by a process of their own; a smaller one (an index, a config, a small
+#: model) by a thread, since starting an interpreter costs more than the hash.
+IN_PROCESS_FROM = 16 << 20
 #: A hashing process reports its progress every this many bytes (and once at the end).
 PROGRESS_STEP = 64 << 20
 
@@ -174,8 +178,8 @@ def _in_processes() -> bool:
 
 
 class _Hasher:
-    """SHA-256 of files while the caller works: each file read once, in a process of its own (up to
-    :data:`MAX_HASHING` at once); :meth:`close` stops any hash no one will wait for."""
+    """SHA-256 of files while the caller works: each file read once, a large one in a process of its own (up
+    to :data:`MAX_HASHING` at once); :meth:`close` stops any hash no one will wait for."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=MAX_HASHING, thread_name_prefix="auditor-hash")
@@ -189,7 +193,8 @@ class _Hasher:
 
         with open_regular(path, what="a model file") as fh:
             before = os.fstat(fh.fileno())
-            hashed = self._hash_in_process(path, fh.fileno(), before.st_size, progress) if _in_processes() else None
+            own = before.st_size >= IN_PROCESS_FROM and _in_processes()
+            hashed = self._hash_in_process(path, fh.fileno(), before.st_size, progress) if own else None
             sha, size = hashed or self._hash_here(fh, before.st_size, progress)
             after = os.fstat(fh.fileno())
         try:

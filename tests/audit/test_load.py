@@ -113,9 +113,20 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_hashes_taken_while_the_tensors_are_read_are_hashlibs_over_every_byte(tmp_path: Path) -> None:
+@pytest.fixture
+def in_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file hashed by a process of its own, however small (the test files are about 1 MiB)."""
+    monkeypatch.setattr("auditor.audit.load.IN_PROCESS_FROM", 0)
+
+
+@pytest.mark.parametrize("where", ["process", "thread"])
+def test_hashes_taken_while_the_tensors_are_read_are_hashlibs_over_every_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
     from auditor.audit.load import hashed_load
 
+    if where == "process":
+        monkeypatch.setattr("auditor.audit.load.IN_PROCESS_FROM", 0)
     shards = _sharded(tmp_path / "model")
     told: list[int] = []
     with hashed_load(tmp_path / "model", progress=told.append) as loading:
@@ -134,7 +145,7 @@ def test_hashes_taken_while_the_tensors_are_read_are_hashlibs_over_every_byte(tm
 
 @pytest.mark.parametrize("executable", ["", "no-such-python"])
 def test_a_thread_hashes_where_no_interpreter_can_be_started(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, executable: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, executable: str, in_processes: None
 ) -> None:
     """An embedded Python has no ``sys.executable`` (or one that cannot be started): a thread reads the same
     bytes and gives the same digests."""
@@ -148,7 +159,7 @@ def test_a_thread_hashes_where_no_interpreter_can_be_started(
 
 @pytest.mark.parametrize("executable", ["python", ""])
 def test_a_file_that_changes_while_it_is_hashed_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, executable: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, executable: str, in_processes: None
 ) -> None:
     """The progress report comes from the hash; a byte appended then is after (or in) what was hashed, and
     the evidence would not be of the file as it stands: refused, with one line naming the file."""
@@ -174,7 +185,7 @@ def test_a_file_that_changes_while_it_is_hashed_is_refused(
     )
 
 
-def test_an_error_in_the_hashing_thread_reaches_the_caller(tmp_path: Path) -> None:
+def test_an_error_in_the_hashing_thread_reaches_the_caller(tmp_path: Path, in_processes: None) -> None:
     from auditor.audit.load import load_hashed
 
     path = _sharded(tmp_path / "model", shards=1)[0]
@@ -187,7 +198,7 @@ def test_an_error_in_the_hashing_thread_reaches_the_caller(tmp_path: Path) -> No
 
 
 def test_a_hashing_process_that_gives_no_result_is_a_one_line_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Callable[..., Any]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Callable[..., Any], in_processes: None
 ) -> None:
     """A hashing process that dies (here: an interpreter that is not one, /bin/false) is an internal error
     naming the file, never a digest taken as given."""
