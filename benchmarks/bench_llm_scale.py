@@ -17,12 +17,13 @@ is written, so that each has the page cache to itself):
 
 The commands run in rounds, interleaved (hash, hash all at once, inspect, audit; then again), so that a load
 that comes and goes on a shared machine falls on all of them alike; one untimed round first warms the page
-cache. Each run is a fresh wrapper that reports the child's peak RSS (see bench_inspect.py: the largest
-process among the command and its children, here the auditor itself; its hashing processes hold about 10 MB
-each); the table shows medians. The yardstick is the same files hashed in parallel with Python's hashlib
-(OpenSSL), one thread per file and at most one per core, as issue 17 states it; beside it, every file hashed
-at once (one thread each, the cores shared by the operating system: no core idles while the last shard is
-hashed alone), the stricter floor when there are more files than cores. For one file both are one pass.
+cache. Each run is a fresh wrapper (as in bench_inspect.py) that reports the wall time, the CPU seconds of the
+command's processes together, and the peak RSS of the largest of them (the auditor itself; its hashing
+processes hold about 10 MB each); the tables show medians. The yardstick is the same files hashed in parallel
+with Python's hashlib (OpenSSL), one thread per file and at most one per core, as issue 17 states it; beside
+it, every file hashed at once (one thread each, the cores shared by the operating system: no core idles while
+the last shard is hashed alone), the stricter floor when there are more files than cores. For one file both
+are one pass.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ import platform
 import shutil
 import statistics
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
 from _docs import ROOT, write_section
-from bench_inspect import measure
 
 sys.path.insert(0, str(ROOT))
 
@@ -165,6 +166,29 @@ def hash_cmd(files: list[Path], *, at_once: bool = False) -> list[str]:
     return [sys.executable, "-c", PARALLEL_HASH, str(workers), *map(str, files)]
 
 
+#: bench_inspect.py's wrapper, with the CPU seconds (user and system) of the command and every process it waited
+#: for (the auditor's hashing processes included) beside the wall time and the largest peak RSS among them.
+WRAPPER = """
+import json, resource, subprocess, sys, time
+cmd = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+wall = time.perf_counter() - t0
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+json.dump({"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_kib": usage.ru_maxrss, "rc": proc.returncode,
+           "stderr": proc.stderr.decode("utf-8", "replace")}, sys.stdout)
+"""
+
+
+def measure(cmd: list[str]) -> dict[str, object]:
+    """One run of ``cmd`` in a fresh wrapper: wall and CPU seconds, peak RSS (KiB), exit code, stderr."""
+    out = subprocess.run(
+        [sys.executable, "-c", WRAPPER, json.dumps(cmd)], check=True, capture_output=True, text=True, cwd=ROOT
+    )
+    result: dict[str, object] = json.loads(out.stdout)
+    return result
+
+
 def rounds(commands: dict[str, list[str]], runs: int) -> dict[str, dict[str, float]]:
     """Each command once per round, one untimed round first, ``runs`` timed rounds; median wall (s) and peak
     RSS (MiB) per command, with the fastest and slowest wall."""
@@ -180,7 +204,9 @@ def rounds(commands: dict[str, list[str]], runs: int) -> dict[str, dict[str, flo
     for name, results in timed.items():
         walls = [float(r["wall"]) for r in results]  # type: ignore[arg-type]
         rss = statistics.median(int(r["rss_kib"]) for r in results) / 1024  # type: ignore[call-overload]
-        summary[name] = {"wall": statistics.median(walls), "min": min(walls), "max": max(walls), "rss_mib": rss}
+        cpu = statistics.median(float(r["cpu"]) for r in results)  # type: ignore[arg-type]
+        summary[name] = {"wall": statistics.median(walls), "min": min(walls), "max": max(walls), "rss_mib": rss,
+                         "cpu": cpu}  # fmt: skip
     return summary
 
 
@@ -190,6 +216,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints (both on disk at once)")
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument(
+        "--baseline", type=Path, metavar="DIR",
+        help="also time another version's inspect and audit in the same rounds: DIR holds its auditor package "
+        "(git archive REV auditor | tar -x -C DIR), run with this environment's Python and packages",
+    )  # fmt: skip
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -209,6 +240,11 @@ def main() -> None:
             "inspect": [auditor, "inspect", str(target), "--json"],
             "audit": [auditor, "audit", str(target), "--bundle", str(bundle), "--json"],
         }
+        if args.baseline is not None:
+            path = f"PYTHONPATH={args.baseline.resolve()}"
+            before = ["env", path, "PYTHONSAFEPATH=1", sys.executable, "-m", "auditor"]
+            commands["inspect before"] = [*before, "inspect", str(target), "--json"]
+            commands["audit before"] = [*before, "audit", str(target), "--bundle", str(bundle), "--json"]
         result = rounds(commands, args.runs)
         loads.append(os.getloadavg()[0])
         size = sum(f.stat().st_size for f in files)
@@ -226,7 +262,7 @@ def main() -> None:
         f"Llama-2-7B shapes (291 tensors), files written sparse; {cores} cores, {platform.machine()}, "
         f"Python {platform.python_version()}; medians of {args.runs} interleaved rounds after a warm-up round; "
         f"load average (1 min) {', '.join(f'{x:.1f}' for x in loads)} before and after each checkpoint. "
-        "Command: `python benchmarks/bench_llm_scale.py --write-docs`.",
+        f"Command: `python benchmarks/bench_llm_scale.py {' '.join(sys.argv[1:])}`.",
         "",
         "| checkpoint | size | hash, one thread per core | hash, all files at once | inspect | inspect / hash "
         "| peak RSS | audit (GR, 3 layers) | audit / hash | peak RSS |",
@@ -239,9 +275,25 @@ def main() -> None:
             f"{inspect['wall']:.1f} s | {inspect['wall'] / base:.2f}x | {inspect['rss_mib']:.0f} MiB | "
             f"{audit['wall']:.1f} s | {audit['wall'] / base:.2f}x | {audit['rss_mib']:.0f} MiB |"
         )
-    lines += ["", "Fastest and slowest of the timed runs (s):", ""]
+    if args.baseline is not None:
+        lines += [
+            "",
+            f"The version before, in the same rounds (`--baseline`, {args.baseline.name}): the same commands of an"
+            " older auditor package with this environment's packages.",
+            "",
+            "| checkpoint | inspect before | / hash | peak RSS | audit before | / hash | peak RSS |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, _, r in rows:
+            base, inspect, audit = r["hash"]["wall"], r["inspect before"], r["audit before"]
+            lines.append(
+                f"| {label} | {inspect['wall']:.1f} s | {inspect['wall'] / base:.2f}x | {inspect['rss_mib']:.0f} MiB"
+                f" | {audit['wall']:.1f} s | {audit['wall'] / base:.2f}x | {audit['rss_mib']:.0f} MiB |"
+            )
+    lines += ["", "Fastest and slowest of the timed runs, and CPU seconds (user and system, the command's processes"
+              " together; medians):", ""]  # fmt: skip
     for label, _, r in rows:
-        spread = "; ".join(f"{name} {v['min']:.1f}-{v['max']:.1f}" for name, v in r.items())
+        spread = "; ".join(f"{name} {v['min']:.1f}-{v['max']:.1f} s, CPU {v['cpu']:.1f} s" for name, v in r.items())
         lines.append(f"* {label}: {spread}")
     print("\n".join(lines))
     if args.write_docs:
