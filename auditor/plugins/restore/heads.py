@@ -175,9 +175,10 @@ def _match_units(s: _Frame, r: _Frame, block: Block) -> Matching:
         names = [x for x in (block.gate, block.up) if x is not None]
         rows = [frame.features(frame.reader(x, block.mlp_norm)) for x in names]
         rows.append(frame.features(frame.weight(block.down).T))
-        return [x.to(torch.float32) for x in rows]
+        # Fresh contiguous tensors (LazyState never hands out its sources), which the matching normalises in place.
+        return [x.to(torch.float32).contiguous() for x in rows]
 
-    return match(parts(r), parts(s))
+    return match(parts(r), parts(s), consume=True)
 
 
 def _factor(fs: torch.Tensor, fr: torch.Tensor) -> torch.Tensor:

@@ -89,9 +89,14 @@ class LazyState(Mapping[str, torch.Tensor]):
         return LazyState(self.sources, self.shapes, self.edits)
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        """The tensor with its edits, as float32: always a new tensor the caller may change (a source held in
+        memory is copied; a file's is a fresh read)."""
         t = self.sources[key]()
         edits = self.edits.get(key)
-        return _apply(t, edits) if edits else t.to(torch.float32)
+        if edits:
+            return _apply(t, edits)
+        out = t.to(torch.float32)
+        return out.clone() if out is t and getattr(self.sources[key], "func", None) is _same else out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.sources)

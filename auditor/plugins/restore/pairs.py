@@ -87,10 +87,13 @@ def _mean_abs(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], rows: slice)
     return torch.nan_to_num(total.div_(len(a)), nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _similarity(units_r: Sequence[torch.Tensor], units_s: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([_mean_abs(units_r, units_s, slice(j, j + CHUNK)) for j in range(0, len(units_r[0]), CHUNK)])
+
+
 def similarity(parts_r: Sequence[torch.Tensor], parts_s: Sequence[torch.Tensor]) -> torch.Tensor:
     """The exact ``len(r) x len(s)`` similarity (mean ``|cos|`` over the parts); NaN counts as 0."""
-    ur, us = [_unit(a) for a in parts_r], [_unit(b) for b in parts_s]
-    return torch.cat([_mean_abs(ur, us, slice(j, j + CHUNK)) for j in range(0, len(ur[0]), CHUNK)])
+    return _similarity([_unit(a) for a in parts_r], [_unit(b) for b in parts_s])
 
 
 def _pairs(units_r: Sequence[torch.Tensor], units_s: Sequence[torch.Tensor], ra: torch.Tensor,
@@ -127,17 +130,30 @@ def _hungarian(sim: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(cols[rows.argsort()], dtype=torch.long)
 
 
-def match(parts_r: Sequence[torch.Tensor], parts_s: Sequence[torch.Tensor], *, sketch: int = SKETCH,
-          top: int = TOP, seed: int = 0) -> Matching:  # fmt: skip
+def _unit_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_unit` in place (float32 rows)."""
+    x.div_(torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(1e-30))
+    return x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def match(parts_r: list[torch.Tensor], parts_s: list[torch.Tensor], *, sketch: int = SKETCH, top: int = TOP,
+          seed: int = 0, consume: bool = False) -> Matching:  # fmt: skip
     """The assignment of suspect units to reference slots (see the module docstring); both sides must have
-    the same number of units."""
+    the same number of units. With ``consume`` the float32 rows are normalised in place and the lists emptied
+    once they are no longer needed (a 7B block's parts are 1 GB; the caller gives up its copies)."""
     n = len(parts_r[0])
     if n != len(parts_s[0]):
         raise ValueError(f"{n} reference units against {len(parts_s[0])} suspect units")
     if n == 0:
         return Matching(torch.zeros(0, dtype=torch.long), torch.zeros(0), 0, 0)
     exact = all(p.shape[1] <= sketch for p in parts_r)
-    parts_r, parts_s = [_unit(p) for p in parts_r], [_unit(p) for p in parts_s]  # the caller's may be dropped
+    if consume:
+        units_r, units_s = [_unit_(p) for p in parts_r], [_unit_(p) for p in parts_s]
+        parts_r.clear()
+        parts_s.clear()
+    else:
+        units_r, units_s = [_unit(p) for p in parts_r], [_unit(p) for p in parts_s]
+    parts_r, parts_s = units_r, units_s
     est_r, est_s = _sketches(parts_r, sketch, seed), _sketches(parts_s, sketch, seed)
     error = 0.0 if exact else ERROR_SIGMAS / sketch**0.5 + BF16_ERROR
     t = min(top + 1, n)  # the last one kept bounds everything not verified
@@ -165,8 +181,14 @@ def match(parts_r: Sequence[torch.Tensor], parts_s: Sequence[torch.Tensor], *, s
     used = torch.zeros(n, dtype=torch.bool)
     used[b[clear]] = True
     rest_s = slots[~used]
+    del est_r, est_s
+    if len(rest_r) == n:  # nothing clear (an unrelated model): no copies of the rows
+        sub = _similarity(parts_r, parts_s)
+    elif len(rest_r):
+        sub = _similarity([p[rest_r] for p in parts_r], [p[rest_s] for p in parts_s])
     if len(rest_r):
-        sub = similarity([p[rest_r] for p in parts_r], [p[rest_s] for p in parts_s])  # (re-normalising is a no-op)
+        parts_r.clear()
+        parts_s.clear()
         chosen = _hungarian(sub)
         index[rest_r] = rest_s[chosen]
         pair[rest_r] = sub[torch.arange(len(rest_r)), chosen]
