@@ -93,6 +93,20 @@ print(json.dumps(out))
 """
 
 
+#: The worst case for the matching: one block's MLP units of two unrelated models (nothing is a clear pair).
+UNRELATED_BLOCK = """
+import json, sys, time, torch
+from auditor.plugins.restore import pairs
+units, hidden = int(sys.argv[1]), int(sys.argv[2])
+def parts(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(units, hidden, generator=g) for _ in range(3)]
+t = time.perf_counter()
+m = pairs.match(parts(0), parts(1), consume=True)
+print(json.dumps({"seconds": time.perf_counter() - t, "clear": m.clear, "ambiguous": m.ambiguous}))
+"""
+
+
 def shapes(hidden: int, layers: int, inter: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
     """Llama's tensors in the order ``save_pretrained`` writes them."""
     specs: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
@@ -225,6 +239,11 @@ def _lines(args: argparse.Namespace, size: int, result: dict[str, object], write
            f"reference's took {child['check_s']:.0f} s (in the process wall time and its RSS, not in the restore). "
            + ("The folders were written by an earlier `--write-only` run of the script (same seeds)."
               if args.reuse else f"Writing both folders took {write_s:.0f} s (not timed)."))  # fmt: skip
+    met = float(child["restore_s"]) < 1800 and int(result["rss_kib"]) < 4 * 1024 * 1024
+    yield ""
+    yield (f"Issue 17's goal for this restore (under 30 minutes and 4 GB on 2 cores): "
+           f"{'met' if met else 'not met'} ({float(child['restore_s']) / 60:.1f} min, peak RSS "
+           f"{int(result['rss_kib']) / 1024 / 1024:.2f} GiB for the whole process).")  # fmt: skip
 
 
 def main() -> None:
@@ -239,9 +258,21 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="use the folders a --keep run left")
     parser.add_argument("--write-only", action="store_true", help="write the folders and stop (implies --keep)")
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument(
+        "--unrelated-block",
+        action="store_true",
+        help="only match one MLP block of two unrelated models (every unit ambiguous) and stop",
+    )
     args = parser.parse_args()
     args.heads = args.heads or max(1, args.hidden // 128)
     args.inter = args.inter or 11008 * args.hidden // 4096
+    if args.unrelated_block:
+        r = measure([sys.executable, "-c", UNRELATED_BLOCK, str(args.inter), str(args.hidden)])
+        rss = int(r["rss_kib"]) / 1024
+        print(
+            f"{r['stdout'].strip()}  process wall {float(r['wall']):.1f} s, peak RSS {rss:.0f} MiB{r['stderr'][-500:]}"
+        )
+        return
     specs = shapes(args.hidden, args.layers, args.inter, args.vocab)
     config = llama_config(args.hidden, args.layers, args.inter, args.vocab, args.heads)
     ref, sus = args.workdir / "reference", args.workdir / "suspect"
