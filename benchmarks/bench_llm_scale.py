@@ -221,7 +221,13 @@ def main() -> None:
         help="also time another version's inspect and audit in the same rounds: DIR holds its auditor package "
         "(git archive REV auditor | tar -x -C DIR), run with this environment's Python and packages",
     )  # fmt: skip
+    parser.add_argument(
+        "--only", choices=("sharded", "gguf"), help="measure one checkpoint only (not with --write-docs: the section"
+        " shows both)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.only and args.write_docs:
+        parser.error("--only does not go with --write-docs")
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     bundle = write_bundle(work)
@@ -230,6 +236,8 @@ def main() -> None:
         ("sharded bf16 safetensors, 3 shards", lambda: write_sharded(work / "llama7b-bf16")),
         ("GGUF Q8_0, one file", lambda: [write_gguf_file(work / "llama7b-q8_0.gguf")]),
     )
+    if args.only:
+        checkpoints = checkpoints[:1] if args.only == "sharded" else checkpoints[1:]
     rows, loads = [], [os.getloadavg()[0]]
     for label, write in checkpoints:
         files = write()

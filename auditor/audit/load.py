@@ -13,6 +13,11 @@ rest. The process is given the descriptor this one opened and checked as a
 regular file; where no interpreter can be started, a thread hashes instead.
 The size recorded is the number of bytes hashed, and a file whose size,
 modification time or inode moved while it was hashed is refused.
+
+The command line starts the hash of the model it names even sooner, with
+:func:`prehash`, before its plugins load and its options are parsed; the
+:func:`hashed_load` of that file takes the running hash over (same checks,
+same errors, one read).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from auditor.plugin_manager import components
 
 __all__ = [
     "HEAD_BYTES", "IN_PROCESS_FROM", "MAX_HASHING", "HashedLoad", "LoadedModel", "detect_format", "hashed_load",
-    "is_model", "load_hashed", "load_model",
+    "is_model", "load_hashed", "load_model", "prehash", "stop_prehashing",
 ]  # fmt: skip
 
 #: How many leading bytes a format's ``sniff`` sees.
@@ -293,6 +298,74 @@ class _Hasher:
         self._pool.shutdown(wait=True)
 
 
+class _Relay:
+    """A progress callback for a hash started before anyone listens: what it is told meanwhile is kept and
+    passed on in one call once a listener is attached."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._target: Callable[[int], None] | None = None
+        self._kept = 0
+        self._attached = False
+
+    def __call__(self, n: int) -> None:
+        with self._lock:
+            if not self._attached:
+                self._kept += n
+                return
+            target = self._target
+        if target is not None:
+            target(n)
+
+    def attach(self, target: Callable[[int], None] | None) -> None:
+        with self._lock:
+            kept, self._kept, self._target, self._attached = self._kept, 0, target, True
+        if target is not None and kept:
+            target(kept)
+
+
+#: Hashes :func:`prehash` started, by resolved path, each in a hasher of its own until a load takes it over.
+_early: dict[Path, tuple[_Hasher, _Relay]] = {}
+
+
+def prehash(path: Path) -> bool:
+    """Start hashing ``path`` now, for a later :func:`hashed_load` of the same file in this process to take
+    over; whether a hash started.
+
+    Only a regular file of :data:`IN_PROCESS_FROM` bytes or more (a smaller one hashes in less time than the
+    start saves). Never raises and never opens anything but a regular file (the hash opens it as
+    :func:`hashed_load` does, with the same checks): a path that is missing, a folder, a pipe or unreadable is
+    left for the load to find and report. A hash no load takes over is stopped by :func:`stop_prehashing`."""
+    try:
+        st = os.stat(path)
+        key = path.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size < IN_PROCESS_FROM or key in _early:
+        return False
+    hasher, relay = _Hasher(), _Relay()
+    _early[key] = (hasher, relay)
+    hasher.start(path, relay)
+    return True
+
+
+def _taken_over(path: Path) -> tuple[_Hasher, _Relay] | None:
+    # A hash of this very file that the command line started already (the resolved path, as _Hasher keys it).
+    if not _early:
+        return None
+    try:
+        return _early.pop(path.resolve(), None)
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
+def stop_prehashing() -> None:
+    """Stop every hash :func:`prehash` started that no load took over (a command that ended before its
+    load, or a path that was not the model after all)."""
+    while _early:
+        _early.popitem()[1][0].close()
+
+
 @dataclass
 class LoadedModel:
     """A model loaded safely, with every file it was read from hashed (``files``: name, path, size, sha256)."""
@@ -330,9 +403,12 @@ def hashed_load(path: Path, progress: Callable[[int], None] | None = None) -> It
             findings = detect(loading.graph)
             model = loading.finish()
     """
-    hasher = _Hasher()
+    early = _taken_over(path)
+    hasher = early[0] if early is not None else _Hasher()
     try:
-        if path.is_file():
+        if early is not None:
+            early[1].attach(progress)
+        elif path.is_file():
             hasher.start(path, progress)
         graph = load_model(path)
         for f in graph.files:

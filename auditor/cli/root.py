@@ -499,6 +499,39 @@ def _audit_argv(argv: list[str]) -> list[str]:
     return out_args
 
 
+def _prehash(args: Sequence[str]) -> None:
+    """Start hashing the model ``auditor inspect`` or a one-suspect ``auditor audit`` names, before the plugins
+    load and the command line is parsed: reading every byte is most of such a command's time, and the rest
+    (plugins, torch, the load) overlaps it (:func:`auditor.audit.load.prehash`). A guess from the words alone:
+    the one argument that is neither an option nor an option's value (an option the command does not declare,
+    a detector's alias, is taken to have one). The load of that file takes the hash over; a wrong guess only
+    costs a hash that :func:`~auditor.audit.load.stop_prehashing` stops; the parser still decides everything."""
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command not in {"audit", "inspect"}:
+        return
+    from typer.main import get_command
+
+    declared = get_command(app).commands[command].params  # type: ignore[attr-defined]
+    flags = {o for p in declared if getattr(p, "is_flag", False) or getattr(p, "count", False) for o in p.opts}
+    rest = args[args.index(command) + 1 :]
+    named: list[str] = []
+    i = 0
+    while i < len(rest):
+        word = rest[i]
+        if word == "--":
+            named += rest[i + 1 :]
+            break
+        if word.startswith("-") and len(word) > 1:
+            i += 0 if "=" in word or word in flags else 1  # skip its value
+        else:
+            named.append(word)
+        i += 1
+    if len(named) == 1:
+        from auditor.audit.load import prehash
+
+        prehash(Path(named[0]))
+
+
 def _click_error(exc: Exception) -> int | None:
     """The exit code for an error of the command-line parser (click's, or the copy typer ships), after printing
     it as one line; ``None`` for any other exception. A group given alone prints its help instead."""
@@ -531,11 +564,12 @@ def main(argv: list[str] | None = None) -> None:
 
     debug = os.environ.get("AUDITOR_DEBUG") == "1"
     console.verbosity = 0
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
+        _prehash(args)
         if not _plugins_added:
             _plugins_added = True
             _add_plugin_commands()
-        args = list(sys.argv[1:] if argv is None else argv)
         code = app(args=_audit_argv(args), prog_name="auditor", standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except AuditorError as exc:
@@ -558,5 +592,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         sys.exit(EXIT_INTERNAL)
     finally:
+        from auditor.audit.load import stop_prehashing
+
+        stop_prehashing()
         if argv is None:  # the process ends here (the script, python -m auditor): its last collections need
             gc.freeze()  # not walk torch's objects (0.3 s of every audit's exit), all freed with the process

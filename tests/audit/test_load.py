@@ -217,3 +217,51 @@ def test_a_hashing_process_that_gives_no_result_is_a_one_line_error(
     code, _, stderr = run_cli("inspect", path)
     assert code == EXIT_INTERNAL
     assert stderr.splitlines() == [f"error: {path}: the process hashing it ended without a result (exit code 1)"]
+
+
+def test_a_hash_started_early_is_taken_over_by_the_load(tmp_path: Path, in_processes: None) -> None:
+    """``prehash`` (the command line, before its plugins load) starts the hash; the load of that file takes
+    the running hash over: one read, hashlib's digest, and the progress told before anyone listened is
+    passed on, so the bar still adds up to the file's size."""
+    from auditor.audit import load
+
+    path = _sharded(tmp_path / "model", shards=1)[0]
+    single = tmp_path / "single.safetensors"
+    path.rename(single)
+    assert load.prehash(single)
+    assert not load.prehash(tmp_path / "." / single.name)  # the same file: one hash
+    told: list[int] = []
+    model = load.load_hashed(single, progress=told.append)
+    assert load._early == {}
+    assert [(f["sha256"], f["size"]) for f in model.files] == [(_sha256(single), single.stat().st_size)]
+    assert sum(told) == single.stat().st_size
+
+
+def test_prehash_leaves_anything_but_a_regular_file_unopened(tmp_path: Path, in_processes: None) -> None:
+    """A pipe named as the model is never opened (nothing blocks), a folder or a missing path starts nothing:
+    the load finds them and says what they are."""
+    import os
+
+    from auditor.audit import load
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "folder").mkdir()
+    for path in (fifo, tmp_path / "folder", tmp_path / "missing"):
+        assert not load.prehash(path)
+    assert load._early == {}
+    with pytest.raises(InputError) as caught:
+        load.load_hashed(fifo)
+    assert str(caught.value) == f"{fifo}: is a named pipe (FIFO), not a regular file: auditor reads only regular files"
+
+
+def test_a_hash_no_load_takes_over_is_stopped(tmp_path: Path, in_processes: None) -> None:
+    from auditor.audit import load
+
+    path = _sharded(tmp_path / "model", shards=1)[0]
+    assert load.prehash(path)
+    hasher = load._early[path.resolve()][0]
+    load.stop_prehashing()
+    assert load._early == {} and not hasher._children
+    model = load.load_hashed(path)  # a later load hashes afresh
+    assert model.files[0]["sha256"] == _sha256(path)

@@ -245,3 +245,48 @@ def test_report_says_a_torchscript_file_carries_code(tmp_path: Path, run_cli: Ca
     report = json.loads(html.with_suffix(".json").read_text())
     assert note in report["suspect"]["loader_notes"]
     assert f"<li>{escape(note)}</li>" in html.read_text()
+
+
+@pytest.mark.parametrize(
+    ("words", "started"),
+    [
+        (["inspect", "{m}", "--json"], ["m"]),
+        (["-q", "audit", "--bundle", "{b}", "{m}", "--json"], ["m"]),
+        (["audit", "--reference", "{b}", "--p-threshold", "0.1", "{m}"], ["m"]),  # an alias: taken to have a value
+        (["audit", "--json-out={b}", "--", "{m}"], ["m"]),
+        (["audit", "{m}", "{b}"], []),  # a batch: each suspect is hashed where it is audited
+        (["plugins", "{m}"], []),
+    ],
+)
+def test_the_command_line_starts_hashing_the_one_model_it_names_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, words: list[str], started: list[str]
+) -> None:
+    """Before the plugins load and the options are parsed, the one argument that is neither an option nor an
+    option's value starts hashing (the load takes it over); an option's value or a batch starts nothing."""
+    from auditor.audit import load
+
+    monkeypatch.setattr("auditor.audit.load.IN_PROCESS_FROM", 0)
+    files = {"m": tmp_path / "model.bin", "b": tmp_path / "bundle.json"}
+    for path in files.values():
+        path.write_bytes(b"x" * 100)
+    try:
+        cli._prehash([w.format(**files) for w in words])
+        assert sorted(load._early) == [files[n].resolve() for n in started]
+    finally:
+        load.stop_prehashing()
+
+
+def test_a_hash_the_command_line_started_is_the_one_reported_or_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_cli: Callable[..., Any]
+) -> None:
+    from auditor.audit import load
+
+    monkeypatch.setattr("auditor.audit.load.IN_PROCESS_FROM", 0)  # hashed by a process from the first byte
+    model = tmp_path / "m.safetensors"
+    save_file({"fc.weight": torch.randn(2, 4)}, str(model))
+    result = run_cli("inspect", str(model), "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert load._early == {}
+    assert run_cli("audit", str(model), "--no-such-option").code == 2  # started, never taken over: stopped
+    assert load._early == {}
