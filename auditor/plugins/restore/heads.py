@@ -37,7 +37,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from auditor.graph import LayerGraph
-from auditor.plugins.restore.structural import StructuralRestorer
+from auditor.plugins.restore.structural import PLAN_LIMIT, StructuralRestorer
 
 if TYPE_CHECKING:
     import torch
@@ -66,9 +66,6 @@ MAX_FEATURE_ROWS = 2048
 #: The residual stream counts as not rotated when the suspect's embedding differs from the reference's by at
 #: most this (relative Frobenius norm): bfloat16 storage is 0.2-0.4%, any rotation of the stream about 140%.
 EMBEDDING_ROUNDING = 1e-2
-#: Above this many parameters the guard compares the rewritten rows where they stand (:func:`in_place_matches`)
-#: instead of planning every channel space, whose plan holds both models as float32.
-PLAN_LIMIT = 200_000_000
 
 
 class _Frame:
@@ -597,6 +594,7 @@ class TransformerRestorer(StructuralRestorer):
                    "and norm weights back in the reference's form.")  # fmt: skip
     #: Above this many parameters the guard compares rows in place (:func:`in_place_matches`).
     plan_limit: ClassVar[int] = PLAN_LIMIT
+    streams: ClassVar[bool] = True
 
     def judge(self, rewritten: LayerGraph, reference: LayerGraph) -> tuple[dict[str, LayerMatch], str, list[str]]:
         """The channel plan's matches up to :attr:`plan_limit` parameters; above it, the rows in place."""

@@ -23,6 +23,7 @@ from auditor.bases import Restorer
 from auditor.graph import LayerGraph
 from auditor.plugins.restore import guard as _guard
 from auditor.plugins.restore import report
+from auditor.plugins.restore.structural import too_large
 
 if TYPE_CHECKING:  # the planning modules import torch: they load when a restorer runs, not when it registers
     from auditor.plugins.restore.plan import Plan
@@ -108,6 +109,8 @@ class GuardedRestorer(Restorer):
 
     def restore(self, suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph, dict[str, Any]]:
         """The restored suspect (or the suspect itself, untouched) and the log."""
+        if (skipped := too_large(suspect, reference, guarded=self.guarded)) is not None:
+            return suspect, skipped
         plan = shared_plan(suspect, reference)
         evidence = _guard.assess(plan.matches.values(), threshold=self.threshold)
         log: dict[str, Any] = {
@@ -140,6 +143,8 @@ class CanonicalRestorer(GuardedRestorer):
 
     def restore(self, suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph, dict[str, Any]]:
         """The fused suspect (or the suspect itself, untouched) and the log."""
+        if (skipped := too_large(suspect, reference, guarded=self.guarded)) is not None:
+            return suspect, skipped
         from auditor.plugins.restore.canonical import fuse_chains
 
         fused, fusions, why = fuse_chains(suspect, reference)
@@ -173,6 +178,8 @@ class BasisRestorer(GuardedRestorer):
 
     def restore(self, suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph, dict[str, Any]]:
         """The aligned suspect (or the suspect itself, untouched) and the log."""
+        if (skipped := too_large(suspect, reference, guarded=self.guarded)) is not None:
+            return suspect, skipped
         from auditor.plugins.restore.basis import align_bases
 
         aligned, fits, why = align_bases(suspect, reference, shared_plan)

@@ -22,7 +22,24 @@ from auditor.plugins.restore import report
 if TYPE_CHECKING:  # the plan imports torch: it loads when a restorer runs, not when it registers
     from auditor.plugins.restore.plan import LayerMatch
 
-__all__ = ["StructuralRestorer"]
+__all__ = ["PLAN_LIMIT", "StructuralRestorer", "too_large"]
+
+#: The most parameters a model may have (the suspect and the reference each) for a restorer that plans every
+#: channel space (:func:`~.plan.make_plan`): the plan holds both models as float32, 1.6 GB at this limit and
+#: 54 GB at seven billion. Above it such a restorer leaves the suspect alone and says why; restore-transformer
+#: streams and judges its rewrite in place (:attr:`StructuralRestorer.streams`).
+PLAN_LIMIT = 200_000_000
+
+
+def too_large(suspect: LayerGraph, reference: LayerGraph, *, guarded: bool = True) -> dict[str, Any] | None:
+    """The log of a restorer that leaves a model above :data:`PLAN_LIMIT` alone, or None when both fit."""
+    size = max(suspect.parameter_count, reference.parameter_count)
+    if size <= PLAN_LIMIT:
+        return None
+    which = "suspect" if suspect.parameter_count >= reference.parameter_count else "reference"
+    return {"acted": False, "guard": "on" if guarded else "off", "notes": [], "reason": (
+        f"left alone: the {which} has {size:,} parameters, more than the {PLAN_LIMIT:,} this restorer's channel "
+        "plan holds in memory (both models as float32)")}  # fmt: skip
 
 
 class StructuralRestorer(Restorer):
@@ -37,6 +54,9 @@ class StructuralRestorer(Restorer):
     columns = report.COLUMNS
     #: The log's key for the rows :meth:`rewrite` returns (``merges``, ``removals``).
     rows_key: ClassVar[str] = "changes"
+    #: True for a restorer whose rewrite and :meth:`judge` read the models a tensor at a time; the others
+    #: leave models above :data:`PLAN_LIMIT` alone.
+    streams: ClassVar[bool] = False
 
     def __init__(self, *, guard: bool = True, threshold: float = _guard.THRESHOLD) -> None:
         self.guarded = guard
@@ -63,6 +83,8 @@ class StructuralRestorer(Restorer):
 
     def restore(self, suspect: LayerGraph, reference: LayerGraph) -> tuple[LayerGraph, dict[str, Any]]:
         """The rewritten suspect (or the suspect itself, untouched) and the log."""
+        if not self.streams and (skipped := too_large(suspect, reference, guarded=self.guarded)) is not None:
+            return suspect, skipped
         rewritten, rows, layers, why = self.rewrite(suspect, reference)
         log: dict[str, Any] = {"acted": False, "guard": "on" if self.guarded else "off", "notes": [], "reason": why}
         if rewritten is None:

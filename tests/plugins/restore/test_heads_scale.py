@@ -175,3 +175,34 @@ def test_the_rewritten_tensors_are_read_on_demand(tmp_path: Path, tiny_transform
     first, second = up.read(float32=True), up.read(float32=True)
     assert first.data_ptr() != second.data_ptr() and torch.equal(first, m.state["model.layers.0.mlp.up_proj.weight"])
     assert before[("model.layers.0.mlp.up_proj", "weight")] is suspect.layer("model.layers.0.mlp.up_proj").weight
+
+
+def test_restorers_that_plan_leave_a_model_above_the_limit_alone(
+    tmp_path: Path, tiny_transformer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model above PLAN_LIMIT (lowered here to the tiny model's size less one) is not planned by the restorers
+    whose plan holds both models as float32 (at 7B that is 54 GB): each leaves it alone and its log says why,
+    while restore-transformer, which streams, still restores it; at the limit itself everything plans."""
+    from auditor.bases import Restorer
+    from auditor.plugin_manager import components
+    from auditor.plugins.restore import structural
+
+    m = tiny_transformer("llama")
+    layout = tt.layout_of(m.state, m.config)
+    assert layout is not None
+    path = tmp_path / "suspect.safetensors"
+    save_file({k: v.contiguous() for k, v in tt.permute_mlp(m.state, layout, seed=5)[0].items()}, str(path))
+    suspect, reference = load_model(path), load_model(m.folder)
+    everyone = [r for r in components("restorers", Restorer) if type(r).__module__.startswith("auditor.plugins.")]
+    assert len(everyone) >= 7
+    monkeypatch.setattr(structural, "PLAN_LIMIT", reference.parameter_count - 1)
+    graph, log = run_restorers(suspect, reference, restorers=everyone)
+    by_id = {entry["restorer"]: entry for entry in log}
+    assert all(entry["status"] == "ok" for entry in log), log
+    assert by_id["restore-transformer"]["log"]["acted"] and graph is not suspect
+    skipped = {rid for rid, entry in by_id.items() if "channel plan holds in memory" in entry["log"]["reason"]}
+    assert skipped == set(by_id) - {"restore-transformer"}
+    assert all(f"{reference.parameter_count:,} parameters" in by_id[rid]["log"]["reason"] for rid in skipped)
+    monkeypatch.setattr(structural, "PLAN_LIMIT", reference.parameter_count)
+    _, log = run_restorers(suspect, reference, restorers=everyone)
+    assert not any("channel plan holds in memory" in entry["log"].get("reason", "") for entry in log)
