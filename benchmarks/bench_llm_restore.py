@@ -39,6 +39,7 @@ from pathlib import Path
 
 from _docs import ROOT, write_section
 from bench_inspect import measure
+from bench_llm_scale import llama_shapes
 
 sys.path.insert(0, str(ROOT))
 
@@ -108,16 +109,8 @@ print(json.dumps({"seconds": time.perf_counter() - t, "clear": m.clear, "ambiguo
 
 
 def shapes(hidden: int, layers: int, inter: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Llama's tensors in the order ``save_pretrained`` writes them."""
-    specs: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        specs += [(f"{p}.self_attn.{n}_proj.weight", (hidden, hidden)) for n in "qkvo"]
-        specs += [(f"{p}.mlp.gate_proj.weight", (inter, hidden)), (f"{p}.mlp.up_proj.weight", (inter, hidden))]
-        specs += [(f"{p}.mlp.down_proj.weight", (hidden, inter))]
-        specs += [(f"{p}.input_layernorm.weight", (hidden,)), (f"{p}.post_attention_layernorm.weight", (hidden,))]
-    specs += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-    return specs
+    """Llama's tensors in the order ``save_pretrained`` writes them (bench_llm_scale's, at these sizes)."""
+    return llama_shapes(hidden, layers, inter, vocab)
 
 
 def _values(index: int, name: str, shape: tuple[int, ...]) -> object:

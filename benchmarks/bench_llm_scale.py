@@ -48,16 +48,19 @@ VOCAB, HIDDEN, INTER, LAYERS, HEADS = 32000, 4096, 11008, 32, 32
 MARKED = [f"model.layers.0.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
 
 
-def llama_shapes() -> list[tuple[str, tuple[int, ...]]]:
-    """Llama-2-7B's tensors in the order ``save_pretrained`` writes them (291 tensors, 6.74 billion weights)."""
-    specs: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
-    for i in range(LAYERS):
+def llama_shapes(
+    hidden: int = HIDDEN, layers: int = LAYERS, inter: int = INTER, vocab: int = VOCAB
+) -> list[tuple[str, tuple[int, ...]]]:
+    """A Llama's tensors in the order ``save_pretrained`` writes them; by default Llama-2-7B's (291 tensors,
+    6.74 billion weights)."""
+    specs: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
         p = f"model.layers.{i}"
-        specs += [(f"{p}.self_attn.{n}_proj.weight", (HIDDEN, HIDDEN)) for n in "qkvo"]
-        specs += [(f"{p}.mlp.gate_proj.weight", (INTER, HIDDEN)), (f"{p}.mlp.up_proj.weight", (INTER, HIDDEN))]
-        specs += [(f"{p}.mlp.down_proj.weight", (HIDDEN, INTER))]
-        specs += [(f"{p}.input_layernorm.weight", (HIDDEN,)), (f"{p}.post_attention_layernorm.weight", (HIDDEN,))]
-    specs += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+        specs += [(f"{p}.self_attn.{n}_proj.weight", (hidden, hidden)) for n in "qkvo"]
+        specs += [(f"{p}.mlp.gate_proj.weight", (inter, hidden)), (f"{p}.mlp.up_proj.weight", (inter, hidden))]
+        specs += [(f"{p}.mlp.down_proj.weight", (hidden, inter))]
+        specs += [(f"{p}.input_layernorm.weight", (hidden,)), (f"{p}.post_attention_layernorm.weight", (hidden,))]
+    specs += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
     return specs
 
 
