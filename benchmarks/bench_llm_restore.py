@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
-import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -39,7 +37,7 @@ from pathlib import Path
 
 from _docs import ROOT, write_section
 from bench_inspect import measure
-from bench_llm_scale import llama_shapes
+from bench_llm_scale import llama_shapes, write_sharded
 
 sys.path.insert(0, str(ROOT))
 
@@ -154,38 +152,17 @@ def _permuted(name: str, t: object, orders: dict[int, tuple[object, object]]) ->
 
 def write_model(folder: Path, specs: list[tuple[str, tuple[int, ...]]], config: dict[str, object],
                 orders: dict[int, tuple[object, object]] | None) -> list[Path]:  # fmt: skip
-    """Shards, index and config.json; ``orders`` permutes the suspect's blocks. Returns the shard paths."""
+    """Shards, index and config.json (bench_llm_scale's writer, with values); ``orders`` permutes the
+    suspect's blocks. Returns the shard paths."""
     import torch
 
-    folder.mkdir(parents=True, exist_ok=True)
-    total = sum(math.prod(s) for _, s in specs) * 2
-    groups: list[list[tuple[int, str, tuple[int, ...]]]] = [[] for _ in range(SHARDS)]
-    used = 0
-    for i, (name, shape) in enumerate(specs):
-        groups[min(SHARDS - 1, used * SHARDS // total)].append((i, name, shape))
-        used += math.prod(shape) * 2
-    weight_map, paths = {}, []
-    for n, group in enumerate(groups):
-        path = folder / f"model-{n + 1:05d}-of-{SHARDS:05d}.safetensors"
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for _, name, shape in group:
-            nbytes = math.prod(shape) * 2
-            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[name] = path.name
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        with path.open("wb") as fh:
-            fh.write(struct.pack("<Q", len(raw)) + raw)
-            for i, name, shape in group:
-                t = _values(i, name, shape)
-                if orders is not None:
-                    t = _permuted(name, t, orders)
-                fh.write(t.contiguous().view(torch.int16).numpy())  # type: ignore[attr-defined]
-        paths.append(path)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    def data(i: int, name: str, shape: tuple[int, ...]) -> object:
+        t = _values(i, name, shape)
+        if orders is not None:
+            t = _permuted(name, t, orders)
+        return t.contiguous().view(torch.int16).numpy()  # type: ignore[attr-defined]
+
+    paths = write_sharded(folder, SHARDS, specs, data)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return paths
 

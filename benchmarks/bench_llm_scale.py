@@ -38,7 +38,9 @@ import statistics
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from _docs import ROOT, write_section
 
@@ -64,22 +66,29 @@ def llama_shapes(
     return specs
 
 
-def write_sharded(folder: Path, shards: int = 3) -> list[Path]:
-    """Sparse bf16 safetensors shards and their index; returns the shard paths."""
+def write_sharded(
+    folder: Path,
+    shards: int = 3,
+    specs: list[tuple[str, tuple[int, ...]]] | None = None,
+    data: Callable[[int, str, tuple[int, ...]], Any] | None = None,
+) -> list[Path]:
+    """bf16 safetensors shards of ``specs`` (Llama-2-7B's by default) and their index; returns the shard paths.
+    ``data(i, name, shape)`` gives tensor ``i``'s bytes (anything ``write`` takes); without it the data
+    regions are holes (sparse: no disk used, read as zeros)."""
     folder.mkdir(parents=True, exist_ok=True)
-    specs = llama_shapes()
+    specs = llama_shapes() if specs is None else specs
     total = sum(math.prod(s) for _, s in specs) * 2
-    groups: list[list[tuple[str, tuple[int, ...]]]] = [[] for _ in range(shards)]
+    groups: list[list[tuple[int, str, tuple[int, ...]]]] = [[] for _ in range(shards)]
     used = 0
-    for name, shape in specs:
-        groups[min(shards - 1, used * shards // total)].append((name, shape))
+    for i, (name, shape) in enumerate(specs):
+        groups[min(shards - 1, used * shards // total)].append((i, name, shape))
         used += math.prod(shape) * 2
     weight_map, paths = {}, []
-    for i, group in enumerate(groups):
-        path = folder / f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+    for n, group in enumerate(groups):
+        path = folder / f"model-{n + 1:05d}-of-{shards:05d}.safetensors"
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         offset = 0
-        for name, shape in group:
+        for _, name, shape in group:
             nbytes = math.prod(shape) * 2
             header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
@@ -88,7 +97,11 @@ def write_sharded(folder: Path, shards: int = 3) -> list[Path]:
         raw += b" " * (-len(raw) % 8)
         with path.open("wb") as fh:
             fh.write(struct.pack("<Q", len(raw)) + raw)
-            fh.truncate(8 + len(raw) + offset)
+            if data is None:
+                fh.truncate(8 + len(raw) + offset)
+            else:
+                for i, name, shape in group:
+                    fh.write(data(i, name, shape))
         paths.append(path)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
